@@ -1,0 +1,87 @@
+import { mkdirSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { MedsyncError } from '@medsync/core';
+import { Kysely, SqliteDialect, type CompiledQuery } from 'kysely';
+import type { Database } from './schema.js';
+import { SqlStore } from './sql-store.js';
+
+export interface SqliteStoreOptions {
+  /** The database file (created with its folder if missing), or `:memory:`. */
+  path: string;
+  /** How long to wait for another process's write lock, ms. Default 10,000. */
+  busyTimeoutMs?: number;
+  /** Open read-only (status readers). Default false. */
+  readonly?: boolean;
+}
+
+type BetterSqlite3 = typeof import('better-sqlite3');
+
+async function loadDriver(): Promise<BetterSqlite3> {
+  try {
+    const m = (await import('better-sqlite3')) as unknown as { default?: BetterSqlite3 } & BetterSqlite3;
+    return m.default ?? m;
+  } catch (e) {
+    throw new MedsyncError(
+      'E_DEPENDENCY_MISSING',
+      'The SQLite store needs the better-sqlite3 package: npm install better-sqlite3',
+      { cause: e, adapter: 'sqlite' },
+    );
+  }
+}
+
+/**
+ * Opens (creating and migrating) the embedded SQLite Store: one file, WAL journal, nothing to run.
+ * Several processes may share the file; writes wait up to `busyTimeoutMs` for each other.
+ */
+export async function openSqliteStore(opts: SqliteStoreOptions): Promise<SqlStore> {
+  if (!opts?.path) throw new MedsyncError('E_CONFIG', 'openSqliteStore needs a path.', { adapter: 'sqlite' });
+  const Driver = await loadDriver();
+  const file = opts.path === ':memory:' ? opts.path : resolve(opts.path);
+  let raw: import('better-sqlite3').Database;
+  try {
+    if (file !== ':memory:' && !opts.readonly) mkdirSync(dirname(file), { recursive: true });
+    raw = new Driver(file, { readonly: opts.readonly ?? false, timeout: opts.busyTimeoutMs ?? 10_000 });
+    if (!opts.readonly) {
+      raw.pragma('journal_mode = WAL');
+      raw.pragma('synchronous = NORMAL');
+    }
+    raw.pragma('foreign_keys = ON');
+  } catch (e) {
+    const code = (e as { code?: string }).code;
+    throw new MedsyncError(
+      code === 'SQLITE_NOTADB' ? 'E_INTEGRITY' : code === 'SQLITE_CANTOPEN' ? 'E_PERMISSION' : 'E_IO',
+      code === 'SQLITE_NOTADB'
+        ? 'The state file is not a SQLite database: check the --state path.'
+        : 'The state database could not be opened: check the path and that its folder is writable.',
+      { cause: e, adapter: 'sqlite', retryable: false },
+    );
+  }
+  const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: raw }) });
+  const prepared = new Map<string, import('better-sqlite3').Statement>();
+  const prepare = (text: string) => {
+    let st = prepared.get(text);
+    if (!st) {
+      if (prepared.size > 100) prepared.clear();
+      prepared.set(text, (st = raw.prepare(text)));
+    }
+    return st;
+  };
+  const executeBatch = async (queries: CompiledQuery[]): Promise<void> => {
+    const run = raw.transaction(() => {
+      for (const q of queries) prepare(q.sql).run(...(q.parameters as unknown[]));
+    });
+    run.immediate();
+  };
+  const store = new SqlStore('sqlite', db, { onConflict: true, executeBatch }, async () => {
+    await db.destroy();
+  });
+  if (!opts.readonly) {
+    try {
+      await store.migrate();
+    } catch (e) {
+      await store.close();
+      throw e;
+    }
+  }
+  return store;
+}

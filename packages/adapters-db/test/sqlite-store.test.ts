@@ -1,0 +1,43 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { describeStoreConformance, manifestEntry } from '@medsync/core/testing';
+import { openSqliteStore } from '@medsync/adapters-db';
+
+describeStoreConformance({
+  name: 'sqlite',
+  create: async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'medsync-sqlite-'));
+    const path = join(dir, 'state.db');
+    return {
+      store: await openSqliteStore({ path }),
+      reopen: () => openSqliteStore({ path }),
+      openAnother: () => openSqliteStore({ path }),
+      cleanup: async () => rmSync(dir, { recursive: true, force: true }),
+    };
+  },
+});
+
+describe('sqlite store specifics', () => {
+  it('refuses a file that is not a database with E_INTEGRITY', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'medsync-sqlite-'));
+    const path = join(dir, 'not-a-db.db');
+    writeFileSync(path, 'this is a text file, not SQLite, and long enough to have a header'.repeat(20));
+    await expect(openSqliteStore({ path })).rejects.toMatchObject({ code: 'E_INTEGRITY' });
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('migrations are idempotent across opens and keep data', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'medsync-sqlite-'));
+    const path = join(dir, 'nested', 'state.db');
+    const a = await openSqliteStore({ path });
+    await a.manifest.put(manifestEntry('x.dcm'));
+    await a.close();
+    const b = await openSqliteStore({ path });
+    await b.migrate();
+    expect((await b.manifest.summary({ jobId: 'job-a', destination: 'file:///dest' })).files).toBe(1);
+    await b.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+});

@@ -1,0 +1,325 @@
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
+import { Command, CommanderError, Option } from 'commander';
+import {
+  getAllJobStatus,
+  getJobStatus,
+  MedsyncError,
+  parseConfig,
+  Scheduler,
+  SecretBox,
+  SyncJob,
+  toMedsyncError,
+  type Storage,
+  type Store,
+  type SyncMode,
+} from '@medsync/core';
+import { openSqliteStore } from '@medsync/adapters-db';
+import { openEndpoint } from './endpoints.js';
+import { EXIT, exitCodeFor, ProgressLine, statusText, syncJson, syncText, type CliIO } from './output.js';
+import { runDemo } from './demo.js';
+
+const collect = (v: string, prev: string[] = []) => [...prev, v];
+
+function intArg(name: string, min: number, max: number) {
+  return (v: string) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min || n > max) throw new MedsyncError('E_CONFIG', `${name} must be a whole number from ${min} to ${max}.`);
+    return n;
+  };
+}
+
+/** Default job id for `medsync sync`: derived from the source and destinations, so re-runs resume. */
+export function defaultJobId(source: Storage, dests: readonly Storage[]): string {
+  const h = createHash('sha256').update([source.id, ...dests.map((d) => d.id).sort()].join('\n')).digest('hex');
+  return `sync-${h.slice(0, 12)}`;
+}
+
+interface SyncFlags {
+  state?: string;
+  job?: string;
+  mode: SyncMode;
+  maxDelete?: number;
+  concurrency?: number;
+  bwlimit?: string;
+  include?: string[];
+  exclude?: string[];
+  dryRun?: boolean;
+  json?: boolean;
+  passwordEnv?: string;
+  retries?: number;
+  progress?: boolean;
+}
+
+function writeError(io: CliIO, e: MedsyncError, json: boolean | undefined): void {
+  if (json) io.stdout.write(JSON.stringify({ status: 'failed', error: { code: e.code, message: e.message } }) + '\n');
+  else io.stderr.write(`medsync: ${e.code}: ${e.message}\n`);
+}
+
+/**
+ * Runs the CLI with `argv` (without node and script). Resolves to the exit code; never calls
+ * process.exit itself (bin.ts does).
+ */
+export async function main(argv: string[], io: CliIO): Promise<number> {
+  let code: number = EXIT.success;
+  const program = new Command()
+    .name('medsync')
+    .description('Move hospital data reliably: sync DICOM folders, check connections, run schedules.')
+    .version('0.1.0')
+    .exitOverride()
+    .configureOutput({ writeOut: (s) => io.stdout.write(s), writeErr: (s) => io.stderr.write(s) })
+    .showHelpAfterError('(run medsync --help for usage)');
+
+  program
+    .command('sync')
+    .description('Copy or mirror SOURCE to one or more DESTINATIONS (paths or URLs); only new or changed files are sent.')
+    .argument('<source>', 'source folder or URL')
+    .argument('<destinations...>', 'one or more destination folders or URLs')
+    .option('--state <file>', 'SQLite state file (manifest, runs); default: medsync-state.db in the current folder')
+    .option('--job <id>', 'job id (default: derived from source and destinations)')
+    .addOption(new Option('--mode <mode>', 'copy never deletes; mirror deletes what the source lost').choices(['copy', 'mirror']).default('copy'))
+    .option('--max-delete <n>', 'most files a mirror run may delete (default: half of what was delivered)', intArg('--max-delete', 0, Number.MAX_SAFE_INTEGER))
+    .option('--concurrency <n>', 'parallel transfers (default 4)', intArg('--concurrency', 1, 256))
+    .option('--bwlimit <rate>', 'bandwidth limit, bytes/s with K/M/G suffix (e.g. 10M)')
+    .option('--include <glob>', 'only sync matching files (repeatable)', collect)
+    .option('--exclude <glob>', 'skip matching files (repeatable)', collect)
+    .option('--retries <n>', 'retries per file (default 3)', intArg('--retries', 0, 20))
+    .option('--dry-run', 'print the plan, write nothing')
+    .option('--json', 'print one JSON object on stdout')
+    .option('--no-progress', 'no progress bar')
+    .option('--password-env <var>', 'environment variable holding the destination password')
+    .action(async (source: string, destinations: string[], f: SyncFlags) => {
+      code = await syncCommand(source, destinations, f, io);
+    });
+
+  program
+    .command('status')
+    .description('Last run, history, configuration and statistics of the jobs in a state file.')
+    .requiredOption('--state <file>', 'SQLite state file')
+    .option('--job <id>', 'only this job')
+    .option('--history <n>', 'runs of history to show (default 20)', intArg('--history', 1, 10_000))
+    .option('--json', 'print JSON')
+    .action(async (f: { state: string; job?: string; json?: boolean; history?: number }) => {
+      code = await statusCommand(f, io);
+    });
+
+  program
+    .command('test')
+    .description('Test a destination: reachable, writable, latency, files in the folder.')
+    .argument('<destination>', 'folder or URL')
+    .option('--json', 'print JSON')
+    .option('--password-env <var>', 'environment variable holding the password')
+    .action(async (dest: string, f: { json?: boolean; passwordEnv?: string }) => {
+      code = await testCommand(dest, f, io);
+    });
+
+  program
+    .command('run')
+    .description('Run the scheduler over the jobs of a config file until SIGTERM or SIGINT.')
+    .requiredOption('--config <file>', 'medsync.config.json')
+    .option('--once', 'run every enabled job once, then exit')
+    .action(async (f: { config: string; once?: boolean }) => {
+      code = await runCommand(f, io);
+    });
+
+  program
+    .command('demo')
+    .description('Generate a sample study tree, sync it with SQLite state, print the status (no setup needed).')
+    .option('--dir <folder>', 'working folder', '.medsync-demo')
+    .action(async (f: { dir: string }) => {
+      code = await runDemo(resolve(io.cwd, f.dir), io);
+    });
+
+  const secret = program.command('secret').description('Encrypt secrets for the config file (needs MEDSYNC_SECRET_KEY).');
+  secret
+    .command('encrypt')
+    .description('Print the encrypted form of the value in an environment variable.')
+    .requiredOption('--env <var>', 'environment variable holding the secret')
+    .action(async (f: { env: string }) => {
+      const v = io.env[f.env];
+      if (!v) throw new MedsyncError('E_CONFIG', `The environment variable ${f.env} is not set.`);
+      io.stdout.write((await SecretBox.fromEnv(io.env).encrypt(v, 'password')) + '\n');
+    });
+  secret
+    .command('keygen')
+    .description('Print a new random key for MEDSYNC_SECRET_KEY.')
+    .action(async () => {
+      const { randomBytes } = await import('node:crypto');
+      io.stdout.write(randomBytes(32).toString('base64') + '\n');
+    });
+
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return code;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return EXIT.success;
+      return EXIT.usage;
+    }
+    const me = toMedsyncError(e);
+    writeError(io, me, argv.includes('--json'));
+    return me.code === 'E_CONFIG' || me.code === 'E_INVALID_PATH' || me.code === 'E_UNSUPPORTED' ? EXIT.usage : EXIT.failed;
+  }
+}
+
+async function syncCommand(source: string, destinations: string[], f: SyncFlags, io: CliIO): Promise<number> {
+  const src = await openEndpoint(source, { baseDir: io.cwd, env: io.env });
+  const dests: Storage[] = [];
+  for (const d of destinations) dests.push(await openEndpoint(d, { baseDir: io.cwd, passwordEnv: f.passwordEnv, env: io.env }));
+  const store = await openSqliteStore({ path: resolve(io.cwd, f.state ?? 'medsync-state.db') });
+  const job = new SyncJob({
+    id: f.job ?? defaultJobId(src, dests),
+    source: src,
+    destinations: dests,
+    store,
+    mode: f.mode,
+    ...(f.maxDelete !== undefined ? { maxDelete: f.maxDelete } : {}),
+    ...(f.concurrency !== undefined ? { concurrency: f.concurrency } : {}),
+    ...(f.bwlimit !== undefined ? { bwlimit: f.bwlimit } : {}),
+    ...(f.include ? { include: f.include } : {}),
+    ...(f.exclude ? { exclude: f.exclude } : {}),
+    ...(f.retries !== undefined ? { retry: { retries: f.retries } } : {}),
+    eventPaths: true,
+  });
+  const bar = !f.json && f.progress !== false && io.stderr.isTTY && !f.dryRun ? new ProgressLine(io.stderr) : undefined;
+  if (bar) job.on('progress', (p) => bar.update(p));
+  const hard = new AbortController();
+  const soft = new AbortController();
+  let signals = 0;
+  const onSignal = () => {
+    signals++;
+    if (signals === 1) {
+      soft.abort();
+      io.stderr.write('\nmedsync: stopping after the files in flight (press Ctrl-C again to cancel now)\n');
+    } else hard.abort();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    const result = await job.run({ signal: hard.signal, stopSignal: soft.signal, trigger: 'manual', dryRun: !!f.dryRun });
+    bar?.done();
+    io.stdout.write(f.json ? JSON.stringify(syncJson(result)) + '\n' : syncText(result));
+    return exitCodeFor(result.status);
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    await store.close();
+    await Promise.all([src, ...dests].map((s) => s.close()));
+  }
+}
+
+async function statusCommand(f: { state: string; job?: string; json?: boolean; history?: number }, io: CliIO): Promise<number> {
+  const path = resolve(io.cwd, f.state);
+  try {
+    readFileSync(path, { flag: 'r' }).subarray(0, 0);
+  } catch {
+    throw new MedsyncError('E_CONFIG', 'The state file does not exist: pass the --state used by sync or run.');
+  }
+  const store: Store = await openSqliteStore({ path });
+  try {
+    const opts = { historyLimit: f.history ?? 20 };
+    const all = f.job ? [await getJobStatus(store, f.job, opts)] : await getAllJobStatus(store, opts);
+    io.stdout.write(f.json ? JSON.stringify(f.job ? all[0] : { jobs: all }, null, 2) + '\n' : statusText(all));
+    return EXIT.success;
+  } finally {
+    await store.close();
+  }
+}
+
+async function testCommand(dest: string, f: { json?: boolean; passwordEnv?: string }, io: CliIO): Promise<number> {
+  const s = await openEndpoint(dest, { baseDir: io.cwd, passwordEnv: f.passwordEnv, env: io.env });
+  try {
+    const r = await s.test();
+    if (f.json) io.stdout.write(JSON.stringify(r, null, 2) + '\n');
+    else {
+      io.stdout.write(`${r.ok ? 'OK' : 'FAILED'}: ${r.kind} ${r.id} (${r.latencyMs} ms)\n`);
+      if (r.ok) io.stdout.write(`  writable: ${r.writable ? 'yes' : 'no'}; entries in folder: ${r.entries ?? '?'}${r.freeBytes !== undefined ? `; free: ${Math.round(r.freeBytes / 1e9)} GB` : ''}\n`);
+      if (r.error) io.stdout.write(`  ${r.error.code}: ${r.error.message}\n`);
+      if (r.advice) io.stdout.write(`  advice: ${r.advice}\n`);
+    }
+    return r.ok ? EXIT.success : EXIT.failed;
+  } finally {
+    await s.close();
+  }
+}
+
+async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Promise<number> {
+  const file = resolve(io.cwd, f.config);
+  let raw: unknown;
+  try {
+    raw = JSON.parse(readFileSync(file, 'utf8'));
+  } catch (e) {
+    throw new MedsyncError('E_CONFIG', `The config file could not be read as JSON: ${(e as Error).message.replace(file, '<config>')}`);
+  }
+  const config = parseConfig(raw);
+  const baseDir = dirname(file);
+  const store = await openSqliteStore({ path: resolve(baseDir, config.state) });
+  const log = (msg: string, fields: Record<string, unknown> = {}) =>
+    io.stderr.write(JSON.stringify({ at: new Date().toISOString(), msg, ...fields }) + '\n');
+  const storages: Storage[] = [];
+  const scheduler = new Scheduler({ store });
+  try {
+    const jobs: SyncJob[] = [];
+    for (const j of config.jobs) {
+      const src = await openEndpoint(j.source, { baseDir, env: io.env });
+      const dests: Storage[] = [];
+      for (const d of j.destinations) dests.push(await openEndpoint(d, { baseDir, env: io.env }));
+      storages.push(src, ...dests);
+      const job = new SyncJob({
+        id: j.id,
+        source: src,
+        destinations: dests,
+        store,
+        mode: j.mode,
+        include: j.include,
+        exclude: j.exclude,
+        concurrency: j.concurrency,
+        ...(j.maxDelete !== undefined ? { maxDelete: j.maxDelete } : {}),
+        ...(j.bwlimit !== undefined ? { bwlimit: j.bwlimit } : {}),
+        retry: { retries: j.retries },
+        scheduledRetry: { retries: j.retries },
+      });
+      job.on('run:done', ({ result }) =>
+        log('sync run finished', { job: j.id, status: result.status, filesSynced: result.filesSynced, filesFailed: result.filesFailed, bytes: result.bytes, durationMs: result.durationMs }),
+      );
+      jobs.push(job);
+      await scheduler.add({ id: j.id, schedule: j.schedule, enabled: j.enabled, run: (ctx) => job.run({ trigger: ctx.trigger, signal: ctx.signal, stopSignal: ctx.stopSignal }) });
+    }
+    if (f.once) {
+      let worst: number = EXIT.success;
+      for (const j of config.jobs) {
+        if (!j.enabled) continue;
+        const r = (await scheduler.runNow(j.id)) as { status: string };
+        const c = exitCodeFor(r.status);
+        if (c === EXIT.failed || (c === EXIT.partial && worst === EXIT.success)) worst = c;
+      }
+      return worst;
+    }
+    scheduler.on('task:error', (e) => log('job failed', { job: e.id, code: e.error.code, error: e.error.message }));
+    scheduler.on('task:skipped', (e) => log('job skipped', { job: e.id, reason: e.reason }));
+    scheduler.start();
+    for (const s of scheduler.state()) log('job scheduled', { job: s.id, enabled: s.enabled, nextRunAt: s.nextRunAt ? new Date(s.nextRunAt).toISOString() : null });
+    await new Promise<void>((resolveStop) => {
+      let stopping = false;
+      const stop = (sig: string) => {
+        if (stopping) {
+          log('second signal: cancelling running jobs now', { signal: sig });
+          void scheduler.stop({ timeoutMs: 0 });
+          return;
+        }
+        stopping = true;
+        log('stopping: finishing the files in flight', { signal: sig });
+        void scheduler.stop().then(() => resolveStop());
+      };
+      process.on('SIGTERM', () => stop('SIGTERM'));
+      process.on('SIGINT', () => stop('SIGINT'));
+    });
+    log('stopped cleanly');
+    return EXIT.success;
+  } finally {
+    await store.close().catch(() => undefined);
+    await Promise.all(storages.map((s) => s.close().catch(() => undefined)));
+  }
+}
+

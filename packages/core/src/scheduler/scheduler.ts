@@ -1,0 +1,312 @@
+import { randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
+import { Cron } from 'croner';
+import { EventEmitter } from 'eventemitter3';
+import { MedsyncError, toMedsyncError } from '../errors/errors.js';
+import type { RunTrigger, Store } from '../store/types.js';
+import type { Clock } from '../util/clock.js';
+import { systemClock } from '../util/clock.js';
+import { noopLogger, type Logger } from '../util/logger.js';
+
+/** Every N minutes (1 to 1440), or a cron pattern in a time zone. */
+export type Schedule = { intervalMinutes: number } | { cron: string; timezone?: string };
+
+/** What a scheduled task receives. */
+export interface ScheduledRunContext {
+  trigger: RunTrigger;
+  /** Hard cancel. */
+  signal: AbortSignal;
+  /** Graceful stop: finish what is in flight, start nothing new. */
+  stopSignal: AbortSignal;
+}
+
+export interface ScheduledTask {
+  id: string;
+  schedule: Schedule;
+  /** Default true. */
+  enabled?: boolean;
+  /** After downtime, run once at start when a run was missed. Default true. */
+  catchUp?: boolean;
+  run(ctx: ScheduledRunContext): Promise<unknown>;
+}
+
+/** A task's state, as `status` reports it. */
+export interface ScheduledTaskState {
+  id: string;
+  enabled: boolean;
+  schedule: Schedule;
+  lastRunAt?: number | undefined;
+  lastFinishedAt?: number | undefined;
+  nextRunAt?: number | undefined;
+  running: boolean;
+}
+
+export interface SchedulerEvents {
+  'task:start': (e: { id: string; trigger: RunTrigger }) => void;
+  'task:done': (e: { id: string; trigger: RunTrigger; durationMs: number; result: unknown }) => void;
+  'task:error': (e: { id: string; trigger: RunTrigger; error: MedsyncError }) => void;
+  /** Another instance holds the task's lease; this one skipped the run. */
+  'task:skipped': (e: { id: string; reason: 'locked' | 'running' | 'disabled' }) => void;
+  stopped: () => void;
+}
+
+export interface SchedulerOptions {
+  store: Store;
+  /** Instance name used for leases. Default hostname:pid:random. */
+  owner?: string;
+  clock?: Clock;
+  logger?: Logger;
+  /** Lease length while a task runs. Default 60 s, renewed every third. */
+  leaseTtlMs?: number;
+}
+
+interface Entry {
+  task: ScheduledTask;
+  enabled: boolean;
+  schedule: Schedule;
+  cron?: Cron;
+  timer?: unknown;
+  nextRunAt?: number;
+  lastRunAt?: number;
+  lastFinishedAt?: number;
+  running?: Promise<void>;
+}
+
+const STATE_PREFIX = 'scheduler:';
+
+/** Validates a schedule; throws E_CONFIG with what is wrong. */
+export function validateSchedule(s: Schedule): void {
+  if ('intervalMinutes' in s) {
+    if (!Number.isInteger(s.intervalMinutes) || s.intervalMinutes < 1 || s.intervalMinutes > 1440) {
+      throw new MedsyncError('E_CONFIG', 'intervalMinutes must be a whole number from 1 to 1440.');
+    }
+    return;
+  }
+  try {
+    new Cron(s.cron, { paused: true, ...(s.timezone ? { timezone: s.timezone } : {}) }).stop();
+  } catch (e) {
+    throw new MedsyncError('E_CONFIG', `The cron pattern is invalid: ${(e as Error).message}`, { cause: e });
+  }
+}
+
+/** The next run time after `from` for a schedule, given the last run. */
+export function nextRunTime(s: Schedule, from: number, lastRunAt?: number): number {
+  if ('intervalMinutes' in s) {
+    const step = s.intervalMinutes * 60_000;
+    return lastRunAt === undefined ? from + step : Math.max(from, lastRunAt + step);
+  }
+  const c = new Cron(s.cron, { paused: true, ...(s.timezone ? { timezone: s.timezone } : {}) });
+  const n = c.nextRun(new Date(from));
+  c.stop();
+  if (!n) throw new MedsyncError('E_CONFIG', 'The cron pattern has no future run.');
+  return n.getTime();
+}
+
+/**
+ * Runs tasks on intervals or cron patterns. Persists enabled flags and last runs in the Store's
+ * settings, runs one catch-up after downtime, and with a shared Store lets only one instance run
+ * each task (a lease in `locks`). `stop()` lets running tasks finish their files in flight.
+ */
+export class Scheduler extends EventEmitter<SchedulerEvents> {
+  private readonly entries = new Map<string, Entry>();
+  private readonly clock: Clock;
+  private readonly log: Logger;
+  readonly owner: string;
+  private started = false;
+  private stopping = false;
+  private readonly hardStop = new AbortController();
+  private readonly softStop = new AbortController();
+
+  constructor(private readonly o: SchedulerOptions) {
+    super();
+    this.clock = o.clock ?? systemClock;
+    this.log = o.logger ?? noopLogger;
+    this.owner = o.owner ?? `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`;
+  }
+
+  /** Adds a task; with the scheduler started, it is planned at once. */
+  async add(task: ScheduledTask): Promise<void> {
+    if (this.entries.has(task.id)) throw new MedsyncError('E_CONFIG', `A task with id ${task.id} exists already.`);
+    validateSchedule(task.schedule);
+    const saved = await this.o.store.settings.get<{ enabled?: boolean; lastRunAt?: number; lastFinishedAt?: number; schedule?: Schedule }>(
+      STATE_PREFIX + task.id,
+    );
+    const entry: Entry = {
+      task,
+      enabled: saved?.enabled ?? task.enabled ?? true,
+      schedule: saved?.schedule ?? task.schedule,
+      ...(saved?.lastRunAt !== undefined ? { lastRunAt: saved.lastRunAt } : {}),
+      ...(saved?.lastFinishedAt !== undefined ? { lastFinishedAt: saved.lastFinishedAt } : {}),
+    };
+    // A schedule in the code or config file wins over a stale stored one only when it changed.
+    if (saved?.schedule && JSON.stringify(saved.schedule) !== JSON.stringify(task.schedule)) entry.schedule = task.schedule;
+    this.entries.set(task.id, entry);
+    await this.persist(entry);
+    if (this.started) this.plan(entry, true);
+  }
+
+  /** Starts timers; runs one catch-up per task whose run was missed while down. */
+  start(): void {
+    if (this.started) return;
+    this.started = true;
+    for (const e of this.entries.values()) this.plan(e, true);
+  }
+
+  private plan(e: Entry, atStart: boolean): void {
+    if (e.timer !== undefined) this.clock.clearTimeout(e.timer);
+    e.timer = undefined;
+    e.nextRunAt = undefined;
+    if (!e.enabled || this.stopping) return;
+    const now = this.clock.now();
+    let next: number;
+    let trigger: RunTrigger = 'schedule';
+    if (atStart && (e.task.catchUp ?? true) && e.lastRunAt !== undefined) {
+      const due = nextRunTime(e.schedule, e.lastRunAt, e.lastRunAt);
+      if (due <= now) {
+        next = now;
+        trigger = 'catch-up';
+      } else next = due;
+    } else if ('intervalMinutes' in e.schedule) {
+      next = nextRunTime(e.schedule, now, e.lastRunAt);
+    } else next = nextRunTime(e.schedule, now);
+    e.nextRunAt = next;
+    e.timer = this.clock.setTimeout(() => void this.fire(e, trigger), Math.max(0, next - now));
+    void this.persist(e).catch(() => undefined);
+  }
+
+  private async fire(e: Entry, trigger: RunTrigger): Promise<void> {
+    e.timer = undefined;
+    if (!e.enabled || this.stopping) return;
+    if (e.running) {
+      this.emit('task:skipped', { id: e.task.id, reason: 'running' });
+      this.plan(e, false);
+      return;
+    }
+    await this.execute(e, trigger).catch(() => undefined);
+    this.plan(e, false);
+  }
+
+  private async execute(e: Entry, trigger: RunTrigger): Promise<unknown> {
+    const lock = `schedule:${e.task.id}`;
+    const ttl = this.o.leaseTtlMs ?? 60_000;
+    if (!(await this.o.store.locks.acquire(lock, this.owner, ttl, this.clock.now()))) {
+      this.emit('task:skipped', { id: e.task.id, reason: 'locked' });
+      return undefined;
+    }
+    const renew = setInterval(() => {
+      void this.o.store.locks.renew(lock, this.owner, ttl, this.clock.now()).catch(() => undefined);
+    }, Math.max(1000, Math.floor(ttl / 3)));
+    renew.unref?.();
+    const started = this.clock.now();
+    e.lastRunAt = started;
+    await this.persist(e);
+    this.emit('task:start', { id: e.task.id, trigger });
+    let result: unknown;
+    let done!: () => void;
+    e.running = new Promise<void>((r) => (done = r));
+    try {
+      result = await e.task.run({ trigger, signal: this.hardStop.signal, stopSignal: this.softStop.signal });
+      this.emit('task:done', { id: e.task.id, trigger, durationMs: this.clock.now() - started, result });
+      return result;
+    } catch (err) {
+      const me = toMedsyncError(err, 'Scheduled task');
+      this.log.error('Scheduled task failed', { id: e.task.id, code: me.code });
+      this.emit('task:error', { id: e.task.id, trigger, error: me });
+      throw me;
+    } finally {
+      clearInterval(renew);
+      e.lastFinishedAt = this.clock.now();
+      await this.persist(e).catch(() => undefined);
+      await this.o.store.locks.release(lock, this.owner).catch(() => undefined);
+      e.running = undefined;
+      done();
+    }
+  }
+
+  private async persist(e: Entry): Promise<void> {
+    await this.o.store.settings.set(STATE_PREFIX + e.task.id, {
+      enabled: e.enabled,
+      schedule: e.schedule,
+      ...(e.lastRunAt !== undefined ? { lastRunAt: e.lastRunAt } : {}),
+      ...(e.lastFinishedAt !== undefined ? { lastFinishedAt: e.lastFinishedAt } : {}),
+      ...(e.nextRunAt !== undefined ? { nextRunAt: e.nextRunAt } : {}),
+    });
+  }
+
+  private get(id: string): Entry {
+    const e = this.entries.get(id);
+    if (!e) throw new MedsyncError('E_NOT_FOUND', `No scheduled task with id ${id}.`);
+    return e;
+  }
+
+  /** Runs a task now (manual trigger), outside its schedule. Rejects with the task's error. */
+  async runNow(id: string): Promise<unknown> {
+    const e = this.get(id);
+    if (e.running) throw new MedsyncError('E_LOCKED', `Task ${id} is running already.`);
+    return this.execute(e, 'manual');
+  }
+
+  /** Enables or disables a task at runtime; the choice is stored. */
+  async setEnabled(id: string, enabled: boolean): Promise<void> {
+    const e = this.get(id);
+    e.enabled = enabled;
+    if (this.started) this.plan(e, false);
+    await this.persist(e);
+    await this.o.store.audit.append({ at: this.clock.now(), actor: this.owner, action: enabled ? 'job.enable' : 'job.disable', subject: id });
+  }
+
+  /** Changes a task's schedule at runtime. */
+  async setSchedule(id: string, schedule: Schedule): Promise<void> {
+    validateSchedule(schedule);
+    const e = this.get(id);
+    e.schedule = schedule;
+    if (this.started) this.plan(e, false);
+    await this.persist(e);
+  }
+
+  /** The state of one task, or all. */
+  state(id: string): ScheduledTaskState;
+  state(): ScheduledTaskState[];
+  state(id?: string): ScheduledTaskState | ScheduledTaskState[] {
+    const one = (e: Entry): ScheduledTaskState => ({
+      id: e.task.id,
+      enabled: e.enabled,
+      schedule: e.schedule,
+      lastRunAt: e.lastRunAt,
+      lastFinishedAt: e.lastFinishedAt,
+      nextRunAt: e.nextRunAt,
+      running: !!e.running,
+    });
+    return id === undefined ? [...this.entries.values()].map(one) : one(this.get(id));
+  }
+
+  /**
+   * Stops: no new runs; running tasks finish the files in flight (their stopSignal fires). With
+   * `timeoutMs`, tasks still running after it are cancelled hard.
+   */
+  async stop(opts: { timeoutMs?: number } = {}): Promise<void> {
+    this.stopping = true;
+    for (const e of this.entries.values()) {
+      if (e.timer !== undefined) this.clock.clearTimeout(e.timer);
+      e.timer = undefined;
+      e.nextRunAt = undefined;
+    }
+    this.softStop.abort();
+    const running = [...this.entries.values()].map((e) => e.running).filter((p): p is Promise<void> => !!p);
+    let t: ReturnType<typeof setTimeout> | undefined;
+    if (opts.timeoutMs !== undefined && running.length) {
+      t = setTimeout(() => this.hardStop.abort(), opts.timeoutMs);
+    }
+    await Promise.all(running);
+    if (t) clearTimeout(t);
+    this.emit('stopped');
+  }
+}
+
+/** Reads a scheduled task's stored state (for status without a running scheduler). */
+export async function readScheduleState(
+  store: Store,
+  id: string,
+): Promise<{ enabled?: boolean; schedule?: Schedule; lastRunAt?: number; lastFinishedAt?: number; nextRunAt?: number } | undefined> {
+  return store.settings.get(STATE_PREFIX + id);
+}

@@ -1,0 +1,361 @@
+import { randomBytes } from 'node:crypto';
+import { createWriteStream, type Dirent } from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import * as nodePath from 'node:path';
+import { pathToFileURL } from 'node:url';
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { MedsyncError, throwIfAborted, toMedsyncError } from '../errors/errors.js';
+import { isPartialName, normalizePath, partialNameFor } from './paths.js';
+import type {
+  CleanupOptions,
+  ConnectionReport,
+  ListOptions,
+  OpOptions,
+  ReadOptions,
+  Storage,
+  StorageCapabilities,
+  StorageEntry,
+  WriteOptions,
+} from './types.js';
+
+export interface LocalStorageOptions {
+  /** Absolute or relative path of the root folder. */
+  root: string;
+  /** Create the root folder on first write if missing. Default true. */
+  createRoot?: boolean;
+  /**
+   * fsync each file before renaming it into place and the folder after, so a power cut never
+   * leaves a renamed but empty file. Default true.
+   */
+  fsync?: boolean;
+  /** Concurrent stat calls while listing. Default 32. */
+  listConcurrency?: number;
+}
+
+const CAPABILITIES: StorageCapabilities = {
+  hashes: [],
+  preservesMtime: true,
+  mtimePrecisionMs: 1,
+  atomicRename: true,
+  rangeReads: true,
+  caseInsensitive: false,
+  maxConcurrency: 32,
+};
+
+/**
+ * Storage on a local (or mounted) folder. Writes go to a hidden `.name.<random>.medsync-part`
+ * sibling, are fsynced, get their mtime, and are renamed into place.
+ */
+export class LocalStorage implements Storage {
+  readonly kind = 'local';
+  readonly id: string;
+  readonly capabilities = CAPABILITIES;
+  readonly root: string;
+  private readonly opts: Required<LocalStorageOptions>;
+  private readonly madeDirs = new Set<string>();
+  private closed = false;
+
+  constructor(opts: LocalStorageOptions) {
+    if (!opts || typeof opts.root !== 'string' || opts.root === '') {
+      throw new MedsyncError('E_CONFIG', 'LocalStorage needs a root folder.', { adapter: 'local' });
+    }
+    this.root = nodePath.resolve(opts.root);
+    this.id = pathToFileURL(this.root).href;
+    this.opts = { createRoot: true, fsync: true, listConcurrency: 32, ...opts, root: this.root };
+  }
+
+  private abs(rel: string): string {
+    return rel === '' ? this.root : nodePath.join(this.root, ...rel.split('/'));
+  }
+
+  private check(): void {
+    if (this.closed) throw new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: 'local' });
+  }
+
+  private err(e: unknown, context: string, path?: string): MedsyncError {
+    return toMedsyncError(e, context, { adapter: 'local', ...(path !== undefined ? { path } : {}) });
+  }
+
+  async test(opts: OpOptions = {}): Promise<ConnectionReport> {
+    const started = performance.now();
+    const base = { kind: this.kind, id: this.id };
+    try {
+      throwIfAborted(opts.signal);
+      const st = await fsp.stat(this.root);
+      if (!st.isDirectory()) {
+        throw new MedsyncError('E_CONFIG', 'The root exists but is not a folder.', { adapter: 'local' });
+      }
+      let entries = 0;
+      const dir = await fsp.opendir(this.root);
+      for await (const d of dir) {
+        if (!isPartialName(d.name)) entries++;
+        if (entries >= 10_000) break;
+      }
+      let writable = false;
+      const probe = nodePath.join(this.root, `.medsync-probe-${randomBytes(6).toString('hex')}`);
+      try {
+        await fsp.writeFile(probe, 'probe');
+        await fsp.unlink(probe);
+        writable = true;
+      } catch {
+        writable = false;
+      }
+      let freeBytes: number | undefined;
+      try {
+        const s = await fsp.statfs(this.root);
+        freeBytes = s.bavail * s.bsize;
+      } catch {
+        freeBytes = undefined;
+      }
+      return {
+        ...base,
+        ok: true,
+        latencyMs: Math.round(performance.now() - started),
+        writable,
+        entries,
+        ...(freeBytes !== undefined ? { freeBytes } : {}),
+        ...(writable ? {} : { advice: 'The folder is readable but not writable by this user.' }),
+      };
+    } catch (e) {
+      const me = this.err(e, 'Opening the root folder');
+      return {
+        ...base,
+        ok: false,
+        latencyMs: Math.round(performance.now() - started),
+        writable: false,
+        error: { code: me.code, message: me.message },
+        advice:
+          me.code === 'E_NOT_FOUND'
+            ? 'The folder does not exist: check the path, and that the share is mounted.'
+            : me.code === 'E_PERMISSION'
+              ? 'This user may not read the folder: check its owner and mode.'
+              : 'Check that the path is a readable folder.',
+      };
+    }
+  }
+
+  async *list(prefix = '', opts: ListOptions = {}): AsyncGenerator<StorageEntry> {
+    this.check();
+    const start = normalizePath(prefix, { allowRoot: true });
+    const concurrency = opts.concurrency ?? this.opts.listConcurrency;
+    let top: Dirent[] | null = null;
+    try {
+      top = await fsp.readdir(this.abs(start), { withFileTypes: true });
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === 'ENOTDIR') {
+        // The prefix is a file: list just that file.
+        yield await this.stat(start, opts);
+        return;
+      }
+      throw this.err(e, 'Listing the folder', start);
+    }
+    const stack: Array<{ rel: string; entries: Dirent[] | null }> = [{ rel: start, entries: top }];
+    while (stack.length > 0) {
+      throwIfAborted(opts.signal);
+      const { rel, entries: pre } = stack.pop()!;
+      let entries = pre;
+      if (!entries) {
+        try {
+          entries = await fsp.readdir(this.abs(rel), { withFileTypes: true });
+        } catch (e) {
+          // A folder removed while we walk is not an error; anything else is.
+          if ((e as { code?: string }).code === 'ENOENT') continue;
+          throw this.err(e, 'Listing a folder', rel);
+        }
+      }
+      const files: string[] = [];
+      for (const d of entries) {
+        const childRel = rel === '' ? d.name : `${rel}/${d.name}`;
+        if (d.isDirectory()) stack.push({ rel: childRel, entries: null });
+        else if ((d.isFile() || d.isSymbolicLink()) && !isPartialName(d.name)) files.push(childRel);
+      }
+      for (let i = 0; i < files.length; i += concurrency) {
+        const batch = files.slice(i, i + concurrency);
+        const stats = await Promise.all(
+          batch.map((p) =>
+            fsp.stat(this.abs(p)).then(
+              (s) => (s.isFile() ? ({ path: p, size: s.size, mtimeMs: Math.floor(s.mtimeMs) } as StorageEntry) : null),
+              (e) => {
+                if ((e as { code?: string }).code === 'ENOENT') return null;
+                // An unreadable entry is still listed (size unknown -> -1) so the sync reports it.
+                return { path: p, size: -1 } as StorageEntry;
+              },
+            ),
+          ),
+        );
+        for (const s of stats) if (s) yield s;
+      }
+    }
+  }
+
+  async stat(path: string, opts: OpOptions = {}): Promise<StorageEntry> {
+    this.check();
+    const rel = normalizePath(path);
+    throwIfAborted(opts.signal);
+    try {
+      const s = await fsp.stat(this.abs(rel));
+      if (!s.isFile()) {
+        throw new MedsyncError('E_NOT_FOUND', 'The path is a folder, not a file.', { adapter: 'local', path: rel });
+      }
+      return { path: rel, size: s.size, mtimeMs: Math.floor(s.mtimeMs) };
+    } catch (e) {
+      throw this.err(e, 'Reading file metadata', rel);
+    }
+  }
+
+  async read(path: string, opts: ReadOptions = {}): Promise<Readable> {
+    this.check();
+    const rel = normalizePath(path);
+    throwIfAborted(opts.signal);
+    const abs = this.abs(rel);
+    let fh: fsp.FileHandle;
+    try {
+      fh = await fsp.open(abs, 'r');
+      const st = await fh.stat();
+      if (!st.isFile()) {
+        await fh.close();
+        throw new MedsyncError('E_NOT_FOUND', 'The path is a folder, not a file.', { adapter: 'local', path: rel });
+      }
+    } catch (e) {
+      throw this.err(e, 'Opening the file', rel);
+    }
+    const stream = fh.createReadStream({
+      ...(opts.start !== undefined ? { start: opts.start } : {}),
+      ...(opts.end !== undefined ? { end: opts.end } : {}),
+      highWaterMark: 256 * 1024,
+      ...(opts.signal ? { signal: opts.signal } : {}),
+    });
+    return stream;
+  }
+
+  private async ensureDir(relDir: string): Promise<void> {
+    if (relDir === '' && !this.opts.createRoot) return;
+    if (this.madeDirs.has(relDir)) return;
+    await fsp.mkdir(this.abs(relDir), { recursive: true });
+    this.madeDirs.add(relDir);
+  }
+
+  async write(path: string, body: Readable, opts: WriteOptions = {}): Promise<StorageEntry> {
+    this.check();
+    const rel = normalizePath(path);
+    if (opts.signal?.aborted) {
+      body.destroy();
+      throwIfAborted(opts.signal);
+    }
+    const dirRel = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/')) : '';
+    const tmpRel = partialNameFor(rel, randomBytes(6).toString('hex'));
+    const tmp = this.abs(tmpRel);
+    const final = this.abs(rel);
+    try {
+      try {
+        await this.ensureDir(dirRel);
+      } catch (e) {
+        this.madeDirs.delete(dirRel);
+        throw e;
+      }
+      const out = createWriteStream(tmp, { flags: 'wx', highWaterMark: 256 * 1024 });
+      let written = 0;
+      body.on('data', (c: Buffer) => {
+        written += c.length;
+      });
+      await pipeline(body, out, opts.signal ? { signal: opts.signal } : {});
+      if (opts.size !== undefined && opts.size >= 0 && written !== opts.size) {
+        throw new MedsyncError(
+          'E_INTEGRITY',
+          `Wrote ${written} bytes but ${opts.size} were expected: the source changed or the stream was cut.`,
+          { adapter: 'local', path: rel },
+        );
+      }
+      if (this.opts.fsync || opts.mtimeMs !== undefined) {
+        const fh = await fsp.open(tmp, 'r+');
+        try {
+          if (opts.mtimeMs !== undefined) {
+            const t = new Date(opts.mtimeMs);
+            await fh.utimes(t, t);
+          }
+          if (this.opts.fsync) await fh.datasync();
+        } finally {
+          await fh.close();
+        }
+      }
+      throwIfAborted(opts.signal);
+      await fsp.rename(tmp, final);
+      const s = await fsp.stat(final);
+      return { path: rel, size: s.size, mtimeMs: Math.floor(s.mtimeMs) };
+    } catch (e) {
+      body.destroy();
+      await fsp.rm(tmp, { force: true }).catch(() => undefined);
+      throw this.err(e, 'Writing the file', rel);
+    }
+  }
+
+  async remove(path: string, opts: OpOptions = {}): Promise<void> {
+    this.check();
+    const rel = normalizePath(path);
+    throwIfAborted(opts.signal);
+    try {
+      await fsp.unlink(this.abs(rel));
+    } catch (e) {
+      if ((e as { code?: string }).code === 'ENOENT') return;
+      throw this.err(e, 'Removing the file', rel);
+    }
+  }
+
+  async rename(from: string, to: string, opts: OpOptions = {}): Promise<void> {
+    this.check();
+    const a = normalizePath(from);
+    const b = normalizePath(to);
+    throwIfAborted(opts.signal);
+    try {
+      const st = await fsp.stat(this.abs(a));
+      if (!st.isFile()) throw new MedsyncError('E_NOT_FOUND', 'Only files can be renamed.', { adapter: 'local', path: a });
+      await this.ensureDir(b.includes('/') ? b.slice(0, b.lastIndexOf('/')) : '');
+      await fsp.rename(this.abs(a), this.abs(b));
+    } catch (e) {
+      throw this.err(e, 'Renaming the file', a);
+    }
+  }
+
+  async cleanupPartials(prefix = '', opts: CleanupOptions = {}): Promise<number> {
+    this.check();
+    const start = normalizePath(prefix, { allowRoot: true });
+    let removed = 0;
+    const stack = [start];
+    while (stack.length > 0) {
+      throwIfAborted(opts.signal);
+      const rel = stack.pop()!;
+      let entries: Dirent[];
+      try {
+        entries = await fsp.readdir(this.abs(rel), { withFileTypes: true });
+      } catch (e) {
+        if ((e as { code?: string }).code === 'ENOENT') continue;
+        throw this.err(e, 'Listing a folder', rel);
+      }
+      for (const d of entries) {
+        const childRel = rel === '' ? d.name : `${rel}/${d.name}`;
+        if (d.isDirectory()) stack.push(childRel);
+        else if (isPartialName(d.name)) {
+          const abs = this.abs(childRel);
+          if (opts.olderThanMs !== undefined) {
+            const s = await fsp.stat(abs).catch(() => null);
+            if (!s || s.mtimeMs >= opts.olderThanMs) continue;
+          }
+          await fsp.rm(abs, { force: true });
+          removed++;
+        }
+      }
+    }
+    return removed;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+  }
+}
+
+/** Creates a {@link LocalStorage}. */
+export function createLocalStorage(opts: LocalStorageOptions): LocalStorage {
+  return new LocalStorage(opts);
+}

@@ -1,0 +1,661 @@
+import { createHash, randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
+import { EventEmitter } from 'eventemitter3';
+import pLimit from 'p-limit';
+import picomatch from 'picomatch';
+import { isMedsyncError, MedsyncError, throwIfAborted, toMedsyncError } from '../errors/errors.js';
+import type { Storage, StorageEntry } from '../storage/types.js';
+import type { ManifestEntry, ManifestScope, RunError, RunRecord, RunTrigger, Store, VerifiedBy } from '../store/types.js';
+import type { Clock } from '../util/clock.js';
+import { systemClock } from '../util/clock.js';
+import { noopLogger, type Logger } from '../util/logger.js';
+import { RetryPolicy, type RetryPolicyOptions } from '../util/retry.js';
+import { hashStream, HashingStream, parseRate, TokenBucket } from '../util/streams.js';
+import type { PlanOp, SyncJobEvents, SyncPlan, SyncProgress, SyncResult } from './types.js';
+
+export type SyncMode = 'copy' | 'mirror';
+
+export interface SyncJobOptions {
+  /** Stable job id: the manifest, runs and lease are keyed by it. */
+  id: string;
+  source: Storage;
+  /** One or more destinations; each keeps its own manifest. */
+  destinations: readonly Storage[];
+  store: Store;
+  /** `copy` never deletes; `mirror` deletes at the destination what the job delivered and the source lost. */
+  mode?: SyncMode;
+  /** Globs (picomatch) a file must match to be synced. Default: everything. */
+  include?: readonly string[];
+  /** Globs that exclude files. */
+  exclude?: readonly string[];
+  /** Parallel transfers (shared by all destinations). Default 4. */
+  concurrency?: number;
+  /**
+   * Most deletions a mirror run may make. Past it, no deletion happens and the run is partial.
+   * Default: half of what the job has delivered to that destination.
+   */
+  maxDelete?: number;
+  /** Bandwidth limit for all transfers together: bytes/s or a string like `10M`. */
+  bwlimit?: number | string;
+  /** Retries for manual runs. Default 3 retries, 2 s apart (growing ×1.5). */
+  retry?: RetryPolicyOptions;
+  /** Retries for scheduled runs. Default 3 retries, 5 s apart (growing ×1.5). */
+  scheduledRetry?: RetryPolicyOptions;
+  /** Detect renames by content hash in mirror mode and rename at the destination. Default true. */
+  detectMoves?: boolean;
+  /** Put real paths in events (default false: a stable `ref:` instead). */
+  eventPaths?: boolean;
+  /** Lease length for the job's lock. Default 60 s (renewed every third of it). */
+  lockTtlMs?: number;
+  /** Instance name for leases and run records. Default hostname:pid:random. */
+  owner?: string;
+  clock?: Clock;
+  logger?: Logger;
+}
+
+export interface SyncRunOptions {
+  /** Cancels at once: in-flight transfers abort and leave nothing half written. */
+  signal?: AbortSignal;
+  /** Graceful stop: finish the files in flight, start no new ones. */
+  stopSignal?: AbortSignal;
+  trigger?: RunTrigger;
+  /** Plan only: nothing is written anywhere but the run record. */
+  dryRun?: boolean;
+  /** Restrict the run to these source paths (used to retry failed files). */
+  only?: readonly string[];
+}
+
+interface Task {
+  dest: Storage;
+  scope: ManifestScope;
+  op: PlanOp;
+  source?: StorageEntry;
+}
+
+const MAX_KEPT_ERRORS = 1000;
+
+/**
+ * Mirrors a source tree to one or more destinations: scan (streaming) → compare with the manifest
+ * (size+mtime; content hash only for changed files) → plan → execute in a bounded pool with
+ * per-file retries → verify → record each file as it completes. Resumes after a crash or cancel
+ * without resending delivered files.
+ */
+export class SyncJob extends EventEmitter<SyncJobEvents> {
+  readonly id: string;
+  private readonly o: SyncJobOptions;
+  private readonly clock: Clock;
+  private readonly log: Logger;
+  private readonly owner: string;
+  private readonly isIncluded: (p: string) => boolean;
+
+  constructor(opts: SyncJobOptions) {
+    super();
+    if (!opts.id || typeof opts.id !== 'string') throw new MedsyncError('E_CONFIG', 'A SyncJob needs an id.');
+    if (!opts.source) throw new MedsyncError('E_CONFIG', 'A SyncJob needs a source storage.');
+    if (!opts.destinations?.length) throw new MedsyncError('E_CONFIG', 'A SyncJob needs at least one destination.');
+    if (!opts.store) throw new MedsyncError('E_CONFIG', 'A SyncJob needs a store.');
+    const ids = new Set(opts.destinations.map((d) => d.id));
+    if (ids.size !== opts.destinations.length) throw new MedsyncError('E_CONFIG', 'The same destination is listed twice.');
+    if (ids.has(opts.source.id)) throw new MedsyncError('E_CONFIG', 'A destination may not be the source itself.');
+    if (opts.concurrency !== undefined && !(Number.isInteger(opts.concurrency) && opts.concurrency >= 1 && opts.concurrency <= 256)) {
+      throw new MedsyncError('E_CONFIG', 'concurrency must be a whole number from 1 to 256.');
+    }
+    if (opts.maxDelete !== undefined && !(Number.isInteger(opts.maxDelete) && opts.maxDelete >= 0)) {
+      throw new MedsyncError('E_CONFIG', 'maxDelete must be a whole number, 0 or more.');
+    }
+    if (opts.bwlimit !== undefined) parseRate(opts.bwlimit);
+    this.o = opts;
+    this.id = opts.id;
+    this.clock = opts.clock ?? systemClock;
+    this.log = opts.logger ?? noopLogger;
+    this.owner = opts.owner ?? `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`;
+    const inc = opts.include?.length ? picomatch([...opts.include], { dot: true }) : () => true;
+    const exc = opts.exclude?.length ? picomatch([...opts.exclude], { dot: true }) : () => false;
+    this.isIncluded = (p) => inc(p) && !exc(p);
+  }
+
+  get mode(): SyncMode {
+    return this.o.mode ?? 'copy';
+  }
+
+  /** Computes what a run would do, writing nothing. */
+  async plan(opts: Omit<SyncRunOptions, 'dryRun'> = {}): Promise<SyncResult> {
+    return this.run({ ...opts, dryRun: true });
+  }
+
+  /** Runs again only the files that failed in the job's last run. */
+  async retryFailed(opts: Omit<SyncRunOptions, 'only'> = {}): Promise<SyncResult> {
+    const [last] = await this.o.store.runs.list({ jobId: this.id, limit: 1 });
+    const only = [...new Set((last?.errors ?? []).map((e) => e.path).filter((p): p is string => !!p))];
+    return this.run({ trigger: 'retry', ...opts, only });
+  }
+
+  /**
+   * Rebuilds the manifest of each destination from its listing (after the Store was lost), so the
+   * next run resends only what is missing or different. Returns the number of files adopted.
+   */
+  async rebuildManifest(opts: { signal?: AbortSignal } = {}): Promise<number> {
+    const sources = await this.scanSource(opts.signal, undefined);
+    let adopted = 0;
+    for (const dest of this.o.destinations) {
+      const scope = { jobId: this.id, destination: dest.id };
+      await this.o.store.manifest.clear(scope);
+      adopted += await this.adoptFromListing(dest, scope, [...sources.values()], opts.signal);
+    }
+    return adopted;
+  }
+
+  /** Runs the job once. Resolves with the run's record; rejects only with E_LOCKED or E_CONFIG. */
+  async run(opts: SyncRunOptions = {}): Promise<SyncResult> {
+    const store = this.o.store;
+    const trigger = opts.trigger ?? 'manual';
+    const dryRun = opts.dryRun ?? false;
+    const lockName = `sync:${this.id}`;
+    const ttl = this.o.lockTtlMs ?? 60_000;
+    if (!(await store.locks.acquire(lockName, this.owner, ttl, this.clock.now()))) {
+      const holder = await store.locks.get(lockName, this.clock.now());
+      throw new MedsyncError(
+        'E_LOCKED',
+        `Job ${this.id} is already running${holder ? ` on ${holder.owner}` : ''}; wait for it to finish.`,
+      );
+    }
+    const inner = new AbortController();
+    const abort = (reason: unknown) => inner.abort(reason);
+    opts.signal?.addEventListener('abort', () => abort(opts.signal?.reason), { once: true });
+    if (opts.signal?.aborted) abort(opts.signal.reason);
+    let lostLease = false;
+    const renew = setInterval(() => {
+      store.locks.renew(lockName, this.owner, ttl, this.clock.now()).then(
+        (ok) => {
+          if (!ok) {
+            lostLease = true;
+            abort(new MedsyncError('E_LOCKED', 'The job lease was lost to another instance.'));
+          }
+        },
+        (e: unknown) => this.log.warn('Renewing the job lease failed', { error: toMedsyncError(e).message }),
+      );
+    }, Math.max(1000, Math.floor(ttl / 3)));
+    renew.unref?.();
+
+    const runId = randomUUID();
+    const startedAt = this.clock.now();
+    const record: RunRecord = {
+      id: runId,
+      jobId: this.id,
+      trigger,
+      status: 'running',
+      owner: this.owner,
+      startedAt,
+      filesSynced: 0,
+      filesSkipped: 0,
+      filesFailed: 0,
+      filesDeleted: 0,
+      filesMoved: 0,
+      bytes: 0,
+      errors: [],
+      errorCount: 0,
+      dryRun,
+    };
+    const plan: SyncPlan = { uploads: 0, uploadBytes: 0, moves: 0, deletes: 0, skipped: 0, deletesRefused: 0, ops: [] };
+    let fatal: MedsyncError | undefined;
+    let progressTimer: unknown;
+    const progress = {
+      filesDone: 0,
+      filesTotal: 0,
+      bytesDone: 0,
+      bytesTotal: 0,
+      samples: [] as Array<[number, number]>,
+    };
+    const addError = (err: MedsyncError, path?: string, destination?: string) => {
+      record.errorCount++;
+      if (record.errors.length < MAX_KEPT_ERRORS) {
+        record.errors.push({ ...(path !== undefined ? { path } : {}), ...(destination ? { destination } : {}), code: err.code, message: err.message });
+      }
+    };
+    try {
+      // A run that was still `running` while we hold the lease was interrupted (crash, kill -9).
+      const interrupted = await this.markInterrupted();
+      await store.runs.insert(record);
+      this.emit('run:start', { runId, jobId: this.id, trigger, dryRun });
+      this.log.info('Sync run started', { jobId: this.id, runId, trigger, dryRun });
+
+      const sources = await this.scanSource(inner.signal, opts.only);
+      if (this.mode === 'mirror' && sources.size === 0 && !opts.only) {
+        throw new MedsyncError(
+          'E_SAFETY',
+          'The source is empty: a mirror run refuses to run, so an unmounted share never empties the archive. Check the source, or use copy mode.',
+        );
+      }
+
+      const tasks: Task[] = [];
+      const deletes: Task[] = [];
+      for (const dest of this.o.destinations) {
+        const scope = { jobId: this.id, destination: dest.id };
+        const r = await this.planDestination(dest, scope, sources, { interrupted, dryRun, runStart: startedAt, only: opts.only, signal: inner.signal });
+        plan.skipped += r.skipped;
+        for (const t of r.tasks) {
+          tasks.push(t);
+          if (t.op.kind === 'upload') {
+            plan.uploads++;
+            plan.uploadBytes += t.op.size;
+          } else if (t.op.kind === 'move') plan.moves++;
+          if (dryRun && plan.ops.length < 100_000) plan.ops.push(t.op);
+        }
+        if (r.refused) {
+          plan.deletesRefused += r.deletes.length;
+          addError(
+            new MedsyncError(
+              'E_SAFETY',
+              `Mirror would delete ${r.deletes.length} files at a destination, over the limit of ${r.limit}; no file was deleted. Raise maxDelete (--max-delete) if this is intended.`,
+            ),
+            undefined,
+            dest.id,
+          );
+        } else {
+          for (const d of r.deletes) {
+            deletes.push(d);
+            plan.deletes++;
+            if (dryRun && plan.ops.length < 100_000) plan.ops.push(d.op);
+          }
+        }
+      }
+      record.filesSkipped = plan.skipped;
+      const { ops: _ops, ...planSummary } = plan;
+      this.emit('plan', { runId, jobId: this.id, plan: planSummary });
+
+      if (!dryRun) {
+        progress.filesTotal = tasks.length + deletes.length;
+        progress.bytesTotal = plan.uploadBytes;
+        const snapshot = (): SyncProgress => {
+          const now = this.clock.now();
+          const s = progress.samples;
+          s.push([now, progress.bytesDone]);
+          while (s.length > 2 && now - s[0]![0] > 5000) s.shift();
+          const [t0, b0] = s[0]!;
+          const rate = now > t0 ? ((progress.bytesDone - b0) * 1000) / (now - t0) : 0;
+          const left = progress.bytesTotal - progress.bytesDone;
+          return {
+            runId,
+            jobId: this.id,
+            filesDone: progress.filesDone,
+            filesFailed: record.filesFailed,
+            filesTotal: progress.filesTotal,
+            bytesDone: progress.bytesDone,
+            bytesTotal: progress.bytesTotal,
+            bytesPerSecond: Math.round(rate),
+            etaMs: rate > 0 ? Math.round((left / rate) * 1000) : left === 0 ? 0 : undefined,
+            elapsedMs: now - startedAt,
+          };
+        };
+        const tick = () => {
+          this.emit('progress', snapshot());
+          progressTimer = this.clock.setTimeout(tick, 250);
+        };
+        progressTimer = this.clock.setTimeout(tick, 250);
+
+        const retry = new RetryPolicy(
+          trigger === 'schedule' || trigger === 'catch-up'
+            ? { retries: 3, initialDelayMs: 5000, multiplier: 1.5, ...this.o.scheduledRetry }
+            : { retries: 3, initialDelayMs: 2000, multiplier: 1.5, ...this.o.retry },
+          this.clock,
+        );
+        const bucket = this.o.bwlimit !== undefined ? mkBucket(this.o.bwlimit, this.clock) : undefined;
+        const limit = pLimit(this.o.concurrency ?? 4);
+        const stopped = () => inner.signal.aborted || !!opts.stopSignal?.aborted;
+
+        const exec = async (t: Task) => {
+          if (stopped()) return;
+          const ref = this.ref(t.op.path);
+          try {
+            await retry.run(
+              async () => {
+                throwIfAborted(inner.signal);
+                await this.execute(t, inner.signal, bucket, (n) => (progress.bytesDone += n), record);
+              },
+              {
+                signal: inner.signal,
+                onRetry: (e) => {
+                  this.emit('file:retry', { runId, jobId: this.id, destination: t.dest.id, path: ref, attempt: e.attempt, delayMs: e.delayMs, error: e.error });
+                  this.log.warn('Retrying a file', { jobId: this.id, code: e.error.code, attempt: e.attempt, delayMs: e.delayMs });
+                },
+              },
+            );
+            progress.filesDone++;
+            const action = t.op.kind;
+            this.emit('file:done', { runId, jobId: this.id, destination: t.dest.id, path: ref, action, bytes: action === 'upload' ? t.op.size : 0 });
+          } catch (e) {
+            const me = toMedsyncError(e, undefined, { path: t.op.path });
+            if (me.code === 'E_ABORTED' && inner.signal.aborted) return;
+            record.filesFailed++;
+            addError(me, t.op.path, t.dest.id);
+            this.emit('file:failed', { runId, jobId: this.id, destination: t.dest.id, path: ref, error: me });
+            this.log.warn('A file failed', { jobId: this.id, code: me.code });
+          }
+        };
+        await Promise.all(tasks.map((t) => limit(() => exec(t))));
+        // Deletions come last (rclone's --delete-after): a failed upload never costs a delete.
+        if (!stopped()) await Promise.all(deletes.map((t) => limit(() => exec(t))));
+        if (inner.signal.aborted) {
+          throw lostLease
+            ? new MedsyncError('E_LOCKED', 'The job lease was lost to another instance; the run stopped.')
+            : new MedsyncError('E_ABORTED', 'The run was cancelled.');
+        }
+        this.clock.clearTimeout(progressTimer);
+        this.emit('progress', snapshot());
+        if (opts.stopSignal?.aborted) record.status = 'cancelled';
+      }
+    } catch (e) {
+      fatal = toMedsyncError(e, 'Sync run');
+      if (fatal.code !== 'E_ABORTED') addError(fatal);
+      this.log.error('Sync run failed', { jobId: this.id, code: fatal.code });
+    } finally {
+      clearInterval(renew);
+      this.clock.clearTimeout(progressTimer);
+    }
+
+    const finishedAt = this.clock.now();
+    record.finishedAt = finishedAt;
+    record.durationMs = finishedAt - startedAt;
+    const succeeded = record.filesSynced + record.filesMoved + record.filesDeleted;
+    if (fatal?.code === 'E_ABORTED' || (record.status === 'cancelled' && !fatal)) record.status = 'cancelled';
+    else if (fatal) record.status = succeeded > 0 ? 'partial' : 'failed';
+    else if (record.errorCount === 0) record.status = 'success';
+    else record.status = succeeded > 0 ? 'partial' : 'failed';
+    try {
+      await store.runs.update(record);
+      await store.audit.append({
+        at: finishedAt,
+        actor: this.owner,
+        action: dryRun ? 'sync.plan' : 'sync.run',
+        subject: this.id,
+        details: { runId, status: record.status, files: record.filesSynced, failed: record.filesFailed, deleted: record.filesDeleted, bytes: record.bytes },
+      });
+    } catch (e) {
+      this.log.error('Recording the run failed', { jobId: this.id, error: toMedsyncError(e).message });
+    } finally {
+      await store.locks.release(lockName, this.owner).catch(() => undefined);
+    }
+    const { ops, ...summary } = plan;
+    const result: SyncResult = { ...record, plan: dryRun ? { ...summary, ops } : summary };
+    this.emit('run:done', { result });
+    this.log.info('Sync run finished', { jobId: this.id, runId, status: record.status, files: record.filesSynced, failed: record.filesFailed });
+    return result;
+  }
+
+  private ref(path: string): string {
+    return this.o.eventPaths ? path : `ref:${createHash('sha256').update(path).digest('hex').slice(0, 12)}`;
+  }
+
+  /** Marks this job's runs left `running` (by a crashed process) as interrupted. */
+  private async markInterrupted(): Promise<boolean> {
+    const running = await this.o.store.runs.list({ jobId: this.id, status: 'running' });
+    for (const r of running) {
+      await this.o.store.runs.update({ ...r, status: 'interrupted', finishedAt: this.clock.now() });
+    }
+    return running.length > 0;
+  }
+
+  private async scanSource(signal: AbortSignal | undefined, only: readonly string[] | undefined): Promise<Map<string, StorageEntry>> {
+    const out = new Map<string, StorageEntry>();
+    const onlySet = only ? new Set(only) : undefined;
+    try {
+      for await (const e of this.o.source.list('', { signal })) {
+        if (!this.isIncluded(e.path)) continue;
+        if (onlySet && !onlySet.has(e.path)) continue;
+        out.set(e.path, e);
+      }
+    } catch (e) {
+      const me = toMedsyncError(e, 'Scanning the source');
+      if (me.code === 'E_NOT_FOUND') {
+        throw new MedsyncError('E_NOT_FOUND', 'The source folder does not exist: check the path, and that the share is mounted.', { cause: me });
+      }
+      throw me;
+    }
+    return out;
+  }
+
+  private async planDestination(
+    dest: Storage,
+    scope: ManifestScope,
+    sources: Map<string, StorageEntry>,
+    ctx: { interrupted: boolean; dryRun: boolean; runStart: number; only: readonly string[] | undefined; signal: AbortSignal },
+  ): Promise<{ tasks: Task[]; deletes: Task[]; skipped: number; refused: boolean; limit: number }> {
+    const store = this.o.store;
+    const manifest = new Map<string, ManifestEntry>();
+    for await (const m of store.manifest.list(scope)) manifest.set(m.path, m);
+
+    if (ctx.interrupted && !ctx.dryRun && dest.cleanupPartials) {
+      await dest.cleanupPartials('', { olderThanMs: ctx.runStart, signal: ctx.signal }).catch((e: unknown) =>
+        this.log.warn('Removing leftovers of an interrupted run failed', { error: toMedsyncError(e).message }),
+      );
+    }
+
+    let skipped = 0;
+    const candidates: StorageEntry[] = [];
+    const touched: ManifestEntry[] = [];
+    for (const s of sources.values()) {
+      const m = manifest.get(s.path);
+      if (m && m.size === s.size && m.mtimeMs === s.mtimeMs) {
+        skipped++;
+        continue;
+      }
+      if (m && m.size === s.size && m.sha256 && s.size >= 0) {
+        // Same size, new mtime: hash the source before resending (touch, restore from backup).
+        const h = await this.hashSource(s.path, ctx.signal).catch(() => undefined);
+        if (h && h.sha256 === m.sha256) {
+          skipped++;
+          touched.push({ ...m, mtimeMs: s.mtimeMs ?? m.mtimeMs });
+          continue;
+        }
+      }
+      candidates.push(s);
+    }
+    if (touched.length && !ctx.dryRun) await store.manifest.put(touched);
+
+    // Files already at the destination that the manifest does not know: adopt them instead of
+    // resending (after a crash between rename and record, or when the Store was lost).
+    let toSend = candidates;
+    const newOnes = candidates.filter((s) => !manifest.has(s.path));
+    if (newOnes.length > 0 && (ctx.interrupted || manifest.size === 0) && !ctx.dryRun) {
+      const adoptedPaths = new Set<string>();
+      await this.adoptFromListing(dest, scope, newOnes, ctx.signal, adoptedPaths);
+      if (adoptedPaths.size) {
+        skipped += adoptedPaths.size;
+        toSend = candidates.filter((s) => !adoptedPaths.has(s.path));
+      }
+    }
+
+    const deletes: Task[] = [];
+    if (this.mode === 'mirror' && !ctx.only) {
+      for (const m of manifest.values()) {
+        if (!sources.has(m.path) && this.isIncluded(m.path)) {
+          deletes.push({ dest, scope, op: { kind: 'delete', destination: dest.id, path: m.path, size: m.size } });
+        }
+      }
+    }
+
+    const tasks: Task[] = [];
+    // Moves: a new path whose content equals a file about to be deleted is renamed, not resent.
+    if (deletes.length > 0 && (this.o.detectMoves ?? true)) {
+      const bySize = new Map<number, Task[]>();
+      for (const d of deletes) {
+        const m = manifest.get(d.op.path);
+        if (m?.sha256) bySize.set(m.size, [...(bySize.get(m.size) ?? []), d]);
+      }
+      const remaining: StorageEntry[] = [];
+      for (const s of toSend) {
+        const pool = manifest.has(s.path) ? undefined : bySize.get(s.size);
+        if (!pool?.length) {
+          remaining.push(s);
+          continue;
+        }
+        const h = await this.hashSource(s.path, ctx.signal).catch(() => undefined);
+        const idx = h ? pool.findIndex((d) => manifest.get(d.op.path)?.sha256 === h.sha256) : -1;
+        if (idx < 0 || !h) {
+          remaining.push(s);
+          continue;
+        }
+        const [d] = pool.splice(idx, 1);
+        deletes.splice(deletes.indexOf(d!), 1);
+        tasks.push({ dest, scope, source: { ...s, hashes: { md5: h.md5, sha256: h.sha256 } }, op: { kind: 'move', destination: dest.id, from: d!.op.path, path: s.path, size: s.size } });
+      }
+      toSend = remaining;
+    }
+    for (const s of toSend) {
+      tasks.push({ dest, scope, source: s, op: { kind: 'upload', destination: dest.id, path: s.path, size: s.size, reason: manifest.has(s.path) ? 'changed' : 'new' } });
+    }
+
+    const limit = this.o.maxDelete ?? Math.floor(manifest.size / 2);
+    const refused = deletes.length > limit;
+    return { tasks, deletes, skipped, refused, limit };
+  }
+
+  private async hashSource(path: string, signal: AbortSignal): Promise<{ md5: string; sha256: string }> {
+    const stream = await this.o.source.read(path, { signal });
+    return hashStream(stream);
+  }
+
+  /** Lists the destination once and records files whose size and mtime match the source. */
+  private async adoptFromListing(
+    dest: Storage,
+    scope: ManifestScope,
+    wanted: StorageEntry[],
+    signal: AbortSignal | undefined,
+    adopted = new Set<string>(),
+  ): Promise<number> {
+    const byPath = new Map(wanted.map((s) => [s.path, s]));
+    const precision = dest.capabilities.mtimePrecisionMs;
+    const batch: ManifestEntry[] = [];
+    try {
+      for await (const d of dest.list('', { signal })) {
+        const s = byPath.get(d.path);
+        if (!s || s.size !== d.size || s.size < 0) continue;
+        if (dest.capabilities.preservesMtime && precision !== null) {
+          if (d.mtimeMs === undefined || s.mtimeMs === undefined) continue;
+          if (Math.abs(Math.floor(d.mtimeMs / precision) - Math.floor(s.mtimeMs / precision)) > 0) continue;
+        }
+        batch.push({
+          ...scope,
+          path: s.path,
+          size: s.size,
+          mtimeMs: s.mtimeMs ?? 0,
+          md5: d.hashes?.md5,
+          sha256: d.hashes?.sha256,
+          remoteId: d.remoteId,
+          verifiedBy: 'listing',
+          deliveredAt: this.clock.now(),
+        });
+        adopted.add(s.path);
+        if (batch.length >= 500) await this.o.store.manifest.put(batch.splice(0));
+      }
+    } catch (e) {
+      const me = toMedsyncError(e);
+      if (me.code !== 'E_NOT_FOUND') throw me;
+    }
+    if (batch.length) await this.o.store.manifest.put(batch);
+    return adopted.size;
+  }
+
+  private async execute(
+    t: Task,
+    signal: AbortSignal,
+    bucket: TokenBucket | undefined,
+    onBytes: (n: number) => void,
+    record: RunRecord,
+  ): Promise<void> {
+    const { dest, scope, op } = t;
+    const store = this.o.store;
+    if (op.kind === 'delete') {
+      await dest.remove(op.path, { signal });
+      await store.manifest.remove(scope, [op.path]);
+      record.filesDeleted++;
+      return;
+    }
+    const src = t.source!;
+    if (op.kind === 'move') {
+      await dest.rename(op.from, op.path, { signal });
+      const old = await store.manifest.get(scope, op.from);
+      await store.manifest.put({
+        ...scope,
+        path: op.path,
+        size: src.size,
+        mtimeMs: src.mtimeMs ?? 0,
+        md5: src.hashes?.md5 ?? old?.md5,
+        sha256: src.hashes?.sha256 ?? old?.sha256,
+        remoteId: old?.remoteId,
+        verifiedBy: old?.verifiedBy ?? 'size',
+        deliveredAt: this.clock.now(),
+      });
+      await store.manifest.remove(scope, [op.from]);
+      record.filesMoved++;
+      return;
+    }
+    let sent = 0;
+    const body = await this.o.source.read(op.path, { signal }).catch((e: unknown) => {
+      const me = toMedsyncError(e, 'Reading the source file', { path: op.path });
+      // A source file that cannot be read will not become readable by retrying.
+      throw me.code === 'E_TRANSIENT' ? me : new MedsyncError(me.code, me.message, { cause: me, retryable: false, path: op.path });
+    });
+    const hasher = new HashingStream(
+      (n) => {
+        sent += n;
+        onBytes(n);
+      },
+      bucket,
+      signal,
+    );
+    body.on('error', (e) => hasher.destroy(e));
+    body.pipe(hasher);
+    let written: StorageEntry;
+    try {
+      written = await dest.write(op.path, hasher, {
+        size: op.size,
+        signal,
+        ...(dest.capabilities.preservesMtime && src.mtimeMs !== undefined ? { mtimeMs: src.mtimeMs } : {}),
+      });
+    } catch (e) {
+      onBytes(-sent);
+      body.destroy();
+      const me = toMedsyncError(e, 'Writing to the destination', { path: op.path });
+      throw isMedsyncError(e) ? e : me;
+    }
+    const digests = hasher.result();
+    if (written.size !== hasher.bytes) {
+      onBytes(-sent);
+      throw new MedsyncError('E_INTEGRITY', `The destination holds ${written.size} bytes, ${hasher.bytes} were sent.`, { path: op.path });
+    }
+    let verifiedBy: VerifiedBy = 'size';
+    for (const kind of ['sha256', 'md5'] as const) {
+      const remote = written.hashes?.[kind];
+      if (!remote) continue;
+      if (remote.toLowerCase() !== digests[kind]) {
+        onBytes(-sent);
+        throw new MedsyncError('E_INTEGRITY', `The destination's ${kind} does not match the bytes sent; resending.`, { path: op.path });
+      }
+      if (verifiedBy === 'size') verifiedBy = kind;
+    }
+    await store.manifest.put({
+      ...scope,
+      path: op.path,
+      size: hasher.bytes,
+      mtimeMs: src.mtimeMs ?? 0,
+      md5: digests.md5,
+      sha256: digests.sha256,
+      remoteId: written.remoteId,
+      verifiedBy,
+      deliveredAt: this.clock.now(),
+    });
+    record.filesSynced++;
+    record.bytes += hasher.bytes;
+  }
+}
+
+function mkBucket(rate: number | string, clock: Clock): TokenBucket | undefined {
+  const r = parseRate(rate);
+  return r ? new TokenBucket(r, clock) : undefined;
+}
+
+/** Creates a {@link SyncJob}. */
+export function createSyncJob(opts: SyncJobOptions): SyncJob {
+  return new SyncJob(opts);
+}

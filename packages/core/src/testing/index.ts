@@ -1,0 +1,16 @@
+export { FakeClock } from './fake-clock.js';
+export {
+  describeStorageConformance,
+  generatedStream,
+  digestOf,
+  type StorageConformanceOptions,
+} from './storage-conformance.js';
+export {
+  describeStoreConformance,
+  manifestEntry,
+  runRecord,
+  type StoreConformanceOptions,
+  type StoreFixture,
+} from './store-conformance.js';
+export { MemoryStorage, MemoryFaults, createMemoryStorage } from '../storage/memory.js';
+export { MemoryStore, createMemoryStore } from '../store/memory.js';
