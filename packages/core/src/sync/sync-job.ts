@@ -532,7 +532,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         if (!s || s.size !== d.size || s.size < 0) continue;
         if (dest.capabilities.preservesMtime && precision !== null) {
           if (d.mtimeMs === undefined || s.mtimeMs === undefined) continue;
-          if (Math.abs(Math.floor(d.mtimeMs / precision) - Math.floor(s.mtimeMs / precision)) > 0) continue;
+          // Timestamps pass through seconds-as-doubles on the way (utimes), so allow one unit.
+          if (Math.abs(d.mtimeMs - s.mtimeMs) > Math.max(1, precision)) continue;
         }
         batch.push({
           ...scope,

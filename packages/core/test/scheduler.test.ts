@@ -1,0 +1,171 @@
+import { describe, expect, it } from 'vitest';
+import { MemoryStore, nextRunTime, Scheduler, validateSchedule, type ScheduledRunContext } from '@medsync/core';
+import { FakeClock } from '@medsync/core/testing';
+
+const MIN = 60_000;
+
+function counter() {
+  const runs: ScheduledRunContext[] = [];
+  return { runs, run: async (ctx: ScheduledRunContext) => void runs.push(ctx) };
+}
+
+describe('Scheduler', () => {
+  it('runs every N minutes and reports last and next run', async () => {
+    const clock = new FakeClock();
+    const store = new MemoryStore();
+    const s = new Scheduler({ store, clock });
+    const c = counter();
+    await s.add({ id: 'job', schedule: { intervalMinutes: 120 }, run: c.run });
+    s.start();
+    const t0 = clock.now();
+    expect(s.state('job').nextRunAt).toBe(t0 + 120 * MIN);
+    await clock.advance(119 * MIN);
+    expect(c.runs).toHaveLength(0);
+    await clock.advance(1 * MIN);
+    expect(c.runs).toHaveLength(1);
+    expect(c.runs[0]!.trigger).toBe('schedule');
+    expect(s.state('job')).toMatchObject({ lastRunAt: t0 + 120 * MIN, nextRunAt: t0 + 240 * MIN });
+    await clock.advance(240 * MIN);
+    expect(c.runs).toHaveLength(3);
+    await s.stop();
+  });
+
+  it('enable/disable at runtime is stored and stops runs', async () => {
+    const clock = new FakeClock();
+    const store = new MemoryStore();
+    const s = new Scheduler({ store, clock });
+    const c = counter();
+    await s.add({ id: 'job', schedule: { intervalMinutes: 1 }, run: c.run });
+    s.start();
+    await clock.advance(MIN);
+    expect(c.runs).toHaveLength(1);
+    await s.setEnabled('job', false);
+    expect(s.state('job').nextRunAt).toBeUndefined();
+    await clock.advance(10 * MIN);
+    expect(c.runs).toHaveLength(1);
+    expect((await store.settings.get<{ enabled: boolean }>('scheduler:job'))?.enabled).toBe(false);
+    expect((await store.audit.list({ action: 'job.disable' })).length).toBe(1);
+    // a new instance on the same store keeps the choice
+    const s2 = new Scheduler({ store, clock });
+    await s2.add({ id: 'job', schedule: { intervalMinutes: 1 }, run: c.run });
+    expect(s2.state('job').enabled).toBe(false);
+    await s.setEnabled('job', true);
+    // the run is overdue, so it starts at once
+    await clock.advance(0);
+    expect(c.runs).toHaveLength(2);
+    await s.setSchedule('job', { intervalMinutes: 30 });
+    await clock.advance(29 * MIN);
+    expect(c.runs).toHaveLength(2);
+    await clock.advance(MIN);
+    expect(c.runs).toHaveLength(3);
+    await s.stop();
+  });
+
+  it('runs one catch-up after downtime, not one per missed slot', async () => {
+    const clock = new FakeClock();
+    const store = new MemoryStore();
+    const c = counter();
+    const s1 = new Scheduler({ store, clock });
+    await s1.add({ id: 'job', schedule: { intervalMinutes: 60 }, run: c.run });
+    s1.start();
+    await clock.advance(60 * MIN);
+    expect(c.runs).toHaveLength(1);
+    await s1.stop();
+    await clock.advance(10 * 60 * MIN); // down for ten hours
+    const s2 = new Scheduler({ store, clock });
+    await s2.add({ id: 'job', schedule: { intervalMinutes: 60 }, run: c.run });
+    s2.start();
+    await clock.advance(1);
+    expect(c.runs).toHaveLength(2);
+    expect(c.runs[1]!.trigger).toBe('catch-up');
+    await clock.advance(59 * MIN);
+    expect(c.runs).toHaveLength(2);
+    await clock.advance(MIN);
+    expect(c.runs).toHaveLength(3);
+    await s2.stop();
+  });
+
+  it('with a shared store only one instance runs a job', async () => {
+    const clock = new FakeClock();
+    const store = new MemoryStore();
+    let running = 0;
+    let maxRunning = 0;
+    let total = 0;
+    const run = async () => {
+      running++;
+      total++;
+      maxRunning = Math.max(maxRunning, running);
+      await clock.sleep(5 * MIN);
+      running--;
+    };
+    const a = new Scheduler({ store, clock, owner: 'A' });
+    const b = new Scheduler({ store, clock, owner: 'B' });
+    const skipped: string[] = [];
+    b.on('task:skipped', (e) => skipped.push(e.reason));
+    a.on('task:skipped', (e) => skipped.push(e.reason));
+    await a.add({ id: 'job', schedule: { intervalMinutes: 10 }, run });
+    await b.add({ id: 'job', schedule: { intervalMinutes: 10 }, run });
+    a.start();
+    b.start();
+    await clock.advance(10 * MIN);
+    await clock.advance(5 * MIN);
+    expect(total).toBe(1);
+    expect(maxRunning).toBe(1);
+    expect(skipped).toEqual(['locked']);
+    await a.stop();
+    await b.stop();
+  });
+
+  it('stop() lets the running task finish its files in flight', async () => {
+    const clock = new FakeClock();
+    const s = new Scheduler({ store: new MemoryStore(), clock });
+    let sawStop = false;
+    let finished = false;
+    await s.add({
+      id: 'job',
+      schedule: { intervalMinutes: 1 },
+      run: async (ctx) => {
+        await new Promise<void>((r) => ctx.stopSignal.addEventListener('abort', () => r(), { once: true }));
+        sawStop = true;
+        await new Promise((r) => setTimeout(r, 20));
+        finished = true;
+      },
+    });
+    s.start();
+    await clock.advance(MIN);
+    expect(s.state('job').running).toBe(true);
+    await s.stop();
+    expect(sawStop).toBe(true);
+    expect(finished).toBe(true);
+    expect(s.state('job').running).toBe(false);
+  });
+
+  it('cron schedules honour time zones; bad schedules are E_CONFIG', async () => {
+    const from = Date.UTC(2026, 2, 28, 12, 0); // the day before the EU DST change
+    const next = nextRunTime({ cron: '0 2 * * *', timezone: 'Europe/Berlin' }, from);
+    expect(new Date(next).toISOString()).toBe('2026-03-29T01:00:00.000Z');
+    const after = nextRunTime({ cron: '0 2 * * *', timezone: 'Europe/Berlin' }, next + 1000);
+    expect(new Date(after).toISOString()).toBe('2026-03-30T00:00:00.000Z');
+    expect(() => validateSchedule({ intervalMinutes: 0 })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+    expect(() => validateSchedule({ intervalMinutes: 1441 })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+    expect(() => validateSchedule({ cron: 'not a cron' })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+    const clock = new FakeClock(from);
+    const s = new Scheduler({ store: new MemoryStore(), clock });
+    const c = counter();
+    await s.add({ id: 'nightly', schedule: { cron: '0 2 * * *', timezone: 'Europe/Berlin' }, run: c.run });
+    s.start();
+    expect(s.state('nightly').nextRunAt).toBe(next);
+    await clock.advance(next - from);
+    expect(c.runs).toHaveLength(1);
+    await s.stop();
+  });
+
+  it('runNow runs a task at once with the manual trigger', async () => {
+    const s = new Scheduler({ store: new MemoryStore(), clock: new FakeClock() });
+    const c = counter();
+    await s.add({ id: 'job', schedule: { intervalMinutes: 5 }, run: c.run });
+    await s.runNow('job');
+    expect(c.runs.map((r) => r.trigger)).toEqual(['manual']);
+    await expect(s.runNow('nope')).rejects.toMatchObject({ code: 'E_NOT_FOUND' });
+  });
+});

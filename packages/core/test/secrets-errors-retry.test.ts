@@ -1,0 +1,177 @@
+import { randomBytes } from 'node:crypto';
+import { describe, expect, it } from 'vitest';
+import {
+  MedsyncError,
+  MemoryStore,
+  normalizePath,
+  parseConfig,
+  parseRate,
+  redactingLogger,
+  RetryPolicy,
+  SecretBox,
+  toMedsyncError,
+  TokenBucket,
+  type Logger,
+} from '@medsync/core';
+import { FakeClock } from '@medsync/core/testing';
+
+describe('SecretBox', () => {
+  const k1 = randomBytes(32).toString('base64');
+  const k2 = randomBytes(32).toString('hex');
+
+  it('encrypts with AES-256-GCM and decrypts; tampering and wrong context are refused', async () => {
+    const box = new SecretBox({ keys: [k1] });
+    const enc = await box.encrypt('ftp-password-123', 'dest.password');
+    expect(enc).toMatch(/^msenc:v1:[0-9a-f]{8}:/);
+    expect(enc).not.toContain('ftp-password-123');
+    expect(await box.decrypt(enc, 'dest.password')).toBe('ftp-password-123');
+    await expect(box.decrypt(enc, 'other.key')).rejects.toMatchObject({ code: 'E_SECRET' });
+    const parts = enc.split(':');
+    parts[5] = Buffer.from('tampered!').toString('base64url');
+    await expect(box.decrypt(parts.join(':'), 'dest.password')).rejects.toMatchObject({ code: 'E_SECRET' });
+    await expect(new SecretBox({ keys: [k2] }).decrypt(enc, 'dest.password')).rejects.toMatchObject({ code: 'E_SECRET', message: expect.stringMatching(/MEDSYNC_SECRET_KEY_PREVIOUS/) });
+  });
+
+  it('rotates every stored secret to a new primary key', async () => {
+    const store = new MemoryStore();
+    const old = new SecretBox({ keys: [k1] });
+    await old.setSecret(store.settings, 'ftp.password', 'hunter22');
+    await store.settings.set('plain', { a: 1 });
+    const rotated = new SecretBox({ keys: [k2, k1] });
+    expect(await rotated.rotate(store.settings)).toBe(1);
+    expect(await rotated.rotate(store.settings)).toBe(0);
+    const onlyNew = new SecretBox({ keys: [k2] });
+    expect(await onlyNew.getSecret(store.settings, 'ftp.password')).toBe('hunter22');
+    await expect(old.getSecret(store.settings, 'ftp.password')).rejects.toMatchObject({ code: 'E_SECRET' });
+    expect(await store.settings.get('plain')).toEqual({ a: 1 });
+  });
+
+  it('reads keys from the environment and from a provider; refuses bad keys', async () => {
+    expect(() => SecretBox.fromEnv({})).toThrow(expect.objectContaining({ code: 'E_SECRET' }));
+    const env = SecretBox.fromEnv({ MEDSYNC_SECRET_KEY: k2, MEDSYNC_SECRET_KEY_PREVIOUS: k1 });
+    const enc = await new SecretBox({ keys: [k1] }).encrypt('x-secret');
+    expect(await env.decrypt(enc)).toBe('x-secret');
+    const viaProvider = new SecretBox({ provider: async () => [Buffer.from(k1, 'base64')] });
+    expect(await viaProvider.decrypt(enc)).toBe('x-secret');
+    expect(() => new SecretBox({ keys: ['too short'] })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+  });
+
+  it('redacts decrypted secrets from errors and logs', async () => {
+    const box = new SecretBox({ keys: [k1] });
+    const secret = 'S3cr3t-' + randomBytes(4).toString('hex');
+    await box.decrypt(await box.encrypt(secret));
+    const e = new MedsyncError('E_AUTH', `login failed with password ${secret} for ftp://bob:${secret}@host/x`);
+    expect(e.message).not.toContain(secret);
+    expect(e.message).toContain('***');
+    const lines: string[] = [];
+    const sink: Logger = { debug: () => {}, info: (m, f) => lines.push(m + JSON.stringify(f)), warn: () => {}, error: () => {} };
+    redactingLogger(sink).info(`connecting with ${secret}`, { password: 'anything', detail: `x ${secret}` });
+    expect(lines.join('\n')).not.toContain(secret);
+    expect(lines.join('\n')).not.toContain('anything');
+  });
+});
+
+describe('errors and paths', () => {
+  it('maps errno codes to stable codes without leaking paths', () => {
+    const native = Object.assign(new Error("EACCES: permission denied, open '/data/Doe John/1.dcm'"), { code: 'EACCES' });
+    const e = toMedsyncError(native, 'Reading the source file');
+    expect(e).toMatchObject({ code: 'E_PERMISSION', retryable: false });
+    expect(e.message).not.toContain('Doe John');
+    expect(toMedsyncError(Object.assign(new Error('x'), { code: 'ECONNRESET' })).retryable).toBe(true);
+    expect(toMedsyncError(new Error("weird failure at '/srv/Doe John/x'")).message).not.toContain('Doe');
+    const abort = new DOMException('aborted', 'AbortError');
+    expect(toMedsyncError(abort).code).toBe('E_ABORTED');
+  });
+
+  it('normalises paths and rejects dangerous ones before any I/O', () => {
+    expect(normalizePath('a//b/./c.dcm')).toBe('a/b/c.dcm');
+    expect(normalizePath('', { allowRoot: true })).toBe('');
+    for (const bad of ['../x', 'a/../../x', '/abs', 'a\0b', 'a\\b', '']) {
+      expect(() => normalizePath(bad)).toThrow(expect.objectContaining({ code: 'E_INVALID_PATH' }));
+    }
+  });
+});
+
+describe('RetryPolicy', () => {
+  it('retries only retryable errors, with growing delays on the given clock', async () => {
+    const clock = new FakeClock();
+    const policy = new RetryPolicy({ retries: 3, initialDelayMs: 1000, multiplier: 2, jitter: 0 }, clock);
+    const delays: number[] = [];
+    let calls = 0;
+    const p = policy.run(
+      async () => {
+        calls++;
+        if (calls < 4) throw new MedsyncError('E_TRANSIENT', 'try again');
+        return 'ok';
+      },
+      { onRetry: (e) => delays.push(e.delayMs) },
+    );
+    await clock.advance(10_000);
+    expect(await p).toBe('ok');
+    expect(delays).toEqual([1000, 2000, 4000]);
+    let permanent = 0;
+    await expect(
+      policy.run(async () => {
+        permanent++;
+        throw new MedsyncError('E_AUTH', 'wrong password');
+      }),
+    ).rejects.toMatchObject({ code: 'E_AUTH' });
+    expect(permanent).toBe(1);
+  });
+
+  it('honours retryAfterMs and gives up after the last retry with the last error', async () => {
+    const clock = new FakeClock();
+    const policy = new RetryPolicy({ retries: 1, initialDelayMs: 10, jitter: 0 }, clock);
+    const delays: number[] = [];
+    const p = policy.run(async () => {
+      throw new MedsyncError('E_RATE_LIMITED', 'slow down', { retryAfterMs: 30_000 });
+    }, { onRetry: (e) => delays.push(e.delayMs) });
+    const settled = p.catch((e: unknown) => e);
+    await clock.advance(30_000);
+    expect(await settled).toMatchObject({ code: 'E_RATE_LIMITED' });
+    expect(delays).toEqual([30_000]);
+  });
+});
+
+describe('rates and the token bucket', () => {
+  it('parses rates', () => {
+    expect(parseRate('10M')).toBe(10 * 1024 * 1024);
+    expect(parseRate('512K')).toBe(512 * 1024);
+    expect(parseRate('1.5G')).toBe(Math.floor(1.5 * 1024 ** 3));
+    expect(parseRate('off')).toBeUndefined();
+    expect(() => parseRate('fast')).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+  });
+
+  it('holds transfers to the rate', async () => {
+    const clock = new FakeClock();
+    const bucket = new TokenBucket(100 * 1024, clock); // 100 KiB/s, burst 64 KiB
+    await bucket.take(64 * 1024);
+    let done = false;
+    const p = bucket.take(64 * 1024).then(() => (done = true));
+    await clock.advance(500);
+    expect(done).toBe(false);
+    await clock.advance(200);
+    await p;
+    expect(done).toBe(true);
+  });
+});
+
+describe('config schema', () => {
+  it('applies defaults and reports every problem by path', () => {
+    const c = parseConfig({ jobs: [{ id: 'pacs', source: '/data/pacs', destinations: ['/mnt/backup'] }] });
+    expect(c.jobs[0]).toMatchObject({ mode: 'copy', schedule: { intervalMinutes: 120 }, enabled: true, concurrency: 4, retries: 3 });
+    expect(c.state).toBe('medsync.db');
+    try {
+      parseConfig({ jobs: [{ id: 'bad id!', source: '', destinations: [], schedule: { intervalMinutes: 0 }, extra: 1 }] });
+      expect.unreachable();
+    } catch (e) {
+      expect(e).toMatchObject({ code: 'E_CONFIG' });
+      const m = (e as Error).message;
+      expect(m).toMatch(/jobs\[0\]\.id/);
+      expect(m).toMatch(/destinations/);
+    }
+    expect(() => parseConfig({ jobs: [{ id: 'a', source: 's', destinations: [{ url: 'ftp://h/x', password: 'plaintext' }] }] })).toThrow(
+      expect.objectContaining({ message: expect.stringMatching(/encrypted/) }),
+    );
+  });
+});

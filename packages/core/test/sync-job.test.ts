@@ -1,0 +1,406 @@
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync, renameSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, relative } from 'node:path';
+import { Readable } from 'node:stream';
+import { afterEach, describe, expect, it } from 'vitest';
+import { LocalStorage, MedsyncError, MemoryStorage, MemoryStore, SyncJob, type Storage, type SyncJobOptions } from '@medsync/core';
+
+const dirs: string[] = [];
+function tmp(): string {
+  const d = mkdtempSync(join(tmpdir(), 'medsync-sync-'));
+  dirs.push(d);
+  return d;
+}
+afterEach(() => {
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+function writeTree(root: string, files: Record<string, Buffer | string>): void {
+  for (const [p, data] of Object.entries(files)) {
+    const abs = join(root, p);
+    mkdirSync(dirname(abs), { recursive: true });
+    writeFileSync(abs, data);
+  }
+}
+
+function readTree(root: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const walk = (d: string) => {
+    for (const e of readdirSync(d, { withFileTypes: true })) {
+      const abs = join(d, e.name);
+      if (e.isDirectory()) walk(abs);
+      else out[relative(root, abs).split('\\').join('/')] = readFileSync(abs).toString('base64');
+    }
+  };
+  walk(root);
+  return out;
+}
+
+const fast = { retries: 3, initialDelayMs: 1, jitter: 0 };
+
+function sample(): Record<string, Buffer | string> {
+  return {
+    'PAT1/STUDY 1/SERIES 1/IM1.dcm': randomBytes(3000),
+    'PAT1/STUDY 1/SERIES 1/IM2.dcm': randomBytes(5000),
+    'Müller Hans/CT Thorax/画像 1.dcm': randomBytes(700),
+    'empty.dcm': '',
+    'top level.txt': 'hello',
+  };
+}
+
+function job(o: Partial<SyncJobOptions> & Pick<SyncJobOptions, 'source' | 'destinations'>, store = new MemoryStore()): SyncJob {
+  return new SyncJob({ id: 'job-1', store, retry: fast, scheduledRetry: fast, eventPaths: true, ...o });
+}
+
+describe('SyncJob copy', () => {
+  it('copies a tree byte-identically, then sends nothing on the second run', async () => {
+    const src = tmp();
+    const dst = tmp();
+    writeTree(src, sample());
+    const store = new MemoryStore();
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] }, store);
+    const done: string[] = [];
+    j.on('file:done', (e) => done.push(e.path));
+    const r1 = await j.run();
+    expect(r1.status).toBe('success');
+    expect(r1.filesSynced).toBe(5);
+    expect(r1.bytes).toBe(3000 + 5000 + 700 + 5);
+    expect(readTree(dst)).toEqual(readTree(src));
+    expect(done.sort()).toEqual(Object.keys(sample()).sort());
+    // mtimes are kept
+    expect(Math.floor(statSync(join(dst, 'top level.txt')).mtimeMs)).toBe(Math.floor(statSync(join(src, 'top level.txt')).mtimeMs));
+    const r2 = await j.run();
+    expect(r2).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 5, bytes: 0 });
+    const stats = await store.runs.stats('job-1');
+    expect(stats).toMatchObject({ totalRuns: 2, success: 2, filesSynced: 5 });
+  });
+
+  it('records each file in the manifest with both hashes', async () => {
+    const src = new MemoryStorage();
+    const dst = new MemoryStorage();
+    await src.write('a/b.dcm', Readable.from([Buffer.from('abc')]), { mtimeMs: 1000 });
+    const store = new MemoryStore();
+    await job({ source: src, destinations: [dst] }, store).run();
+    const m = await store.manifest.get({ jobId: 'job-1', destination: dst.id }, 'a/b.dcm');
+    expect(m).toMatchObject({
+      size: 3,
+      mtimeMs: 1000,
+      md5: '900150983cd24fb0d6963f7d28e17f72',
+      sha256: 'ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad',
+      verifiedBy: 'sha256',
+    });
+  });
+
+  it('resends a changed file, and only hashes (not resends) a file whose mtime alone changed', async () => {
+    const src = tmp();
+    const dst = new MemoryStorage();
+    writeTree(src, { 'a.dcm': 'AAAA', 'b.dcm': 'BBBB' });
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst] });
+    await j.run();
+    writeFileSync(join(src, 'a.dcm'), 'XXXX'); // same size, new content
+    const later = new Date(Date.now() + 60_000);
+    utimesSync(join(src, 'b.dcm'), later, later); // touched only
+    const writes = dst.calls.write;
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 1, filesSkipped: 1 });
+    expect(dst.calls.write - writes).toBe(1);
+    expect(dst.peek('a.dcm')?.toString()).toBe('XXXX');
+    const r3 = await j.run();
+    expect(r3.filesSynced).toBe(0);
+  });
+
+  it('retries transient failures and a write cut halfway, ending byte-identical', async () => {
+    const src = tmp();
+    writeTree(src, { 'x/1.dcm': randomBytes(200_000), 'x/2.dcm': randomBytes(10) });
+    const dst = new MemoryStorage();
+    dst.faults.failNext('write', 2).cutWrites(100_000, 1);
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst], concurrency: 1 });
+    const retries: number[] = [];
+    j.on('file:retry', (e) => retries.push(e.attempt));
+    const r = await j.run();
+    expect(r.status).toBe('success');
+    expect(retries.length).toBe(3);
+    expect(dst.peek('x/1.dcm')?.equals(readFileSync(join(src, 'x/1.dcm')))).toBe(true);
+    expect(dst.size).toBe(2);
+  });
+
+  it('does not retry a permanent error; the run is partial and names the file', async () => {
+    const src = new MemoryStorage();
+    for (const p of ['a.dcm', 'b.dcm', 'c.dcm']) await src.write(p, Readable.from([Buffer.from(p)]));
+    const dst = new MemoryStorage();
+    dst.faults.failNext('write', 1, new MedsyncError('E_PERMISSION', 'Permission denied.'));
+    const j = job({ source: src, destinations: [dst], concurrency: 1 });
+    const failed: string[] = [];
+    j.on('file:failed', (e) => failed.push(e.error.code));
+    const r = await j.run();
+    expect(r.status).toBe('partial');
+    expect(r.filesSynced).toBe(2);
+    expect(r.filesFailed).toBe(1);
+    expect(dst.calls.write).toBe(3);
+    expect(r.errors).toHaveLength(1);
+    expect(r.errors[0]).toMatchObject({ code: 'E_PERMISSION', destination: dst.id });
+    expect(['a.dcm', 'b.dcm', 'c.dcm']).toContain(r.errors[0]!.path);
+    expect(failed).toEqual(['E_PERMISSION']);
+    // retry only the failed file
+    const again = await j.retryFailed();
+    expect(again).toMatchObject({ status: 'success', filesSynced: 1, trigger: 'retry' });
+    expect(dst.size).toBe(3);
+  });
+
+  it('is failed when every file fails, and retries run out', async () => {
+    const src = new MemoryStorage();
+    await src.write('a.dcm', Readable.from([Buffer.from('a')]));
+    const dst = new MemoryStorage();
+    dst.faults.failNext('write', 10);
+    const r = await job({ source: src, destinations: [dst] }).run();
+    expect(r.status).toBe('failed');
+    expect(dst.calls.write).toBe(4);
+    expect(r.errors[0]).toMatchObject({ path: 'a.dcm', code: 'E_TRANSIENT' });
+  });
+
+  it('fails clearly when the source folder is missing', async () => {
+    const r = await job({ source: new LocalStorage({ root: join(tmp(), 'not-mounted') }), destinations: [new MemoryStorage()] }).run();
+    expect(r.status).toBe('failed');
+    expect(r.errors[0]?.code).toBe('E_NOT_FOUND');
+    expect(r.errors[0]?.message).toMatch(/mounted/);
+  });
+
+  it('syncs to several destinations, each with its own manifest', async () => {
+    const src = tmp();
+    writeTree(src, sample());
+    const a = tmp();
+    const b = new MemoryStorage();
+    b.faults.failNext('write', 1, new MedsyncError('E_QUOTA', 'Disk full.'));
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: a }), b], concurrency: 1 });
+    const r1 = await j.run();
+    expect(r1.status).toBe('partial');
+    expect(r1.filesSynced).toBe(9);
+    expect(readTree(a)).toEqual(readTree(src));
+    const r2 = await j.run();
+    expect(r2).toMatchObject({ status: 'success', filesSynced: 1, filesSkipped: 9 });
+    expect(b.size).toBe(5);
+  });
+
+  it('include and exclude globs pick the files', async () => {
+    const src = tmp();
+    writeTree(src, { 'a/1.dcm': 'x', 'a/2.txt': 'y', 'b/3.dcm': 'z', 'b/tmp/4.dcm': 'w' });
+    const dst = new MemoryStorage();
+    const r = await job({ source: new LocalStorage({ root: src }), destinations: [dst], include: ['**/*.dcm'], exclude: ['**/tmp/**'] }).run();
+    expect(r.filesSynced).toBe(2);
+    expect(dst.peek('a/1.dcm')).toBeDefined();
+    expect(dst.peek('b/3.dcm')).toBeDefined();
+  });
+
+  it('dry run plans and writes nothing', async () => {
+    const src = tmp();
+    writeTree(src, sample());
+    const dst = new MemoryStorage();
+    const store = new MemoryStore();
+    const r = await job({ source: new LocalStorage({ root: src }), destinations: [dst] }, store).plan();
+    expect(r.dryRun).toBe(true);
+    expect(r.plan.uploads).toBe(5);
+    expect(r.plan.ops?.map((o) => o.path).sort()).toEqual(Object.keys(sample()).sort());
+    expect(dst.size).toBe(0);
+    expect((await store.manifest.summary({ jobId: 'job-1', destination: dst.id })).files).toBe(0);
+    expect((await store.runs.stats('job-1')).totalRuns).toBe(0);
+  });
+
+  it('reports honest progress: files, bytes, ETA', async () => {
+    const src = tmp();
+    writeTree(src, { 'a.bin': randomBytes(300_000), 'b.bin': randomBytes(100_000) });
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [new MemoryStorage()] });
+    const seen: Array<{ filesDone: number; bytesDone: number; bytesTotal: number }> = [];
+    j.on('progress', (p) => seen.push(p));
+    await j.run();
+    const last = seen[seen.length - 1]!;
+    expect(last).toMatchObject({ filesDone: 2, filesTotal: 2, bytesDone: 400_000, bytesTotal: 400_000, etaMs: 0 });
+  });
+
+  it('hides paths in events unless eventPaths is set', async () => {
+    const src = new MemoryStorage();
+    await src.write('Doe John/1.dcm', Readable.from([Buffer.from('x')]));
+    const j = new SyncJob({ id: 'j', source: src, destinations: [new MemoryStorage()], store: new MemoryStore() });
+    const paths: string[] = [];
+    j.on('file:done', (e) => paths.push(e.path));
+    await j.run();
+    expect(paths).toHaveLength(1);
+    expect(paths[0]).toMatch(/^ref:[0-9a-f]{12}$/);
+  });
+
+  it('cancels on abort: nothing half written, and the next run finishes the copy', async () => {
+    const src = tmp();
+    const files: Record<string, Buffer> = {};
+    for (let i = 0; i < 30; i++) files[`s/${i}.bin`] = randomBytes(100_000);
+    writeTree(src, files);
+    const dst = tmp();
+    const store = new MemoryStore();
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })], bwlimit: '2M', concurrency: 2 }, store);
+    const ac = new AbortController();
+    let n = 0;
+    j.on('file:done', () => {
+      if (++n === 5) ac.abort();
+    });
+    const r = await j.run({ signal: ac.signal });
+    expect(r.status).toBe('cancelled');
+    const partial = Object.keys(readTree(dst));
+    expect(partial.length).toBeGreaterThanOrEqual(5);
+    expect(partial.length).toBeLessThan(30);
+    expect(partial.every((p) => !p.includes('.medsync-part'))).toBe(true);
+    for (const p of partial) expect(readFileSync(join(dst, p)).equals(files[p]!)).toBe(true);
+    const r2 = await j.run();
+    expect(r2.status).toBe('success');
+    expect(r2.filesSynced).toBe(30 - r.filesSynced);
+    expect(readTree(dst)).toEqual(readTree(src));
+  });
+
+  it('graceful stop finishes the files in flight and starts no new ones', async () => {
+    const src = new MemoryStorage();
+    for (let i = 0; i < 20; i++) await src.write(`${i}.dcm`, Readable.from([Buffer.from(String(i))]));
+    const dst = new MemoryStorage();
+    dst.faults.latency('write', 20);
+    const stop = new AbortController();
+    const j = job({ source: src, destinations: [dst], concurrency: 2 });
+    let started = 0;
+    j.on('file:done', () => {
+      if (++started === 2) stop.abort();
+    });
+    const r = await j.run({ stopSignal: stop.signal });
+    expect(r.status).toBe('cancelled');
+    expect(r.filesFailed).toBe(0);
+    expect(r.filesSynced).toBeGreaterThanOrEqual(2);
+    expect(r.filesSynced).toBeLessThanOrEqual(4);
+    expect(dst.size).toBe(r.filesSynced);
+  });
+
+  it('only one run of a job at a time (lease in the store)', async () => {
+    const src = new MemoryStorage();
+    await src.write('a.dcm', Readable.from([Buffer.from('a')]));
+    const dst = new MemoryStorage();
+    dst.faults.latency('write', 50);
+    const store = new MemoryStore();
+    const a = job({ source: src, destinations: [dst], owner: 'A' }, store);
+    const b = job({ source: src, destinations: [dst], owner: 'B' }, store);
+    const first = a.run();
+    await new Promise((r) => setTimeout(r, 10));
+    await expect(b.run()).rejects.toMatchObject({ code: 'E_LOCKED' });
+    expect((await first).status).toBe('success');
+    expect((await b.run()).status).toBe('success');
+  });
+
+  it('after the Store is lost, rebuilds the manifest from the destination instead of resending', async () => {
+    const src = tmp();
+    writeTree(src, sample());
+    const dst = tmp();
+    const mk = (store: MemoryStore) => job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] }, store);
+    await mk(new MemoryStore()).run();
+    writeFileSync(join(src, 'new.dcm'), 'new file');
+    const fresh = new MemoryStore();
+    const r = await mk(fresh).run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 1, filesSkipped: 5 });
+    const m = await fresh.manifest.get({ jobId: 'job-1', destination: new LocalStorage({ root: dst }).id }, 'empty.dcm');
+    expect(m?.verifiedBy).toBe('listing');
+    // explicit rebuild
+    const again = new MemoryStore();
+    expect(await mk(again).rebuildManifest()).toBe(6);
+  });
+
+  it('marks a run left running by a crash as interrupted and removes its partial files', async () => {
+    const src = tmp();
+    writeTree(src, { 'a.dcm': 'a' });
+    const dst = tmp();
+    writeTree(dst, { [`sub/.x.dcm.deadbeef.medsync-part`]: 'half' });
+    const old = new Date(Date.now() - 3600_000);
+    utimesSync(join(dst, 'sub/.x.dcm.deadbeef.medsync-part'), old, old);
+    const store = new MemoryStore();
+    await store.runs.insert({
+      id: 'crashed', jobId: 'job-1', trigger: 'manual', status: 'running', owner: 'gone', startedAt: 1, filesSynced: 0, filesSkipped: 0,
+      filesFailed: 0, filesDeleted: 0, filesMoved: 0, bytes: 0, errors: [], errorCount: 0, dryRun: false,
+    });
+    const r = await job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] }, store).run();
+    expect(r.status).toBe('success');
+    expect((await store.runs.get('crashed'))?.status).toBe('interrupted');
+    expect(Object.keys(readTree(dst))).toEqual(['a.dcm']);
+  });
+});
+
+describe('SyncJob mirror', () => {
+  async function mirrored(files: Record<string, Buffer | string>, extra: Partial<SyncJobOptions> = {}) {
+    const src = tmp();
+    const dst = tmp();
+    writeTree(src, files);
+    const store = new MemoryStore();
+    const dest: Storage = new LocalStorage({ root: dst });
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dest], mode: 'mirror', ...extra }, store);
+    expect((await j.run()).status).toBe('success');
+    return { src, dst, j, store, dest };
+  }
+
+  const ten = () => Object.fromEntries(Array.from({ length: 10 }, (_, i) => [`d/${i}.dcm`, randomBytes(100 + i)]));
+
+  it('deletes what the source lost, and only what the job delivered', async () => {
+    const { src, dst, j } = await mirrored(ten());
+    writeTree(dst, { 'not-ours.txt': 'placed by someone else' });
+    rmSync(join(src, 'd/3.dcm'));
+    rmSync(join(src, 'd/4.dcm'));
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesDeleted: 2 });
+    const left = readTree(dst);
+    expect(left['not-ours.txt']).toBeDefined();
+    delete left['not-ours.txt'];
+    expect(left).toEqual(readTree(src));
+  });
+
+  it('refuses to delete more than half of what it delivered by default, and more than maxDelete', async () => {
+    const { src, dst, j } = await mirrored(ten());
+    for (let i = 0; i < 6; i++) rmSync(join(src, `d/${i}.dcm`));
+    const r = await j.run();
+    expect(r.status).toBe('failed');
+    expect(r.filesDeleted).toBe(0);
+    expect(r.plan.deletesRefused).toBe(6);
+    expect(r.errors[0]).toMatchObject({ code: 'E_SAFETY' });
+    expect(Object.keys(readTree(dst))).toHaveLength(10);
+    const small = await mirrored(ten(), { maxDelete: 1 });
+    rmSync(join(small.src, 'd/0.dcm'));
+    rmSync(join(small.src, 'd/1.dcm'));
+    writeFileSync(join(small.src, 'd/new.dcm'), 'new');
+    const r2 = await small.j.run();
+    expect(r2.status).toBe('partial');
+    expect(r2.filesSynced).toBe(1);
+    expect(r2.filesDeleted).toBe(0);
+  });
+
+  it('refuses to run when the source is empty (an unmounted share)', async () => {
+    const { src, dst, j } = await mirrored(ten());
+    rmSync(src, { recursive: true });
+    mkdirSync(src);
+    const r = await j.run();
+    expect(r.status).toBe('failed');
+    expect(r.errors[0]?.code).toBe('E_SAFETY');
+    expect(Object.keys(readTree(dst))).toHaveLength(10);
+    rmSync(src, { recursive: true });
+    const r2 = await j.run();
+    expect(r2.status).toBe('failed');
+    expect(r2.errors[0]?.code).toBe('E_NOT_FOUND');
+    expect(Object.keys(readTree(dst))).toHaveLength(10);
+  });
+
+  it('detects a move by content hash and renames at the destination instead of re-uploading', async () => {
+    const files = ten();
+    const src = tmp();
+    writeTree(src, files);
+    const dst = new MemoryStorage();
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst], mode: 'mirror' });
+    await j.run();
+    mkdirSync(join(src, 'moved'));
+    renameSync(join(src, 'd/7.dcm'), join(src, 'moved/seven.dcm'));
+    const writes = dst.calls.write;
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesMoved: 1, filesSynced: 0, filesDeleted: 0 });
+    expect(dst.calls.write).toBe(writes);
+    expect(dst.calls.rename).toBe(1);
+    expect(dst.peek('moved/seven.dcm')?.equals(files['d/7.dcm'] as Buffer)).toBe(true);
+    expect(dst.peek('d/7.dcm')).toBeUndefined();
+    expect((await j.run()).filesSynced).toBe(0);
+  });
+});
