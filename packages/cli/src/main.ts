@@ -300,6 +300,9 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
     scheduler.on('task:skipped', (e) => log('job skipped', { job: e.id, reason: e.reason }));
     scheduler.start();
     for (const s of scheduler.state()) log('job scheduled', { job: s.id, enabled: s.enabled, nextRunAt: s.nextRunAt ? new Date(s.nextRunAt).toISOString() : null });
+    // Scheduler timers are unref'd (an embedding host decides its own lifetime); the daemon
+    // keeps itself alive until a signal arrives.
+    const keepAlive = setInterval(() => undefined, 1 << 30);
     await new Promise<void>((resolveStop) => {
       let stopping = false;
       const stop = (sig: string) => {
@@ -315,6 +318,7 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
       process.on('SIGTERM', () => stop('SIGTERM'));
       process.on('SIGINT', () => stop('SIGINT'));
     });
+    clearInterval(keepAlive);
     log('stopped cleanly');
     return EXIT.success;
   } finally {

@@ -15,7 +15,7 @@ describe('Scheduler', () => {
     const store = new MemoryStore();
     const s = new Scheduler({ store, clock });
     const c = counter();
-    await s.add({ id: 'job', schedule: { intervalMinutes: 120 }, run: c.run });
+    await s.add({ id: 'job', schedule: { intervalMinutes: 120 }, run: c.run, catchUp: false });
     s.start();
     const t0 = clock.now();
     expect(s.state('job').nextRunAt).toBe(t0 + 120 * MIN);
@@ -30,12 +30,25 @@ describe('Scheduler', () => {
     await s.stop();
   });
 
+  it('an interval job that never ran starts at once, then every N minutes', async () => {
+    const clock = new FakeClock();
+    const s = new Scheduler({ store: new MemoryStore(), clock });
+    const c = counter();
+    await s.add({ id: 'job', schedule: { intervalMinutes: 120 }, run: c.run });
+    s.start();
+    await clock.advance(0);
+    expect(c.runs).toHaveLength(1);
+    await clock.advance(120 * MIN);
+    expect(c.runs).toHaveLength(2);
+    await s.stop();
+  });
+
   it('enable/disable at runtime is stored and stops runs', async () => {
     const clock = new FakeClock();
     const store = new MemoryStore();
     const s = new Scheduler({ store, clock });
     const c = counter();
-    await s.add({ id: 'job', schedule: { intervalMinutes: 1 }, run: c.run });
+    await s.add({ id: 'job', schedule: { intervalMinutes: 1 }, run: c.run, catchUp: false });
     s.start();
     await clock.advance(MIN);
     expect(c.runs).toHaveLength(1);
@@ -66,7 +79,7 @@ describe('Scheduler', () => {
     const store = new MemoryStore();
     const c = counter();
     const s1 = new Scheduler({ store, clock });
-    await s1.add({ id: 'job', schedule: { intervalMinutes: 60 }, run: c.run });
+    await s1.add({ id: 'job', schedule: { intervalMinutes: 60 }, run: c.run, catchUp: false });
     s1.start();
     await clock.advance(60 * MIN);
     expect(c.runs).toHaveLength(1);
@@ -103,8 +116,8 @@ describe('Scheduler', () => {
     const skipped: string[] = [];
     b.on('task:skipped', (e) => skipped.push(e.reason));
     a.on('task:skipped', (e) => skipped.push(e.reason));
-    await a.add({ id: 'job', schedule: { intervalMinutes: 10 }, run });
-    await b.add({ id: 'job', schedule: { intervalMinutes: 10 }, run });
+    await a.add({ id: 'job', schedule: { intervalMinutes: 10 }, run, catchUp: false });
+    await b.add({ id: 'job', schedule: { intervalMinutes: 10 }, run, catchUp: false });
     a.start();
     b.start();
     await clock.advance(10 * MIN);
@@ -124,6 +137,7 @@ describe('Scheduler', () => {
     await s.add({
       id: 'job',
       schedule: { intervalMinutes: 1 },
+      catchUp: false,
       run: async (ctx) => {
         await new Promise<void>((r) => ctx.stopSignal.addEventListener('abort', () => r(), { once: true }));
         sawStop = true;

@@ -1,11 +1,10 @@
-import { randomUUID } from 'node:crypto';
-import { hostname } from 'node:os';
 import { Cron } from 'croner';
 import { EventEmitter } from 'eventemitter3';
 import { MedsyncError, toMedsyncError } from '../errors/errors.js';
 import type { RunTrigger, Store } from '../store/types.js';
 import type { Clock } from '../util/clock.js';
 import { systemClock } from '../util/clock.js';
+import { acquireLease, makeOwner } from '../util/lease.js';
 import { noopLogger, type Logger } from '../util/logger.js';
 
 /** Every N minutes (1 to 1440), or a cron pattern in a time zone. */
@@ -25,7 +24,10 @@ export interface ScheduledTask {
   schedule: Schedule;
   /** Default true. */
   enabled?: boolean;
-  /** After downtime, run once at start when a run was missed. Default true. */
+  /**
+   * After downtime, run once at start when a run was missed; an interval task that never ran
+   * starts at once. Default true.
+   */
   catchUp?: boolean;
   run(ctx: ScheduledRunContext): Promise<unknown>;
 }
@@ -121,7 +123,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     super();
     this.clock = o.clock ?? systemClock;
     this.log = o.logger ?? noopLogger;
-    this.owner = o.owner ?? `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`;
+    this.owner = o.owner ?? makeOwner();
   }
 
   /** Adds a task; with the scheduler started, it is planned at once. */
@@ -160,7 +162,10 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     const now = this.clock.now();
     let next: number;
     let trigger: RunTrigger = 'schedule';
-    if (atStart && (e.task.catchUp ?? true) && e.lastRunAt !== undefined) {
+    if (atStart && (e.task.catchUp ?? true) && e.lastRunAt === undefined && 'intervalMinutes' in e.schedule) {
+      // Never ran: an interval job starts at once rather than an interval after start-up.
+      next = now;
+    } else if (atStart && (e.task.catchUp ?? true) && e.lastRunAt !== undefined) {
       const due = nextRunTime(e.schedule, e.lastRunAt, e.lastRunAt);
       if (due <= now) {
         next = now;
@@ -189,7 +194,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   private async execute(e: Entry, trigger: RunTrigger): Promise<unknown> {
     const lock = `schedule:${e.task.id}`;
     const ttl = this.o.leaseTtlMs ?? 60_000;
-    if (!(await this.o.store.locks.acquire(lock, this.owner, ttl, this.clock.now()))) {
+    if (!(await acquireLease(this.o.store.locks, lock, this.owner, ttl, this.clock.now()))) {
       this.emit('task:skipped', { id: e.task.id, reason: 'locked' });
       return undefined;
     }

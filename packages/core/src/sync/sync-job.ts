@@ -1,5 +1,4 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { hostname } from 'node:os';
 import { EventEmitter } from 'eventemitter3';
 import pLimit from 'p-limit';
 import picomatch from 'picomatch';
@@ -9,6 +8,7 @@ import type { ManifestEntry, ManifestScope, RunError, RunRecord, RunTrigger, Sto
 import type { Clock } from '../util/clock.js';
 import { systemClock } from '../util/clock.js';
 import { noopLogger, type Logger } from '../util/logger.js';
+import { acquireLease, makeOwner } from '../util/lease.js';
 import { RetryPolicy, type RetryPolicyOptions } from '../util/retry.js';
 import { hashStream, HashingStream, parseRate, TokenBucket } from '../util/streams.js';
 import type { PlanOp, SyncJobEvents, SyncPlan, SyncProgress, SyncResult } from './types.js';
@@ -108,7 +108,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     this.id = opts.id;
     this.clock = opts.clock ?? systemClock;
     this.log = opts.logger ?? noopLogger;
-    this.owner = opts.owner ?? `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`;
+    this.owner = opts.owner ?? makeOwner();
     const inc = opts.include?.length ? picomatch([...opts.include], { dot: true }) : () => true;
     const exc = opts.exclude?.length ? picomatch([...opts.exclude], { dot: true }) : () => false;
     this.isIncluded = (p) => inc(p) && !exc(p);
@@ -152,7 +152,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const dryRun = opts.dryRun ?? false;
     const lockName = `sync:${this.id}`;
     const ttl = this.o.lockTtlMs ?? 60_000;
-    if (!(await store.locks.acquire(lockName, this.owner, ttl, this.clock.now()))) {
+    if (!(await acquireLease(store.locks, lockName, this.owner, ttl, this.clock.now()))) {
       const holder = await store.locks.get(lockName, this.clock.now());
       throw new MedsyncError(
         'E_LOCKED',
