@@ -1,12 +1,16 @@
-import { defineConfig } from 'tsup';
+import { defineConfig, type Options } from 'tsup';
 
-export default defineConfig({
+const base: Options = {
   entry: { index: 'src/index.ts', 'testing/index': 'src/testing/index.ts' },
-  format: ['esm', 'cjs'],
   dts: true,
-  clean: true,
   sourcemap: true,
   target: 'node20',
   silent: true,
-  external: ['vitest'],
-});
+};
+
+export default defineConfig([
+  { ...base, format: ['esm'] },
+  // p-limit and p-retry ship ESM only; Node 20's require(esm) hands CommonJS a namespace object
+  // that bundlers' default-import interop gets wrong, so the CommonJS build carries its own copy.
+  { ...base, format: ['cjs'], noExternal: ['p-limit', 'p-retry', 'yocto-queue', 'is-network-error'] },
+]);

@@ -110,7 +110,11 @@ export const migrations: Record<string, Migration> = {
         .addColumn('error_count', 'bigint', (c) => c.notNull())
         .addColumn('dry_run', 'integer', (c) => c.notNull())
         .execute();
-      await db.schema.createIndex('medsync_runs_job').on('medsync_runs').columns(['job_id', 'started_at']).execute();
+      await db.schema
+        .createIndex('medsync_runs_job')
+        .on('medsync_runs')
+        .columns(['job_id', 'started_at'])
+        .execute();
       await db.schema.createIndex('medsync_runs_status').on('medsync_runs').columns(['status']).execute();
       await db.schema
         .createTable('medsync_locks')
@@ -136,7 +140,13 @@ export const migrations: Record<string, Migration> = {
       await db.schema.createIndex('medsync_audit_at').on('medsync_audit').columns(['at']).execute();
     },
     async down(db: Kysely<any>) {
-      for (const t of ['medsync_audit', 'medsync_settings', 'medsync_locks', 'medsync_runs', 'medsync_manifest']) {
+      for (const t of [
+        'medsync_audit',
+        'medsync_settings',
+        'medsync_locks',
+        'medsync_runs',
+        'medsync_manifest',
+      ]) {
         await db.schema.dropTable(t).ifExists().execute();
       }
     },

@@ -137,7 +137,10 @@ export class SqlStore implements Store {
       }
     };
     const where = (s: { jobId: string; destination: string }) =>
-      db.selectFrom('medsync_manifest').where('job_id', '=', s.jobId).where('destination', '=', s.destination);
+      db
+        .selectFrom('medsync_manifest')
+        .where('job_id', '=', s.jobId)
+        .where('destination', '=', s.destination);
 
     this.manifest = {
       get: (scope, path) =>
@@ -151,7 +154,8 @@ export class SqlStore implements Store {
         for (;;) {
           const page = await wrap('Listing the manifest', () => {
             let q = where(scope).selectAll();
-            if (opts.prefix) q = q.where('path', '>=', opts.prefix).where('path', '<', opts.prefix + '\uffff');
+            if (opts.prefix)
+              q = q.where('path', '>=', opts.prefix).where('path', '<', opts.prefix + '\uffff');
             if (after !== undefined) q = q.where('path', '>', after);
             return q.orderBy('path').limit(size).execute();
           });
@@ -199,7 +203,11 @@ export class SqlStore implements Store {
           }
         }),
       findBySha256: (scope, sha256) =>
-        wrap('Reading the manifest', async () => (await where(scope).selectAll().where('sha256', '=', sha256).orderBy('path').execute()).map(toEntry)),
+        wrap('Reading the manifest', async () =>
+          (await where(scope).selectAll().where('sha256', '=', sha256).orderBy('path').execute()).map(
+            toEntry,
+          ),
+        ),
       summary: (scope) =>
         wrap('Reading the manifest', async () => {
           const r = await where(scope)
@@ -209,22 +217,35 @@ export class SqlStore implements Store {
         }),
       clear: (scope) =>
         wrap('Clearing the manifest', async () => {
-          await db.deleteFrom('medsync_manifest').where('job_id', '=', scope.jobId).where('destination', '=', scope.destination).execute();
+          await db
+            .deleteFrom('medsync_manifest')
+            .where('job_id', '=', scope.jobId)
+            .where('destination', '=', scope.destination)
+            .execute();
         }),
     };
 
     this.runs = {
       insert: (run) =>
         wrap('Recording a run', async () => {
-          const exists = await db.selectFrom('medsync_runs').select('id').where('id', '=', run.id).executeTakeFirst();
+          const exists = await db
+            .selectFrom('medsync_runs')
+            .select('id')
+            .where('id', '=', run.id)
+            .executeTakeFirst();
           if (exists) throw new MedsyncError('E_EXISTS', 'A run with this id exists.', { adapter: kind });
           await db.insertInto('medsync_runs').values(fromRun(run)).execute();
         }),
       update: (run) =>
         wrap('Recording a run', async () => {
           const { id: _id, ...rest } = fromRun(run);
-          const r = await db.updateTable('medsync_runs').set(rest).where('id', '=', run.id).executeTakeFirst();
-          if (num(r.numUpdatedRows) === 0) throw new MedsyncError('E_NOT_FOUND', 'No run with this id.', { adapter: kind });
+          const r = await db
+            .updateTable('medsync_runs')
+            .set(rest)
+            .where('id', '=', run.id)
+            .executeTakeFirst();
+          if (num(r.numUpdatedRows) === 0)
+            throw new MedsyncError('E_NOT_FOUND', 'No run with this id.', { adapter: kind });
         }),
       get: (id) =>
         wrap('Reading runs', async () => {
@@ -271,13 +292,16 @@ export class SqlStore implements Store {
               dryRun: false,
             } as RunRecord);
             s.totalRuns += n - 1;
-            if (status in s && status !== 'running') (s as unknown as Record<string, number>)[status]! += n - 1;
+            if (status in s && status !== 'running')
+              (s as unknown as Record<string, number>)[status]! += n - 1;
           }
           return s;
         }),
       jobIds: () =>
         wrap('Reading runs', async () =>
-          (await db.selectFrom('medsync_runs').select('job_id').distinct().orderBy('job_id').execute()).map((r) => r.job_id),
+          (await db.selectFrom('medsync_runs').select('job_id').distinct().orderBy('job_id').execute()).map(
+            (r) => r.job_id,
+          ),
         ),
     };
 
@@ -291,7 +315,9 @@ export class SqlStore implements Store {
               oc
                 .column('name')
                 .doUpdateSet({ owner, expires_at: now + ttlMs })
-                .where((eb) => eb.or([eb('medsync_locks.owner', '=', owner), eb('medsync_locks.expires_at', '<=', now)])),
+                .where((eb) =>
+                  eb.or([eb('medsync_locks.owner', '=', owner), eb('medsync_locks.expires_at', '<=', now)]),
+                ),
             )
             .executeTakeFirst();
           return num(r.numInsertedOrUpdatedRows) > 0;
@@ -312,7 +338,12 @@ export class SqlStore implements Store {
         }),
       get: (name, now = Date.now()) =>
         wrap('Reading a lease', async () => {
-          const r = await db.selectFrom('medsync_locks').selectAll().where('name', '=', name).where('expires_at', '>', now).executeTakeFirst();
+          const r = await db
+            .selectFrom('medsync_locks')
+            .selectAll()
+            .where('name', '=', name)
+            .where('expires_at', '>', now)
+            .executeTakeFirst();
           return r ? { name: r.name, owner: r.owner, expiresAt: num(r.expires_at) } : undefined;
         }),
     };
@@ -320,12 +351,17 @@ export class SqlStore implements Store {
     this.settings = {
       get: <T>(key: string) =>
         wrap('Reading a setting', async () => {
-          const r = await db.selectFrom('medsync_settings').select('value').where('key', '=', key).executeTakeFirst();
+          const r = await db
+            .selectFrom('medsync_settings')
+            .select('value')
+            .where('key', '=', key)
+            .executeTakeFirst();
           return r ? (JSON.parse(r.value) as T) : undefined;
         }),
       set: (key, value) =>
         wrap('Writing a setting', async () => {
-          if (value === undefined) throw new MedsyncError('E_CONFIG', 'A setting value may not be undefined.');
+          if (value === undefined)
+            throw new MedsyncError('E_CONFIG', 'A setting value may not be undefined.');
           const v = JSON.stringify(value);
           const at = Date.now();
           await db
@@ -342,7 +378,10 @@ export class SqlStore implements Store {
         wrap('Reading settings', async () => {
           let q = db.selectFrom('medsync_settings').select(['key', 'value']);
           if (prefix) q = q.where('key', '>=', prefix).where('key', '<', prefix + '\uffff');
-          return (await q.orderBy('key').execute()).map((r) => ({ key: r.key, value: JSON.parse(r.value) as unknown }));
+          return (await q.orderBy('key').execute()).map((r) => ({
+            key: r.key,
+            value: JSON.parse(r.value) as unknown,
+          }));
         }),
     };
 
@@ -402,14 +441,26 @@ export class SqlStore implements Store {
   protected toError(e: unknown, what: string): MedsyncError {
     const code = (e as { code?: string }).code ?? '';
     if (code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED') {
-      return new MedsyncError('E_TRANSIENT', `${what}: the database is busy; retry.`, { cause: e, adapter: this.kind });
+      return new MedsyncError('E_TRANSIENT', `${what}: the database is busy; retry.`, {
+        cause: e,
+        adapter: this.kind,
+      });
     }
     if (code === 'SQLITE_READONLY' || code === 'SQLITE_CANTOPEN' || code === 'SQLITE_PERM') {
-      return new MedsyncError('E_PERMISSION', `${what}: the database file cannot be written; check its folder and mode.`, { cause: e, adapter: this.kind });
+      return new MedsyncError(
+        'E_PERMISSION',
+        `${what}: the database file cannot be written; check its folder and mode.`,
+        { cause: e, adapter: this.kind },
+      );
     }
-    if (code === 'SQLITE_FULL') return new MedsyncError('E_QUOTA', `${what}: the disk is full.`, { cause: e, adapter: this.kind });
+    if (code === 'SQLITE_FULL')
+      return new MedsyncError('E_QUOTA', `${what}: the disk is full.`, { cause: e, adapter: this.kind });
     if (code === 'SQLITE_CORRUPT' || code === 'SQLITE_NOTADB') {
-      return new MedsyncError('E_INTEGRITY', `${what}: the database file is damaged or not a medsync database.`, { cause: e, adapter: this.kind, retryable: false });
+      return new MedsyncError(
+        'E_INTEGRITY',
+        `${what}: the database file is damaged or not a medsync database.`,
+        { cause: e, adapter: this.kind, retryable: false },
+      );
     }
     return toMedsyncError(e, what, { adapter: this.kind });
   }

@@ -1,7 +1,12 @@
 #!/usr/bin/env node
 import { main } from './main.js';
 
-main(process.argv.slice(2), { stdout: process.stdout, stderr: process.stderr, env: process.env, cwd: process.cwd() }).then(
+main(process.argv.slice(2), {
+  stdout: process.stdout,
+  stderr: process.stderr,
+  env: process.env,
+  cwd: process.cwd(),
+}).then(
   (code) => {
     process.exitCode = code;
   },

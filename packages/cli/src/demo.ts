@@ -40,13 +40,23 @@ export async function runDemo(dir: string, io: CliIO): Promise<number> {
       }
     }
   }
-  say(`medsync demo: generated ${files} DICOM-like files (${formatBytes(bytes)}) in ${relative(io.cwd, srcDir) || srcDir}`);
+  say(
+    `medsync demo: generated ${files} DICOM-like files (${formatBytes(bytes)}) in ${relative(io.cwd, srcDir) || srcDir}`,
+  );
   const store = await openSqliteStore({ path: state });
   const source = new LocalStorage({ root: srcDir });
   const dest = new LocalStorage({ root: dstDir });
   try {
-    const job = new SyncJob({ id: 'demo-pacs-to-host', source, destinations: [dest], store, eventPaths: true });
-    say(`\n1) First sync to ${relative(io.cwd, dstDir) || dstDir} (state in ${relative(io.cwd, state) || state}):`);
+    const job = new SyncJob({
+      id: 'demo-pacs-to-host',
+      source,
+      destinations: [dest],
+      store,
+      eventPaths: true,
+    });
+    say(
+      `\n1) First sync to ${relative(io.cwd, dstDir) || dstDir} (state in ${relative(io.cwd, state) || state}):`,
+    );
     io.stdout.write(syncText(await job.run()));
     say('\n2) Second sync (nothing changed, so nothing is sent):');
     io.stdout.write(syncText(await job.run()));
@@ -55,7 +65,9 @@ export async function runDemo(dir: string, io: CliIO): Promise<number> {
     io.stdout.write(syncText(await job.run()));
     say('\nStatus (medsync status --state ' + (relative(io.cwd, state) || state) + '):');
     io.stdout.write(statusText([await getJobStatus(store, 'demo-pacs-to-host')]));
-    say(`\nTry: npx medsync sync ${relative(io.cwd, srcDir)} /tmp/medsync-copy --state /tmp/medsync-copy.db --json`);
+    say(
+      `\nTry: npx medsync sync ${relative(io.cwd, srcDir)} /tmp/medsync-copy --state /tmp/medsync-copy.db --json`,
+    );
     return 0;
   } finally {
     await store.close();

@@ -34,7 +34,14 @@ function isUrl(s: string): boolean {
  */
 export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): Promise<Storage> {
   const url = typeof spec === 'string' ? spec : spec.url;
-  const o: EndpointOptions = typeof spec === 'string' ? opts : { ...opts, passwordEnv: spec.passwordEnv ?? opts.passwordEnv, password: spec.password ?? opts.password };
+  const o: EndpointOptions =
+    typeof spec === 'string'
+      ? opts
+      : {
+          ...opts,
+          passwordEnv: spec.passwordEnv ?? opts.passwordEnv,
+          password: spec.password ?? opts.password,
+        };
   if (!isUrl(url)) return new LocalStorage({ root: resolve(opts.baseDir ?? process.cwd(), url) });
   let u: URL;
   try {
@@ -53,9 +60,15 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
   if (pkg) {
     // Resolve the secret now so a missing variable or key is reported before any work starts.
     await resolvePassword(o);
-    throw new MedsyncError('E_UNSUPPORTED', `${u.protocol.slice(0, -1)}:// destinations come with ${pkg}, which is not available in this release yet.`);
+    throw new MedsyncError(
+      'E_UNSUPPORTED',
+      `${u.protocol.slice(0, -1)}:// destinations come with ${pkg}, which is not available in this release yet.`,
+    );
   }
-  throw new MedsyncError('E_CONFIG', `Unknown URL scheme ${u.protocol}: use a path, file:, ftp:, ftps:, sftp:, smb:, azure:, dropbox: or gdrive:.`);
+  throw new MedsyncError(
+    'E_CONFIG',
+    `Unknown URL scheme ${u.protocol}: use a path, file:, ftp:, ftps:, sftp:, smb:, azure:, dropbox: or gdrive:.`,
+  );
 }
 
 /** Reads the password from the named environment variable or decrypts the config's value. */
@@ -64,7 +77,10 @@ export async function resolvePassword(o: EndpointOptions): Promise<string | unde
   if (o.passwordEnv) {
     const v = env[o.passwordEnv];
     if (v === undefined || v === '') {
-      throw new MedsyncError('E_CONFIG', `The environment variable ${o.passwordEnv} (named by --password-env) is not set.`);
+      throw new MedsyncError(
+        'E_CONFIG',
+        `The environment variable ${o.passwordEnv} (named by --password-env) is not set.`,
+      );
     }
     return v;
   }

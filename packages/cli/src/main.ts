@@ -25,14 +25,17 @@ const collect = (v: string, prev: string[] = []) => [...prev, v];
 function intArg(name: string, min: number, max: number) {
   return (v: string) => {
     const n = Number(v);
-    if (!Number.isInteger(n) || n < min || n > max) throw new MedsyncError('E_CONFIG', `${name} must be a whole number from ${min} to ${max}.`);
+    if (!Number.isInteger(n) || n < min || n > max)
+      throw new MedsyncError('E_CONFIG', `${name} must be a whole number from ${min} to ${max}.`);
     return n;
   };
 }
 
 /** Default job id for `medsync sync`: derived from the source and destinations, so re-runs resume. */
 export function defaultJobId(source: Storage, dests: readonly Storage[]): string {
-  const h = createHash('sha256').update([source.id, ...dests.map((d) => d.id).sort()].join('\n')).digest('hex');
+  const h = createHash('sha256')
+    .update([source.id, ...dests.map((d) => d.id).sort()].join('\n'))
+    .digest('hex');
   return `sync-${h.slice(0, 12)}`;
 }
 
@@ -53,7 +56,8 @@ interface SyncFlags {
 }
 
 function writeError(io: CliIO, e: MedsyncError, json: boolean | undefined): void {
-  if (json) io.stdout.write(JSON.stringify({ status: 'failed', error: { code: e.code, message: e.message } }) + '\n');
+  if (json)
+    io.stdout.write(JSON.stringify({ status: 'failed', error: { code: e.code, message: e.message } }) + '\n');
   else io.stderr.write(`medsync: ${e.code}: ${e.message}\n`);
 }
 
@@ -73,13 +77,26 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
 
   program
     .command('sync')
-    .description('Copy or mirror SOURCE to one or more DESTINATIONS (paths or URLs); only new or changed files are sent.')
+    .description(
+      'Copy or mirror SOURCE to one or more DESTINATIONS (paths or URLs); only new or changed files are sent.',
+    )
     .argument('<source>', 'source folder or URL')
     .argument('<destinations...>', 'one or more destination folders or URLs')
-    .option('--state <file>', 'SQLite state file (manifest, runs); default: medsync-state.db in the current folder')
+    .option(
+      '--state <file>',
+      'SQLite state file (manifest, runs); default: medsync-state.db in the current folder',
+    )
     .option('--job <id>', 'job id (default: derived from source and destinations)')
-    .addOption(new Option('--mode <mode>', 'copy never deletes; mirror deletes what the source lost').choices(['copy', 'mirror']).default('copy'))
-    .option('--max-delete <n>', 'most files a mirror run may delete (default: half of what was delivered)', intArg('--max-delete', 0, Number.MAX_SAFE_INTEGER))
+    .addOption(
+      new Option('--mode <mode>', 'copy never deletes; mirror deletes what the source lost')
+        .choices(['copy', 'mirror'])
+        .default('copy'),
+    )
+    .option(
+      '--max-delete <n>',
+      'most files a mirror run may delete (default: half of what was delivered)',
+      intArg('--max-delete', 0, Number.MAX_SAFE_INTEGER),
+    )
     .option('--concurrency <n>', 'parallel transfers (default 4)', intArg('--concurrency', 1, 256))
     .option('--bwlimit <rate>', 'bandwidth limit, bytes/s with K/M/G suffix (e.g. 10M)')
     .option('--include <glob>', 'only sync matching files (repeatable)', collect)
@@ -125,13 +142,17 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
 
   program
     .command('demo')
-    .description('Generate a sample study tree, sync it with SQLite state, print the status (no setup needed).')
+    .description(
+      'Generate a sample study tree, sync it with SQLite state, print the status (no setup needed).',
+    )
     .option('--dir <folder>', 'working folder', '.medsync-demo')
     .action(async (f: { dir: string }) => {
       code = await runDemo(resolve(io.cwd, f.dir), io);
     });
 
-  const secret = program.command('secret').description('Encrypt secrets for the config file (needs MEDSYNC_SECRET_KEY).');
+  const secret = program
+    .command('secret')
+    .description('Encrypt secrets for the config file (needs MEDSYNC_SECRET_KEY).');
   secret
     .command('encrypt')
     .description('Print the encrypted form of the value in an environment variable.')
@@ -154,19 +175,27 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
     return code;
   } catch (e) {
     if (e instanceof CommanderError) {
-      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return EXIT.success;
+      if (
+        e.code === 'commander.helpDisplayed' ||
+        e.code === 'commander.version' ||
+        e.code === 'commander.help'
+      )
+        return EXIT.success;
       return EXIT.usage;
     }
     const me = toMedsyncError(e);
     writeError(io, me, argv.includes('--json'));
-    return me.code === 'E_CONFIG' || me.code === 'E_INVALID_PATH' || me.code === 'E_UNSUPPORTED' ? EXIT.usage : EXIT.failed;
+    return me.code === 'E_CONFIG' || me.code === 'E_INVALID_PATH' || me.code === 'E_UNSUPPORTED'
+      ? EXIT.usage
+      : EXIT.failed;
   }
 }
 
 async function syncCommand(source: string, destinations: string[], f: SyncFlags, io: CliIO): Promise<number> {
   const src = await openEndpoint(source, { baseDir: io.cwd, env: io.env });
   const dests: Storage[] = [];
-  for (const d of destinations) dests.push(await openEndpoint(d, { baseDir: io.cwd, passwordEnv: f.passwordEnv, env: io.env }));
+  for (const d of destinations)
+    dests.push(await openEndpoint(d, { baseDir: io.cwd, passwordEnv: f.passwordEnv, env: io.env }));
   const store = await openSqliteStore({ path: resolve(io.cwd, f.state ?? 'medsync-state.db') });
   const job = new SyncJob({
     id: f.job ?? defaultJobId(src, dests),
@@ -182,7 +211,8 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
     ...(f.retries !== undefined ? { retry: { retries: f.retries } } : {}),
     eventPaths: true,
   });
-  const bar = !f.json && f.progress !== false && io.stderr.isTTY && !f.dryRun ? new ProgressLine(io.stderr) : undefined;
+  const bar =
+    !f.json && f.progress !== false && io.stderr.isTTY && !f.dryRun ? new ProgressLine(io.stderr) : undefined;
   if (bar) job.on('progress', (p) => bar.update(p));
   const hard = new AbortController();
   const soft = new AbortController();
@@ -197,7 +227,12 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   try {
-    const result = await job.run({ signal: hard.signal, stopSignal: soft.signal, trigger: 'manual', dryRun: !!f.dryRun });
+    const result = await job.run({
+      signal: hard.signal,
+      stopSignal: soft.signal,
+      trigger: 'manual',
+      dryRun: !!f.dryRun,
+    });
     bar?.done();
     io.stdout.write(f.json ? JSON.stringify(syncJson(result)) + '\n' : syncText(result));
     return exitCodeFor(result.status);
@@ -209,32 +244,47 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
   }
 }
 
-async function statusCommand(f: { state: string; job?: string; json?: boolean; history?: number }, io: CliIO): Promise<number> {
+async function statusCommand(
+  f: { state: string; job?: string; json?: boolean; history?: number },
+  io: CliIO,
+): Promise<number> {
   const path = resolve(io.cwd, f.state);
   try {
     readFileSync(path, { flag: 'r' }).subarray(0, 0);
   } catch {
-    throw new MedsyncError('E_CONFIG', 'The state file does not exist: pass the --state used by sync or run.');
+    throw new MedsyncError(
+      'E_CONFIG',
+      'The state file does not exist: pass the --state used by sync or run.',
+    );
   }
   const store: Store = await openSqliteStore({ path });
   try {
     const opts = { historyLimit: f.history ?? 20 };
     const all = f.job ? [await getJobStatus(store, f.job, opts)] : await getAllJobStatus(store, opts);
-    io.stdout.write(f.json ? JSON.stringify(f.job ? all[0] : { jobs: all }, null, 2) + '\n' : statusText(all));
+    io.stdout.write(
+      f.json ? JSON.stringify(f.job ? all[0] : { jobs: all }, null, 2) + '\n' : statusText(all),
+    );
     return EXIT.success;
   } finally {
     await store.close();
   }
 }
 
-async function testCommand(dest: string, f: { json?: boolean; passwordEnv?: string }, io: CliIO): Promise<number> {
+async function testCommand(
+  dest: string,
+  f: { json?: boolean; passwordEnv?: string },
+  io: CliIO,
+): Promise<number> {
   const s = await openEndpoint(dest, { baseDir: io.cwd, passwordEnv: f.passwordEnv, env: io.env });
   try {
     const r = await s.test();
     if (f.json) io.stdout.write(JSON.stringify(r, null, 2) + '\n');
     else {
       io.stdout.write(`${r.ok ? 'OK' : 'FAILED'}: ${r.kind} ${r.id} (${r.latencyMs} ms)\n`);
-      if (r.ok) io.stdout.write(`  writable: ${r.writable ? 'yes' : 'no'}; entries in folder: ${r.entries ?? '?'}${r.freeBytes !== undefined ? `; free: ${Math.round(r.freeBytes / 1e9)} GB` : ''}\n`);
+      if (r.ok)
+        io.stdout.write(
+          `  writable: ${r.writable ? 'yes' : 'no'}; entries in folder: ${r.entries ?? '?'}${r.freeBytes !== undefined ? `; free: ${Math.round(r.freeBytes / 1e9)} GB` : ''}\n`,
+        );
       if (r.error) io.stdout.write(`  ${r.error.code}: ${r.error.message}\n`);
       if (r.advice) io.stdout.write(`  advice: ${r.advice}\n`);
     }
@@ -250,7 +300,10 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
   try {
     raw = JSON.parse(readFileSync(file, 'utf8'));
   } catch (e) {
-    throw new MedsyncError('E_CONFIG', `The config file could not be read as JSON: ${(e as Error).message.replace(file, '<config>')}`);
+    throw new MedsyncError(
+      'E_CONFIG',
+      `The config file could not be read as JSON: ${(e as Error).message.replace(file, '<config>')}`,
+    );
   }
   const config = parseConfig(raw);
   const baseDir = dirname(file);
@@ -281,10 +334,22 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
         scheduledRetry: { retries: j.retries },
       });
       job.on('run:done', ({ result }) =>
-        log('sync run finished', { job: j.id, status: result.status, filesSynced: result.filesSynced, filesFailed: result.filesFailed, bytes: result.bytes, durationMs: result.durationMs }),
+        log('sync run finished', {
+          job: j.id,
+          status: result.status,
+          filesSynced: result.filesSynced,
+          filesFailed: result.filesFailed,
+          bytes: result.bytes,
+          durationMs: result.durationMs,
+        }),
       );
       jobs.push(job);
-      await scheduler.add({ id: j.id, schedule: j.schedule, enabled: j.enabled, run: (ctx) => job.run({ trigger: ctx.trigger, signal: ctx.signal, stopSignal: ctx.stopSignal }) });
+      await scheduler.add({
+        id: j.id,
+        schedule: j.schedule,
+        enabled: j.enabled,
+        run: (ctx) => job.run({ trigger: ctx.trigger, signal: ctx.signal, stopSignal: ctx.stopSignal }),
+      });
     }
     if (f.once) {
       let worst: number = EXIT.success;
@@ -296,10 +361,17 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
       }
       return worst;
     }
-    scheduler.on('task:error', (e) => log('job failed', { job: e.id, code: e.error.code, error: e.error.message }));
+    scheduler.on('task:error', (e) =>
+      log('job failed', { job: e.id, code: e.error.code, error: e.error.message }),
+    );
     scheduler.on('task:skipped', (e) => log('job skipped', { job: e.id, reason: e.reason }));
     scheduler.start();
-    for (const s of scheduler.state()) log('job scheduled', { job: s.id, enabled: s.enabled, nextRunAt: s.nextRunAt ? new Date(s.nextRunAt).toISOString() : null });
+    for (const s of scheduler.state())
+      log('job scheduled', {
+        job: s.id,
+        enabled: s.enabled,
+        nextRunAt: s.nextRunAt ? new Date(s.nextRunAt).toISOString() : null,
+      });
     // Scheduler timers are unref'd (an embedding host decides its own lifetime); the daemon
     // keeps itself alive until a signal arrives.
     const keepAlive = setInterval(() => undefined, 1 << 30);
@@ -326,4 +398,3 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
     await Promise.all(storages.map((s) => s.close().catch(() => undefined)));
   }
 }
-

@@ -76,7 +76,8 @@ export class ProgressLine {
     if (now - this.last < 100) return;
     this.last = now;
     const width = Math.max(10, Math.min(30, (this.out.columns ?? 80) - 60));
-    const frac = p.bytesTotal > 0 ? p.bytesDone / p.bytesTotal : p.filesTotal > 0 ? p.filesDone / p.filesTotal : 1;
+    const frac =
+      p.bytesTotal > 0 ? p.bytesDone / p.bytesTotal : p.filesTotal > 0 ? p.filesDone / p.filesTotal : 1;
     const filled = Math.round(Math.min(1, Math.max(0, frac)) * width);
     const bar = '█'.repeat(filled) + '░'.repeat(width - filled);
     const eta = p.etaMs === undefined ? '--' : formatDuration(p.etaMs);

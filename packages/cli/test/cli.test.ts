@@ -1,6 +1,15 @@
 import { spawn, spawnSync, type SpawnOptions } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -105,7 +114,14 @@ describe('medsync sync', () => {
     const state = join(base, `s${n}.db`);
     const r1 = await medsync(['sync', src, dst, '--state', state, '--json']);
     expect(r1.code).toBe(0);
-    expect(r1.json).toMatchObject({ status: 'success', filesSynced: 5, filesSkipped: 0, filesFailed: 0, filesDeleted: 0, errors: [] });
+    expect(r1.json).toMatchObject({
+      status: 'success',
+      filesSynced: 5,
+      filesSkipped: 0,
+      filesFailed: 0,
+      filesDeleted: 0,
+      errors: [],
+    });
     expect(r1.json.bytes).toBe(50_000 + 70_000 + 1234 + 20 * 1024 * 1024);
     expect(typeof r1.json.durationMs).toBe('number');
     expect(readTree(dst)).toEqual(readTree(src));
@@ -114,7 +130,13 @@ describe('medsync sync', () => {
     const st = await medsync(['status', '--state', state, '--json']);
     expect(st.code).toBe(0);
     expect(st.json.jobs).toHaveLength(1);
-    expect(st.json.jobs[0].statistics).toMatchObject({ totalRuns: 2, success: 2, partial: 0, failed: 0, filesSynced: 5 });
+    expect(st.json.jobs[0].statistics).toMatchObject({
+      totalRuns: 2,
+      success: 2,
+      partial: 0,
+      failed: 0,
+      filesSynced: 5,
+    });
     expect(st.json.jobs[0].lastRun.status).toBe('success');
     const text = await medsync(['status', '--state', state]);
     expect(text.stdout).toMatch(/2 syncs \(2 successful, 0 partial, 0 failed\)/);
@@ -127,11 +149,15 @@ describe('medsync sync', () => {
     for (let i = 0; i < 40; i++) files[`s${i % 4}/f${i}.bin`] = randomBytes(512 * 1024);
     writeTree(src, files);
     const state = join(base, `kill${n}.db`);
-    const child = spawn(process.execPath, [BIN, 'sync', src, dst, '--state', state, '--json', '--bwlimit', '4M', '--concurrency', '4'], {
-      cwd: base,
-      detached: true,
-      stdio: 'ignore',
-    });
+    const child = spawn(
+      process.execPath,
+      [BIN, 'sync', src, dst, '--state', state, '--json', '--bwlimit', '4M', '--concurrency', '4'],
+      {
+        cwd: base,
+        detached: true,
+        stdio: 'ignore',
+      },
+    );
     const finals = () =>
       Object.keys(existsSync(dst) ? readTree(dst) : {}).filter((p) => !p.includes('.medsync-part'));
     const deadline = Date.now() + 30_000;
@@ -144,7 +170,11 @@ describe('medsync sync', () => {
     for (const p of seen) expect(readFileSync(join(dst, p)).equals(files[p]!)).toBe(true);
     const store = await openSqliteStore({ path: state });
     const recorded = [];
-    for await (const e of store.manifest.list({ jobId: (await store.runs.list())[0]!.jobId, destination: `file://${dst}` })) recorded.push(e.path);
+    for await (const e of store.manifest.list({
+      jobId: (await store.runs.list())[0]!.jobId,
+      destination: `file://${dst}`,
+    }))
+      recorded.push(e.path);
     await store.close();
     expect(recorded.length).toBeGreaterThan(0);
     const r = await medsync(['sync', src, dst, '--state', state, '--json']);
@@ -159,14 +189,21 @@ describe('medsync sync', () => {
   it('an unreadable source file makes the run partial (exit 3), names it, and delivers every other file', async () => {
     const src = dir('src');
     const dst = dir('dst');
-    writeTree(src, { 'ok/1.dcm': 'one', 'ok/2.dcm': 'two', 'locked/secret.dcm': 'cannot read me', 'ok/3.dcm': 'three' });
+    writeTree(src, {
+      'ok/1.dcm': 'one',
+      'ok/2.dcm': 'two',
+      'locked/secret.dcm': 'cannot read me',
+      'ok/3.dcm': 'three',
+    });
     chmodTree(src);
     chmodSync(join(src, 'locked/secret.dcm'), 0o000);
     const state = join(dir('state'), 'state.db');
     const r = await medsync(['sync', src, dst, '--state', state, '--json'], { asNobody: true });
     expect(r.code).toBe(3);
     expect(r.json).toMatchObject({ status: 'partial', filesSynced: 3, filesFailed: 1 });
-    expect(r.json.errors).toEqual([{ path: 'locked/secret.dcm', code: 'E_PERMISSION', message: expect.any(String) }]);
+    expect(r.json.errors).toEqual([
+      { path: 'locked/secret.dcm', code: 'E_PERMISSION', message: expect.any(String) },
+    ]);
     expect(r.json.errors[0].message).not.toContain(src);
     expect(Object.keys(readTree(dst)).sort()).toEqual(['ok/1.dcm', 'ok/2.dcm', 'ok/3.dcm']);
   }, 60_000);
@@ -178,7 +215,8 @@ describe('medsync sync', () => {
     for (let i = 0; i < 10; i++) files[`d/${i}.dcm`] = `file ${i}`;
     writeTree(src, files);
     const state = join(base, `m${n}.db`);
-    const sync = (...extra: string[]) => medsync(['sync', src, dst, '--state', state, '--mode', 'mirror', '--json', ...extra]);
+    const sync = (...extra: string[]) =>
+      medsync(['sync', src, dst, '--state', state, '--mode', 'mirror', '--json', ...extra]);
     expect((await sync()).json.filesSynced).toBe(10);
     rmSync(join(src, 'd/0.dcm'));
     const r1 = await sync();
@@ -276,13 +314,16 @@ describe('medsync run', () => {
   it('long-running: runs a never-run job at start, stays up, stops cleanly on SIGTERM', async () => {
     const d = dir('daemon');
     writeTree(join(d, 'pacs'), { 'a.dcm': 'a' });
-    const file = config(d, [{ id: 'j', source: 'pacs', destinations: ['host'], schedule: { intervalMinutes: 1 } }]);
+    const file = config(d, [
+      { id: 'j', source: 'pacs', destinations: ['host'], schedule: { intervalMinutes: 1 } },
+    ]);
     // The job never ran, so the daemon runs it at start, then stays up until SIGTERM.
     const child = spawn(process.execPath, [BIN, 'run', '--config', file], { cwd: base });
     let stderr = '';
     child.stderr.on('data', (x) => (stderr += x));
     const deadline = Date.now() + 15_000;
-    while (!stderr.includes('sync run finished') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    while (!stderr.includes('sync run finished') && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 50));
     expect(stderr).toContain('job scheduled');
     expect(stderr).toMatch(/sync run finished.*"status":"success"/);
     expect(readTree(join(d, 'host'))).toEqual(readTree(join(d, 'pacs')));
@@ -298,7 +339,10 @@ describe('medsync run', () => {
 describe('medsync demo', () => {
   it('runs end to end in a fresh folder', () => {
     const d = dir('demo');
-    const r = spawnSync(process.execPath, [BIN, 'demo', '--dir', join(d, 'demo')], { cwd: d, encoding: 'utf8' });
+    const r = spawnSync(process.execPath, [BIN, 'demo', '--dir', join(d, 'demo')], {
+      cwd: d,
+      encoding: 'utf8',
+    });
     expect(r.status).toBe(0);
     expect(r.stdout).toMatch(/SUCCESS: 96 synced/);
     expect(r.stdout).toMatch(/SUCCESS: 0 synced .* 96 unchanged/);

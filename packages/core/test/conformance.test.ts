@@ -27,6 +27,10 @@ describeStoreConformance({
   name: 'memory',
   create: async () => {
     const data = createMemoryStoreData();
-    return { store: new MemoryStore(data), reopen: async () => new MemoryStore(data), openAnother: async () => new MemoryStore(data) };
+    return {
+      store: new MemoryStore(data),
+      reopen: async () => new MemoryStore(data),
+      openAnother: async () => new MemoryStore(data),
+    };
   },
 });

@@ -1,5 +1,11 @@
 import { describe, expect, it } from 'vitest';
-import { MemoryStore, nextRunTime, Scheduler, validateSchedule, type ScheduledRunContext } from '@medsync/core';
+import {
+  MemoryStore,
+  nextRunTime,
+  Scheduler,
+  validateSchedule,
+  type ScheduledRunContext,
+} from '@medsync/core';
 import { FakeClock } from '@medsync/core/testing';
 
 const MIN = 60_000;
@@ -160,9 +166,15 @@ describe('Scheduler', () => {
     expect(new Date(next).toISOString()).toBe('2026-03-29T01:00:00.000Z');
     const after = nextRunTime({ cron: '0 2 * * *', timezone: 'Europe/Berlin' }, next + 1000);
     expect(new Date(after).toISOString()).toBe('2026-03-30T00:00:00.000Z');
-    expect(() => validateSchedule({ intervalMinutes: 0 })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
-    expect(() => validateSchedule({ intervalMinutes: 1441 })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
-    expect(() => validateSchedule({ cron: 'not a cron' })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+    expect(() => validateSchedule({ intervalMinutes: 0 })).toThrow(
+      expect.objectContaining({ code: 'E_CONFIG' }),
+    );
+    expect(() => validateSchedule({ intervalMinutes: 1441 })).toThrow(
+      expect.objectContaining({ code: 'E_CONFIG' }),
+    );
+    expect(() => validateSchedule({ cron: 'not a cron' })).toThrow(
+      expect.objectContaining({ code: 'E_CONFIG' }),
+    );
     const clock = new FakeClock(from);
     const s = new Scheduler({ store: new MemoryStore(), clock });
     const c = counter();

@@ -29,7 +29,10 @@ describe('SecretBox', () => {
     const parts = enc.split(':');
     parts[5] = Buffer.from('tampered!').toString('base64url');
     await expect(box.decrypt(parts.join(':'), 'dest.password')).rejects.toMatchObject({ code: 'E_SECRET' });
-    await expect(new SecretBox({ keys: [k2] }).decrypt(enc, 'dest.password')).rejects.toMatchObject({ code: 'E_SECRET', message: expect.stringMatching(/MEDSYNC_SECRET_KEY_PREVIOUS/) });
+    await expect(new SecretBox({ keys: [k2] }).decrypt(enc, 'dest.password')).rejects.toMatchObject({
+      code: 'E_SECRET',
+      message: expect.stringMatching(/MEDSYNC_SECRET_KEY_PREVIOUS/),
+    });
   });
 
   it('rotates every stored secret to a new primary key', async () => {
@@ -53,18 +56,28 @@ describe('SecretBox', () => {
     expect(await env.decrypt(enc)).toBe('x-secret');
     const viaProvider = new SecretBox({ provider: async () => [Buffer.from(k1, 'base64')] });
     expect(await viaProvider.decrypt(enc)).toBe('x-secret');
-    expect(() => new SecretBox({ keys: ['too short'] })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+    expect(() => new SecretBox({ keys: ['too short'] })).toThrow(
+      expect.objectContaining({ code: 'E_CONFIG' }),
+    );
   });
 
   it('redacts decrypted secrets from errors and logs', async () => {
     const box = new SecretBox({ keys: [k1] });
     const secret = 'S3cr3t-' + randomBytes(4).toString('hex');
     await box.decrypt(await box.encrypt(secret));
-    const e = new MedsyncError('E_AUTH', `login failed with password ${secret} for ftp://bob:${secret}@host/x`);
+    const e = new MedsyncError(
+      'E_AUTH',
+      `login failed with password ${secret} for ftp://bob:${secret}@host/x`,
+    );
     expect(e.message).not.toContain(secret);
     expect(e.message).toContain('***');
     const lines: string[] = [];
-    const sink: Logger = { debug: () => {}, info: (m, f) => lines.push(m + JSON.stringify(f)), warn: () => {}, error: () => {} };
+    const sink: Logger = {
+      debug: () => {},
+      info: (m, f) => lines.push(m + JSON.stringify(f)),
+      warn: () => {},
+      error: () => {},
+    };
     redactingLogger(sink).info(`connecting with ${secret}`, { password: 'anything', detail: `x ${secret}` });
     expect(lines.join('\n')).not.toContain(secret);
     expect(lines.join('\n')).not.toContain('anything');
@@ -73,7 +86,9 @@ describe('SecretBox', () => {
 
 describe('errors and paths', () => {
   it('maps errno codes to stable codes without leaking paths', () => {
-    const native = Object.assign(new Error("EACCES: permission denied, open '/data/Doe John/1.dcm'"), { code: 'EACCES' });
+    const native = Object.assign(new Error("EACCES: permission denied, open '/data/Doe John/1.dcm'"), {
+      code: 'EACCES',
+    });
     const e = toMedsyncError(native, 'Reading the source file');
     expect(e).toMatchObject({ code: 'E_PERMISSION', retryable: false });
     expect(e.message).not.toContain('Doe John');
@@ -123,9 +138,12 @@ describe('RetryPolicy', () => {
     const clock = new FakeClock();
     const policy = new RetryPolicy({ retries: 1, initialDelayMs: 10, jitter: 0 }, clock);
     const delays: number[] = [];
-    const p = policy.run(async () => {
-      throw new MedsyncError('E_RATE_LIMITED', 'slow down', { retryAfterMs: 30_000 });
-    }, { onRetry: (e) => delays.push(e.delayMs) });
+    const p = policy.run(
+      async () => {
+        throw new MedsyncError('E_RATE_LIMITED', 'slow down', { retryAfterMs: 30_000 });
+      },
+      { onRetry: (e) => delays.push(e.delayMs) },
+    );
     const settled = p.catch((e: unknown) => e);
     await clock.advance(30_000);
     expect(await settled).toMatchObject({ code: 'E_RATE_LIMITED' });
@@ -159,10 +177,18 @@ describe('rates and the token bucket', () => {
 describe('config schema', () => {
   it('applies defaults and reports every problem by path', () => {
     const c = parseConfig({ jobs: [{ id: 'pacs', source: '/data/pacs', destinations: ['/mnt/backup'] }] });
-    expect(c.jobs[0]).toMatchObject({ mode: 'copy', schedule: { intervalMinutes: 120 }, enabled: true, concurrency: 4, retries: 3 });
+    expect(c.jobs[0]).toMatchObject({
+      mode: 'copy',
+      schedule: { intervalMinutes: 120 },
+      enabled: true,
+      concurrency: 4,
+      retries: 3,
+    });
     expect(c.state).toBe('medsync.db');
     try {
-      parseConfig({ jobs: [{ id: 'bad id!', source: '', destinations: [], schedule: { intervalMinutes: 0 }, extra: 1 }] });
+      parseConfig({
+        jobs: [{ id: 'bad id!', source: '', destinations: [], schedule: { intervalMinutes: 0 }, extra: 1 }],
+      });
       expect.unreachable();
     } catch (e) {
       expect(e).toMatchObject({ code: 'E_CONFIG' });
@@ -170,8 +196,10 @@ describe('config schema', () => {
       expect(m).toMatch(/jobs\[0\]\.id/);
       expect(m).toMatch(/destinations/);
     }
-    expect(() => parseConfig({ jobs: [{ id: 'a', source: 's', destinations: [{ url: 'ftp://h/x', password: 'plaintext' }] }] })).toThrow(
-      expect.objectContaining({ message: expect.stringMatching(/encrypted/) }),
-    );
+    expect(() =>
+      parseConfig({
+        jobs: [{ id: 'a', source: 's', destinations: [{ url: 'ftp://h/x', password: 'plaintext' }] }],
+      }),
+    ).toThrow(expect.objectContaining({ message: expect.stringMatching(/encrypted/) }));
   });
 });

@@ -1,10 +1,28 @@
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync, renameSync } from 'node:fs';
+import {
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  utimesSync,
+  writeFileSync,
+  renameSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { Readable } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
-import { LocalStorage, MedsyncError, MemoryStorage, MemoryStore, SyncJob, type Storage, type SyncJobOptions } from '@medsync/core';
+import {
+  LocalStorage,
+  MedsyncError,
+  MemoryStorage,
+  MemoryStore,
+  SyncJob,
+  type Storage,
+  type SyncJobOptions,
+} from '@medsync/core';
 
 const dirs: string[] = [];
 function tmp(): string {
@@ -49,7 +67,10 @@ function sample(): Record<string, Buffer | string> {
   };
 }
 
-function job(o: Partial<SyncJobOptions> & Pick<SyncJobOptions, 'source' | 'destinations'>, store = new MemoryStore()): SyncJob {
+function job(
+  o: Partial<SyncJobOptions> & Pick<SyncJobOptions, 'source' | 'destinations'>,
+  store = new MemoryStore(),
+): SyncJob {
   return new SyncJob({ id: 'job-1', store, retry: fast, scheduledRetry: fast, eventPaths: true, ...o });
 }
 
@@ -59,7 +80,10 @@ describe('SyncJob copy', () => {
     const dst = tmp();
     writeTree(src, sample());
     const store = new MemoryStore();
-    const j = job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] }, store);
+    const j = job(
+      { source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] },
+      store,
+    );
     const done: string[] = [];
     j.on('file:done', (e) => done.push(e.path));
     const r1 = await j.run();
@@ -69,7 +93,9 @@ describe('SyncJob copy', () => {
     expect(readTree(dst)).toEqual(readTree(src));
     expect(done.sort()).toEqual(Object.keys(sample()).sort());
     // mtimes are kept
-    expect(Math.floor(statSync(join(dst, 'top level.txt')).mtimeMs)).toBe(Math.floor(statSync(join(src, 'top level.txt')).mtimeMs));
+    expect(Math.floor(statSync(join(dst, 'top level.txt')).mtimeMs)).toBe(
+      Math.floor(statSync(join(src, 'top level.txt')).mtimeMs),
+    );
     const r2 = await j.run();
     expect(r2).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 5, bytes: 0 });
     const stats = await store.runs.stats('job-1');
@@ -99,6 +125,9 @@ describe('SyncJob copy', () => {
     const j = job({ source: new LocalStorage({ root: src }), destinations: [dst] });
     await j.run();
     writeFileSync(join(src, 'a.dcm'), 'XXXX'); // same size, new content
+    // File systems stamp mtimes with a coarse clock; make sure the rewrite gets a new one.
+    const soon = new Date(Date.now() + 5_000);
+    utimesSync(join(src, 'a.dcm'), soon, soon);
     const later = new Date(Date.now() + 60_000);
     utimesSync(join(src, 'b.dcm'), later, later); // touched only
     const writes = dst.calls.write;
@@ -160,7 +189,10 @@ describe('SyncJob copy', () => {
   });
 
   it('fails clearly when the source folder is missing', async () => {
-    const r = await job({ source: new LocalStorage({ root: join(tmp(), 'not-mounted') }), destinations: [new MemoryStorage()] }).run();
+    const r = await job({
+      source: new LocalStorage({ root: join(tmp(), 'not-mounted') }),
+      destinations: [new MemoryStorage()],
+    }).run();
     expect(r.status).toBe('failed');
     expect(r.errors[0]?.code).toBe('E_NOT_FOUND');
     expect(r.errors[0]?.message).toMatch(/mounted/);
@@ -172,7 +204,11 @@ describe('SyncJob copy', () => {
     const a = tmp();
     const b = new MemoryStorage();
     b.faults.failNext('write', 1, new MedsyncError('E_QUOTA', 'Disk full.'));
-    const j = job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: a }), b], concurrency: 1 });
+    const j = job({
+      source: new LocalStorage({ root: src }),
+      destinations: [new LocalStorage({ root: a }), b],
+      concurrency: 1,
+    });
     const r1 = await j.run();
     expect(r1.status).toBe('partial');
     expect(r1.filesSynced).toBe(9);
@@ -186,7 +222,12 @@ describe('SyncJob copy', () => {
     const src = tmp();
     writeTree(src, { 'a/1.dcm': 'x', 'a/2.txt': 'y', 'b/3.dcm': 'z', 'b/tmp/4.dcm': 'w' });
     const dst = new MemoryStorage();
-    const r = await job({ source: new LocalStorage({ root: src }), destinations: [dst], include: ['**/*.dcm'], exclude: ['**/tmp/**'] }).run();
+    const r = await job({
+      source: new LocalStorage({ root: src }),
+      destinations: [dst],
+      include: ['**/*.dcm'],
+      exclude: ['**/tmp/**'],
+    }).run();
     expect(r.filesSynced).toBe(2);
     expect(dst.peek('a/1.dcm')).toBeDefined();
     expect(dst.peek('b/3.dcm')).toBeDefined();
@@ -214,13 +255,24 @@ describe('SyncJob copy', () => {
     j.on('progress', (p) => seen.push(p));
     await j.run();
     const last = seen[seen.length - 1]!;
-    expect(last).toMatchObject({ filesDone: 2, filesTotal: 2, bytesDone: 400_000, bytesTotal: 400_000, etaMs: 0 });
+    expect(last).toMatchObject({
+      filesDone: 2,
+      filesTotal: 2,
+      bytesDone: 400_000,
+      bytesTotal: 400_000,
+      etaMs: 0,
+    });
   });
 
   it('hides paths in events unless eventPaths is set', async () => {
     const src = new MemoryStorage();
     await src.write('Doe John/1.dcm', Readable.from([Buffer.from('x')]));
-    const j = new SyncJob({ id: 'j', source: src, destinations: [new MemoryStorage()], store: new MemoryStore() });
+    const j = new SyncJob({
+      id: 'j',
+      source: src,
+      destinations: [new MemoryStorage()],
+      store: new MemoryStore(),
+    });
     const paths: string[] = [];
     j.on('file:done', (e) => paths.push(e.path));
     await j.run();
@@ -235,7 +287,15 @@ describe('SyncJob copy', () => {
     writeTree(src, files);
     const dst = tmp();
     const store = new MemoryStore();
-    const j = job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })], bwlimit: '2M', concurrency: 2 }, store);
+    const j = job(
+      {
+        source: new LocalStorage({ root: src }),
+        destinations: [new LocalStorage({ root: dst })],
+        bwlimit: '2M',
+        concurrency: 2,
+      },
+      store,
+    );
     const ac = new AbortController();
     let n = 0;
     j.on('file:done', () => {
@@ -292,13 +352,20 @@ describe('SyncJob copy', () => {
     const src = tmp();
     writeTree(src, sample());
     const dst = tmp();
-    const mk = (store: MemoryStore) => job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] }, store);
+    const mk = (store: MemoryStore) =>
+      job(
+        { source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] },
+        store,
+      );
     await mk(new MemoryStore()).run();
     writeFileSync(join(src, 'new.dcm'), 'new file');
     const fresh = new MemoryStore();
     const r = await mk(fresh).run();
     expect(r).toMatchObject({ status: 'success', filesSynced: 1, filesSkipped: 5 });
-    const m = await fresh.manifest.get({ jobId: 'job-1', destination: new LocalStorage({ root: dst }).id }, 'empty.dcm');
+    const m = await fresh.manifest.get(
+      { jobId: 'job-1', destination: new LocalStorage({ root: dst }).id },
+      'empty.dcm',
+    );
     expect(m?.verifiedBy).toBe('listing');
     // explicit rebuild
     const again = new MemoryStore();
@@ -314,10 +381,26 @@ describe('SyncJob copy', () => {
     utimesSync(join(dst, 'sub/.x.dcm.deadbeef.medsync-part'), old, old);
     const store = new MemoryStore();
     await store.runs.insert({
-      id: 'crashed', jobId: 'job-1', trigger: 'manual', status: 'running', owner: 'gone', startedAt: 1, filesSynced: 0, filesSkipped: 0,
-      filesFailed: 0, filesDeleted: 0, filesMoved: 0, bytes: 0, errors: [], errorCount: 0, dryRun: false,
+      id: 'crashed',
+      jobId: 'job-1',
+      trigger: 'manual',
+      status: 'running',
+      owner: 'gone',
+      startedAt: 1,
+      filesSynced: 0,
+      filesSkipped: 0,
+      filesFailed: 0,
+      filesDeleted: 0,
+      filesMoved: 0,
+      bytes: 0,
+      errors: [],
+      errorCount: 0,
+      dryRun: false,
     });
-    const r = await job({ source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] }, store).run();
+    const r = await job(
+      { source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] },
+      store,
+    ).run();
     expect(r.status).toBe('success');
     expect((await store.runs.get('crashed'))?.status).toBe('interrupted');
     expect(Object.keys(readTree(dst))).toEqual(['a.dcm']);
@@ -331,12 +414,16 @@ describe('SyncJob mirror', () => {
     writeTree(src, files);
     const store = new MemoryStore();
     const dest: Storage = new LocalStorage({ root: dst });
-    const j = job({ source: new LocalStorage({ root: src }), destinations: [dest], mode: 'mirror', ...extra }, store);
+    const j = job(
+      { source: new LocalStorage({ root: src }), destinations: [dest], mode: 'mirror', ...extra },
+      store,
+    );
     expect((await j.run()).status).toBe('success');
     return { src, dst, j, store, dest };
   }
 
-  const ten = () => Object.fromEntries(Array.from({ length: 10 }, (_, i) => [`d/${i}.dcm`, randomBytes(100 + i)]));
+  const ten = () =>
+    Object.fromEntries(Array.from({ length: 10 }, (_, i) => [`d/${i}.dcm`, randomBytes(100 + i)]));
 
   it('deletes what the source lost, and only what the job delivered', async () => {
     const { src, dst, j } = await mirrored(ten());

@@ -2,16 +2,14 @@ import { z } from 'zod';
 import { MedsyncError } from '../errors/errors.js';
 import { parseRate } from '../util/streams.js';
 
-const Rate = z
-  .union([z.number().positive(), z.string()])
-  .refine((v) => {
-    try {
-      parseRate(v);
-      return true;
-    } catch {
-      return false;
-    }
-  }, 'a rate like 10M, 512K or 1G (bytes per second)');
+const Rate = z.union([z.number().positive(), z.string()]).refine((v) => {
+  try {
+    parseRate(v);
+    return true;
+  } catch {
+    return false;
+  }
+}, 'a rate like 10M, 512K or 1G (bytes per second)');
 
 /** A source or destination: a path or URL, with optional credentials by reference or encrypted. */
 export const EndpointSchema = z.union([
@@ -64,7 +62,8 @@ export const MedsyncConfigSchema = z
   .superRefine((c, ctx) => {
     const seen = new Set<string>();
     for (const [i, j] of c.jobs.entries()) {
-      if (seen.has(j.id)) ctx.addIssue({ code: 'custom', path: ['jobs', i, 'id'], message: `duplicate job id ${j.id}` });
+      if (seen.has(j.id))
+        ctx.addIssue({ code: 'custom', path: ['jobs', i, 'id'], message: `duplicate job id ${j.id}` });
       seen.add(j.id);
     }
   });
@@ -77,6 +76,7 @@ export type Endpoint = z.output<typeof EndpointSchema>;
 /** Validates a config object; throws E_CONFIG listing every problem by path. */
 export function parseConfig(input: unknown): MedsyncConfig {
   const r = MedsyncConfigSchema.safeParse(input);
-  if (!r.success) throw new MedsyncError('E_CONFIG', `The configuration is invalid:\n${z.prettifyError(r.error)}`);
+  if (!r.success)
+    throw new MedsyncError('E_CONFIG', `The configuration is invalid:\n${z.prettifyError(r.error)}`);
   return r.data;
 }

@@ -39,7 +39,11 @@ export type MedsyncErrorCode =
   | 'E_SECRET'
   | 'E_IO';
 
-const RETRYABLE_BY_DEFAULT: ReadonlySet<MedsyncErrorCode> = new Set(['E_TRANSIENT', 'E_RATE_LIMITED', 'E_INTEGRITY']);
+const RETRYABLE_BY_DEFAULT: ReadonlySet<MedsyncErrorCode> = new Set([
+  'E_TRANSIENT',
+  'E_RATE_LIMITED',
+  'E_INTEGRITY',
+]);
 
 const BRAND = Symbol.for('medsync.error');
 

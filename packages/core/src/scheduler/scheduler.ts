@@ -128,11 +128,15 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
 
   /** Adds a task; with the scheduler started, it is planned at once. */
   async add(task: ScheduledTask): Promise<void> {
-    if (this.entries.has(task.id)) throw new MedsyncError('E_CONFIG', `A task with id ${task.id} exists already.`);
+    if (this.entries.has(task.id))
+      throw new MedsyncError('E_CONFIG', `A task with id ${task.id} exists already.`);
     validateSchedule(task.schedule);
-    const saved = await this.o.store.settings.get<{ enabled?: boolean; lastRunAt?: number; lastFinishedAt?: number; schedule?: Schedule }>(
-      STATE_PREFIX + task.id,
-    );
+    const saved = await this.o.store.settings.get<{
+      enabled?: boolean;
+      lastRunAt?: number;
+      lastFinishedAt?: number;
+      schedule?: Schedule;
+    }>(STATE_PREFIX + task.id);
     const entry: Entry = {
       task,
       enabled: saved?.enabled ?? task.enabled ?? true,
@@ -141,7 +145,8 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       ...(saved?.lastFinishedAt !== undefined ? { lastFinishedAt: saved.lastFinishedAt } : {}),
     };
     // A schedule in the code or config file wins over a stale stored one only when it changed.
-    if (saved?.schedule && JSON.stringify(saved.schedule) !== JSON.stringify(task.schedule)) entry.schedule = task.schedule;
+    if (saved?.schedule && JSON.stringify(saved.schedule) !== JSON.stringify(task.schedule))
+      entry.schedule = task.schedule;
     this.entries.set(task.id, entry);
     await this.persist(entry);
     if (this.started) this.plan(entry, true);
@@ -198,9 +203,12 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       this.emit('task:skipped', { id: e.task.id, reason: 'locked' });
       return undefined;
     }
-    const renew = setInterval(() => {
-      void this.o.store.locks.renew(lock, this.owner, ttl, this.clock.now()).catch(() => undefined);
-    }, Math.max(1000, Math.floor(ttl / 3)));
+    const renew = setInterval(
+      () => {
+        void this.o.store.locks.renew(lock, this.owner, ttl, this.clock.now()).catch(() => undefined);
+      },
+      Math.max(1000, Math.floor(ttl / 3)),
+    );
     renew.unref?.();
     const started = this.clock.now();
     e.lastRunAt = started;
@@ -257,7 +265,12 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     e.enabled = enabled;
     if (this.started) this.plan(e, false);
     await this.persist(e);
-    await this.o.store.audit.append({ at: this.clock.now(), actor: this.owner, action: enabled ? 'job.enable' : 'job.disable', subject: id });
+    await this.o.store.audit.append({
+      at: this.clock.now(),
+      actor: this.owner,
+      action: enabled ? 'job.enable' : 'job.disable',
+      subject: id,
+    });
   }
 
   /** Changes a task's schedule at runtime. */
@@ -312,6 +325,15 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
 export async function readScheduleState(
   store: Store,
   id: string,
-): Promise<{ enabled?: boolean; schedule?: Schedule; lastRunAt?: number; lastFinishedAt?: number; nextRunAt?: number } | undefined> {
+): Promise<
+  | {
+      enabled?: boolean;
+      schedule?: Schedule;
+      lastRunAt?: number;
+      lastFinishedAt?: number;
+      nextRunAt?: number;
+    }
+  | undefined
+> {
   return store.settings.get(STATE_PREFIX + id);
 }

@@ -34,7 +34,8 @@ function redactInner(v: unknown, depth: number): unknown {
   if (v instanceof Error) return v;
   const out: Record<string, unknown> = {};
   for (const [k, x] of Object.entries(v)) {
-    out[k] = SECRET_KEY.test(k) && x !== undefined && x !== null && x !== '' ? '***' : redactInner(x, depth + 1);
+    out[k] =
+      SECRET_KEY.test(k) && x !== undefined && x !== null && x !== '' ? '***' : redactInner(x, depth + 1);
   }
   return out;
 }

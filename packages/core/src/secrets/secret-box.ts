@@ -97,7 +97,8 @@ export class SecretBox {
 
   /** Decrypts with whichever known key made it. Rejects with E_SECRET on a wrong key or tampering. */
   async decrypt(value: string, context = ''): Promise<string> {
-    if (!SecretBox.isEncrypted(value)) throw new MedsyncError('E_SECRET', 'The value is not an encrypted medsync secret.');
+    if (!SecretBox.isEncrypted(value))
+      throw new MedsyncError('E_SECRET', 'The value is not an encrypted medsync secret.');
     const parts = value.slice(PREFIX.length).split(':');
     if (parts.length !== 4) throw new MedsyncError('E_SECRET', 'The encrypted secret is malformed.');
     const [kid, iv, tag, data] = parts as [string, string, string, string];
@@ -117,7 +118,11 @@ export class SecretBox {
       registerSecret(out);
       return out;
     } catch (e) {
-      throw new MedsyncError('E_SECRET', 'The encrypted secret could not be decrypted: it was altered or belongs to another setting.', { cause: e });
+      throw new MedsyncError(
+        'E_SECRET',
+        'The encrypted secret could not be decrypted: it was altered or belongs to another setting.',
+        { cause: e },
+      );
     }
   }
 

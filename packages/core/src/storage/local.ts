@@ -139,7 +139,7 @@ export class LocalStorage implements Storage {
     this.check();
     const start = normalizePath(prefix, { allowRoot: true });
     const concurrency = opts.concurrency ?? this.opts.listConcurrency;
-    let top: Dirent[] | null = null;
+    let top: Dirent[];
     try {
       top = await fsp.readdir(this.abs(start), { withFileTypes: true });
     } catch (e) {
@@ -176,7 +176,10 @@ export class LocalStorage implements Storage {
         const stats = await Promise.all(
           batch.map((p) =>
             fsp.stat(this.abs(p)).then(
-              (s) => (s.isFile() ? ({ path: p, size: s.size, mtimeMs: Math.floor(s.mtimeMs) } as StorageEntry) : null),
+              (s) =>
+                s.isFile()
+                  ? ({ path: p, size: s.size, mtimeMs: Math.floor(s.mtimeMs) } as StorageEntry)
+                  : null,
               (e) => {
                 if ((e as { code?: string }).code === 'ENOENT') return null;
                 // An unreadable entry is still listed (size unknown -> -1) so the sync reports it.
@@ -197,7 +200,10 @@ export class LocalStorage implements Storage {
     try {
       const s = await fsp.stat(this.abs(rel));
       if (!s.isFile()) {
-        throw new MedsyncError('E_NOT_FOUND', 'The path is a folder, not a file.', { adapter: 'local', path: rel });
+        throw new MedsyncError('E_NOT_FOUND', 'The path is a folder, not a file.', {
+          adapter: 'local',
+          path: rel,
+        });
       }
       return { path: rel, size: s.size, mtimeMs: Math.floor(s.mtimeMs) };
     } catch (e) {
@@ -216,7 +222,10 @@ export class LocalStorage implements Storage {
       const st = await fh.stat();
       if (!st.isFile()) {
         await fh.close();
-        throw new MedsyncError('E_NOT_FOUND', 'The path is a folder, not a file.', { adapter: 'local', path: rel });
+        throw new MedsyncError('E_NOT_FOUND', 'The path is a folder, not a file.', {
+          adapter: 'local',
+          path: rel,
+        });
       }
     } catch (e) {
       throw this.err(e, 'Opening the file', rel);
@@ -272,7 +281,9 @@ export class LocalStorage implements Storage {
         const fh = await fsp.open(tmp, 'r+');
         try {
           if (opts.mtimeMs !== undefined) {
-            const t = new Date(opts.mtimeMs);
+            // utimes takes seconds as a double; aim at the middle of the millisecond so the
+            // value read back floors to the same millisecond despite rounding.
+            const t = (Math.floor(opts.mtimeMs) + 0.5) / 1000;
             await fh.utimes(t, t);
           }
           if (this.opts.fsync) await fh.datasync();
@@ -310,7 +321,8 @@ export class LocalStorage implements Storage {
     throwIfAborted(opts.signal);
     try {
       const st = await fsp.stat(this.abs(a));
-      if (!st.isFile()) throw new MedsyncError('E_NOT_FOUND', 'Only files can be renamed.', { adapter: 'local', path: a });
+      if (!st.isFile())
+        throw new MedsyncError('E_NOT_FOUND', 'Only files can be renamed.', { adapter: 'local', path: a });
       await this.ensureDir(b.includes('/') ? b.slice(0, b.lastIndexOf('/')) : '');
       await fsp.rename(this.abs(a), this.abs(b));
     } catch (e) {

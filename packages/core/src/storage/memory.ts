@@ -70,7 +70,9 @@ export class MemoryFaults {
     this.cut = {
       afterBytes,
       remaining: count,
-      error: () => error ?? new MedsyncError('E_TRANSIENT', 'Injected write cut: connection dropped.', { adapter: 'memory' }),
+      error: () =>
+        error ??
+        new MedsyncError('E_TRANSIENT', 'Injected write cut: connection dropped.', { adapter: 'memory' }),
     };
     return this;
   }
@@ -119,7 +121,15 @@ export class MemoryStorage implements Storage {
   private readonly clock: Clock;
   private closed = false;
   /** Number of calls per operation, for assertions in tests. */
-  readonly calls: Record<MemoryOp, number> = { test: 0, list: 0, stat: 0, read: 0, write: 0, remove: 0, rename: 0 };
+  readonly calls: Record<MemoryOp, number> = {
+    test: 0,
+    list: 0,
+    stat: 0,
+    read: 0,
+    write: 0,
+    remove: 0,
+    rename: 0,
+  };
 
   constructor(opts: MemoryStorageOptions = {}) {
     this.id = opts.id ?? `memory://${++counter}`;
@@ -156,7 +166,14 @@ export class MemoryStorage implements Storage {
       await this.enter('test', opts.signal);
       const top = new Set<string>();
       for (const f of this.files.values()) top.add(f.path.split('/')[0]!);
-      return { ok: true, kind: this.kind, id: this.id, latencyMs: Math.round(performance.now() - t0), writable: true, entries: top.size };
+      return {
+        ok: true,
+        kind: this.kind,
+        id: this.id,
+        latencyMs: Math.round(performance.now() - t0),
+        writable: true,
+        entries: top.size,
+      };
     } catch (e) {
       const me = toMedsyncError(e, 'Testing the memory storage', { adapter: 'memory' });
       return {
@@ -183,7 +200,10 @@ export class MemoryStorage implements Storage {
       }
       const k = this.key(start) + '/';
       if (!items.some(([p]) => p.startsWith(k))) {
-        throw new MedsyncError('E_NOT_FOUND', 'The folder does not exist.', { adapter: 'memory', path: start });
+        throw new MedsyncError('E_NOT_FOUND', 'The folder does not exist.', {
+          adapter: 'memory',
+          path: start,
+        });
       }
     }
     const k = start === '' ? '' : this.key(start) + '/';

@@ -43,7 +43,8 @@ export class MemoryStore implements Store {
 
   constructor(readonly data: MemoryStoreData = createMemoryStoreData()) {
     const live = () => {
-      if (this.closed) throw new MedsyncError('E_CONFIG', 'This store was closed.', { adapter: 'memory-store' });
+      if (this.closed)
+        throw new MedsyncError('E_CONFIG', 'This store was closed.', { adapter: 'memory-store' });
     };
     const d = data;
     const scopeMap = (s: ManifestScope, create: boolean) => {
@@ -113,7 +114,9 @@ export class MemoryStore implements Store {
       async list(opts = {}) {
         live();
         return [...d.runs.values()]
-          .filter((r) => (!opts.jobId || r.jobId === opts.jobId) && (!opts.status || r.status === opts.status))
+          .filter(
+            (r) => (!opts.jobId || r.jobId === opts.jobId) && (!opts.status || r.status === opts.status),
+          )
           .sort((a, b) => b.startedAt - a.startedAt || cmp(b.id, a.id))
           .slice(0, opts.limit ?? Infinity)
           .map(clone);
@@ -185,7 +188,10 @@ export class MemoryStore implements Store {
       async list(opts = {}) {
         live();
         return d.audit
-          .filter((e) => (opts.since === undefined || e.at >= opts.since) && (!opts.action || e.action === opts.action))
+          .filter(
+            (e) =>
+              (opts.since === undefined || e.at >= opts.since) && (!opts.action || e.action === opts.action),
+          )
           .reverse()
           .slice(0, opts.limit ?? Infinity)
           .map(clone);

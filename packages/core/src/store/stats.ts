@@ -20,7 +20,13 @@ export function emptyStats(): RunStats {
 export function addToStats(s: RunStats, r: RunRecord): void {
   if (r.dryRun) return;
   s.totalRuns++;
-  if (r.status === 'success' || r.status === 'partial' || r.status === 'failed' || r.status === 'cancelled' || r.status === 'interrupted') {
+  if (
+    r.status === 'success' ||
+    r.status === 'partial' ||
+    r.status === 'failed' ||
+    r.status === 'cancelled' ||
+    r.status === 'interrupted'
+  ) {
     s[r.status]++;
   }
   s.filesSynced += r.filesSynced;
@@ -28,5 +34,6 @@ export function addToStats(s: RunStats, r: RunRecord): void {
   s.filesDeleted += r.filesDeleted;
   s.bytes += r.bytes;
   if (s.lastRunAt === undefined || r.startedAt > s.lastRunAt) s.lastRunAt = r.startedAt;
-  if (r.status === 'success' && (s.lastSuccessAt === undefined || r.startedAt > s.lastSuccessAt)) s.lastSuccessAt = r.startedAt;
+  if (r.status === 'success' && (s.lastSuccessAt === undefined || r.startedAt > s.lastSuccessAt))
+    s.lastSuccessAt = r.startedAt;
 }

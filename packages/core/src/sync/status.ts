@@ -18,7 +18,11 @@ export interface JobStatus {
 }
 
 /** Reads a job's status from the Store (no running scheduler needed). */
-export async function getJobStatus(store: Store, jobId: string, opts: { historyLimit?: number } = {}): Promise<JobStatus> {
+export async function getJobStatus(
+  store: Store,
+  jobId: string,
+  opts: { historyLimit?: number } = {},
+): Promise<JobStatus> {
   const history = (await store.runs.list({ jobId, limit: opts.historyLimit ?? 20 })).filter((r) => !r.dryRun);
   const stats = await store.runs.stats(jobId);
   const sched = await readScheduleState(store, jobId);
@@ -39,7 +43,10 @@ export async function getJobStatus(store: Store, jobId: string, opts: { historyL
 }
 
 /** Status of every job with runs or a schedule in the Store. */
-export async function getAllJobStatus(store: Store, opts: { historyLimit?: number } = {}): Promise<JobStatus[]> {
+export async function getAllJobStatus(
+  store: Store,
+  opts: { historyLimit?: number } = {},
+): Promise<JobStatus[]> {
   const ids = new Set(await store.runs.jobIds());
   for (const { key } of await store.settings.list('scheduler:')) ids.add(key.slice('scheduler:'.length));
   const out: JobStatus[] = [];

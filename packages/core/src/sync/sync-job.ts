@@ -4,7 +4,14 @@ import pLimit from 'p-limit';
 import picomatch from 'picomatch';
 import { isMedsyncError, MedsyncError, throwIfAborted, toMedsyncError } from '../errors/errors.js';
 import type { Storage, StorageEntry } from '../storage/types.js';
-import type { ManifestEntry, ManifestScope, RunError, RunRecord, RunTrigger, Store, VerifiedBy } from '../store/types.js';
+import type {
+  ManifestEntry,
+  ManifestScope,
+  RunRecord,
+  RunTrigger,
+  Store,
+  VerifiedBy,
+} from '../store/types.js';
 import type { Clock } from '../util/clock.js';
 import { systemClock } from '../util/clock.js';
 import { noopLogger, type Logger } from '../util/logger.js';
@@ -92,12 +99,18 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     super();
     if (!opts.id || typeof opts.id !== 'string') throw new MedsyncError('E_CONFIG', 'A SyncJob needs an id.');
     if (!opts.source) throw new MedsyncError('E_CONFIG', 'A SyncJob needs a source storage.');
-    if (!opts.destinations?.length) throw new MedsyncError('E_CONFIG', 'A SyncJob needs at least one destination.');
+    if (!opts.destinations?.length)
+      throw new MedsyncError('E_CONFIG', 'A SyncJob needs at least one destination.');
     if (!opts.store) throw new MedsyncError('E_CONFIG', 'A SyncJob needs a store.');
     const ids = new Set(opts.destinations.map((d) => d.id));
-    if (ids.size !== opts.destinations.length) throw new MedsyncError('E_CONFIG', 'The same destination is listed twice.');
-    if (ids.has(opts.source.id)) throw new MedsyncError('E_CONFIG', 'A destination may not be the source itself.');
-    if (opts.concurrency !== undefined && !(Number.isInteger(opts.concurrency) && opts.concurrency >= 1 && opts.concurrency <= 256)) {
+    if (ids.size !== opts.destinations.length)
+      throw new MedsyncError('E_CONFIG', 'The same destination is listed twice.');
+    if (ids.has(opts.source.id))
+      throw new MedsyncError('E_CONFIG', 'A destination may not be the source itself.');
+    if (
+      opts.concurrency !== undefined &&
+      !(Number.isInteger(opts.concurrency) && opts.concurrency >= 1 && opts.concurrency <= 256)
+    ) {
       throw new MedsyncError('E_CONFIG', 'concurrency must be a whole number from 1 to 256.');
     }
     if (opts.maxDelete !== undefined && !(Number.isInteger(opts.maxDelete) && opts.maxDelete >= 0)) {
@@ -164,17 +177,21 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     opts.signal?.addEventListener('abort', () => abort(opts.signal?.reason), { once: true });
     if (opts.signal?.aborted) abort(opts.signal.reason);
     let lostLease = false;
-    const renew = setInterval(() => {
-      store.locks.renew(lockName, this.owner, ttl, this.clock.now()).then(
-        (ok) => {
-          if (!ok) {
-            lostLease = true;
-            abort(new MedsyncError('E_LOCKED', 'The job lease was lost to another instance.'));
-          }
-        },
-        (e: unknown) => this.log.warn('Renewing the job lease failed', { error: toMedsyncError(e).message }),
-      );
-    }, Math.max(1000, Math.floor(ttl / 3)));
+    const renew = setInterval(
+      () => {
+        store.locks.renew(lockName, this.owner, ttl, this.clock.now()).then(
+          (ok) => {
+            if (!ok) {
+              lostLease = true;
+              abort(new MedsyncError('E_LOCKED', 'The job lease was lost to another instance.'));
+            }
+          },
+          (e: unknown) =>
+            this.log.warn('Renewing the job lease failed', { error: toMedsyncError(e).message }),
+        );
+      },
+      Math.max(1000, Math.floor(ttl / 3)),
+    );
     renew.unref?.();
 
     const runId = randomUUID();
@@ -196,7 +213,15 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       errorCount: 0,
       dryRun,
     };
-    const plan: SyncPlan = { uploads: 0, uploadBytes: 0, moves: 0, deletes: 0, skipped: 0, deletesRefused: 0, ops: [] };
+    const plan: SyncPlan = {
+      uploads: 0,
+      uploadBytes: 0,
+      moves: 0,
+      deletes: 0,
+      skipped: 0,
+      deletesRefused: 0,
+      ops: [],
+    };
     let fatal: MedsyncError | undefined;
     let progressTimer: unknown;
     const progress = {
@@ -209,7 +234,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const addError = (err: MedsyncError, path?: string, destination?: string) => {
       record.errorCount++;
       if (record.errors.length < MAX_KEPT_ERRORS) {
-        record.errors.push({ ...(path !== undefined ? { path } : {}), ...(destination ? { destination } : {}), code: err.code, message: err.message });
+        record.errors.push({
+          ...(path !== undefined ? { path } : {}),
+          ...(destination ? { destination } : {}),
+          code: err.code,
+          message: err.message,
+        });
       }
     };
     try {
@@ -231,7 +261,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const deletes: Task[] = [];
       for (const dest of this.o.destinations) {
         const scope = { jobId: this.id, destination: dest.id };
-        const r = await this.planDestination(dest, scope, sources, { interrupted, dryRun, runStart: startedAt, only: opts.only, signal: inner.signal });
+        const r = await this.planDestination(dest, scope, sources, {
+          interrupted,
+          dryRun,
+          runStart: startedAt,
+          only: opts.only,
+          signal: inner.signal,
+        });
         plan.skipped += r.skipped;
         for (const t of r.tasks) {
           tasks.push(t);
@@ -315,14 +351,34 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
               {
                 signal: inner.signal,
                 onRetry: (e) => {
-                  this.emit('file:retry', { runId, jobId: this.id, destination: t.dest.id, path: ref, attempt: e.attempt, delayMs: e.delayMs, error: e.error });
-                  this.log.warn('Retrying a file', { jobId: this.id, code: e.error.code, attempt: e.attempt, delayMs: e.delayMs });
+                  this.emit('file:retry', {
+                    runId,
+                    jobId: this.id,
+                    destination: t.dest.id,
+                    path: ref,
+                    attempt: e.attempt,
+                    delayMs: e.delayMs,
+                    error: e.error,
+                  });
+                  this.log.warn('Retrying a file', {
+                    jobId: this.id,
+                    code: e.error.code,
+                    attempt: e.attempt,
+                    delayMs: e.delayMs,
+                  });
                 },
               },
             );
             progress.filesDone++;
             const action = t.op.kind;
-            this.emit('file:done', { runId, jobId: this.id, destination: t.dest.id, path: ref, action, bytes: action === 'upload' ? t.op.size : 0 });
+            this.emit('file:done', {
+              runId,
+              jobId: this.id,
+              destination: t.dest.id,
+              path: ref,
+              action,
+              bytes: action === 'upload' ? t.op.size : 0,
+            });
           } catch (e) {
             const me = toMedsyncError(e, undefined, { path: t.op.path });
             if (me.code === 'E_ABORTED' && inner.signal.aborted) return;
@@ -368,7 +424,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         actor: this.owner,
         action: dryRun ? 'sync.plan' : 'sync.run',
         subject: this.id,
-        details: { runId, status: record.status, files: record.filesSynced, failed: record.filesFailed, deleted: record.filesDeleted, bytes: record.bytes },
+        details: {
+          runId,
+          status: record.status,
+          files: record.filesSynced,
+          failed: record.filesFailed,
+          deleted: record.filesDeleted,
+          bytes: record.bytes,
+        },
       });
     } catch (e) {
       this.log.error('Recording the run failed', { jobId: this.id, error: toMedsyncError(e).message });
@@ -378,7 +441,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const { ops, ...summary } = plan;
     const result: SyncResult = { ...record, plan: dryRun ? { ...summary, ops } : summary };
     this.emit('run:done', { result });
-    this.log.info('Sync run finished', { jobId: this.id, runId, status: record.status, files: record.filesSynced, failed: record.filesFailed });
+    this.log.info('Sync run finished', {
+      jobId: this.id,
+      runId,
+      status: record.status,
+      files: record.filesSynced,
+      failed: record.filesFailed,
+    });
     return result;
   }
 
@@ -395,7 +464,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     return running.length > 0;
   }
 
-  private async scanSource(signal: AbortSignal | undefined, only: readonly string[] | undefined): Promise<Map<string, StorageEntry>> {
+  private async scanSource(
+    signal: AbortSignal | undefined,
+    only: readonly string[] | undefined,
+  ): Promise<Map<string, StorageEntry>> {
     const out = new Map<string, StorageEntry>();
     const onlySet = only ? new Set(only) : undefined;
     try {
@@ -407,7 +479,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     } catch (e) {
       const me = toMedsyncError(e, 'Scanning the source');
       if (me.code === 'E_NOT_FOUND') {
-        throw new MedsyncError('E_NOT_FOUND', 'The source folder does not exist: check the path, and that the share is mounted.', { cause: me });
+        throw new MedsyncError(
+          'E_NOT_FOUND',
+          'The source folder does not exist: check the path, and that the share is mounted.',
+          { cause: me },
+        );
       }
       throw me;
     }
@@ -418,7 +494,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     dest: Storage,
     scope: ManifestScope,
     sources: Map<string, StorageEntry>,
-    ctx: { interrupted: boolean; dryRun: boolean; runStart: number; only: readonly string[] | undefined; signal: AbortSignal },
+    ctx: {
+      interrupted: boolean;
+      dryRun: boolean;
+      runStart: number;
+      only: readonly string[] | undefined;
+      signal: AbortSignal;
+    },
   ): Promise<{ tasks: Task[]; deletes: Task[]; skipped: number; refused: boolean; limit: number }> {
     const store = this.o.store;
     const manifest = new Map<string, ManifestEntry>();
@@ -426,7 +508,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
 
     if (ctx.interrupted && !ctx.dryRun && dest.cleanupPartials) {
       await dest.cleanupPartials('', { olderThanMs: ctx.runStart, signal: ctx.signal }).catch((e: unknown) =>
-        this.log.warn('Removing leftovers of an interrupted run failed', { error: toMedsyncError(e).message }),
+        this.log.warn('Removing leftovers of an interrupted run failed', {
+          error: toMedsyncError(e).message,
+        }),
       );
     }
 
@@ -469,7 +553,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     if (this.mode === 'mirror' && !ctx.only) {
       for (const m of manifest.values()) {
         if (!sources.has(m.path) && this.isIncluded(m.path)) {
-          deletes.push({ dest, scope, op: { kind: 'delete', destination: dest.id, path: m.path, size: m.size } });
+          deletes.push({
+            dest,
+            scope,
+            op: { kind: 'delete', destination: dest.id, path: m.path, size: m.size },
+          });
         }
       }
     }
@@ -497,12 +585,28 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         }
         const [d] = pool.splice(idx, 1);
         deletes.splice(deletes.indexOf(d!), 1);
-        tasks.push({ dest, scope, source: { ...s, hashes: { md5: h.md5, sha256: h.sha256 } }, op: { kind: 'move', destination: dest.id, from: d!.op.path, path: s.path, size: s.size } });
+        tasks.push({
+          dest,
+          scope,
+          source: { ...s, hashes: { md5: h.md5, sha256: h.sha256 } },
+          op: { kind: 'move', destination: dest.id, from: d!.op.path, path: s.path, size: s.size },
+        });
       }
       toSend = remaining;
     }
     for (const s of toSend) {
-      tasks.push({ dest, scope, source: s, op: { kind: 'upload', destination: dest.id, path: s.path, size: s.size, reason: manifest.has(s.path) ? 'changed' : 'new' } });
+      tasks.push({
+        dest,
+        scope,
+        source: s,
+        op: {
+          kind: 'upload',
+          destination: dest.id,
+          path: s.path,
+          size: s.size,
+          reason: manifest.has(s.path) ? 'changed' : 'new',
+        },
+      });
     }
 
     const limit = this.o.maxDelete ?? Math.floor(manifest.size / 2);
@@ -595,7 +699,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const body = await this.o.source.read(op.path, { signal }).catch((e: unknown) => {
       const me = toMedsyncError(e, 'Reading the source file', { path: op.path });
       // A source file that cannot be read will not become readable by retrying.
-      throw me.code === 'E_TRANSIENT' ? me : new MedsyncError(me.code, me.message, { cause: me, retryable: false, path: op.path });
+      throw me.code === 'E_TRANSIENT'
+        ? me
+        : new MedsyncError(me.code, me.message, { cause: me, retryable: false, path: op.path });
     });
     const hasher = new HashingStream(
       (n) => {
@@ -623,7 +729,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const digests = hasher.result();
     if (written.size !== hasher.bytes) {
       onBytes(-sent);
-      throw new MedsyncError('E_INTEGRITY', `The destination holds ${written.size} bytes, ${hasher.bytes} were sent.`, { path: op.path });
+      throw new MedsyncError(
+        'E_INTEGRITY',
+        `The destination holds ${written.size} bytes, ${hasher.bytes} were sent.`,
+        { path: op.path },
+      );
     }
     let verifiedBy: VerifiedBy = 'size';
     for (const kind of ['sha256', 'md5'] as const) {
@@ -631,7 +741,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       if (!remote) continue;
       if (remote.toLowerCase() !== digests[kind]) {
         onBytes(-sent);
-        throw new MedsyncError('E_INTEGRITY', `The destination's ${kind} does not match the bytes sent; resending.`, { path: op.path });
+        throw new MedsyncError(
+          'E_INTEGRITY',
+          `The destination's ${kind} does not match the bytes sent; resending.`,
+          { path: op.path },
+        );
       }
       if (verifiedBy === 'size') verifiedBy = kind;
     }

@@ -65,7 +65,13 @@ export interface SyncJobEvents {
     delayMs: number;
     error: MedsyncError;
   }) => void;
-  'file:failed': (e: { runId: string; jobId: string; destination: string; path: string; error: MedsyncError }) => void;
+  'file:failed': (e: {
+    runId: string;
+    jobId: string;
+    destination: string;
+    path: string;
+    error: MedsyncError;
+  }) => void;
   progress: (e: SyncProgress) => void;
   warning: (e: { runId: string; jobId: string; code: string; message: string }) => void;
   'run:done': (e: { result: SyncResult }) => void;

@@ -14,3 +14,4 @@ export {
 } from './store-conformance.js';
 export { MemoryStorage, MemoryFaults, createMemoryStorage } from '../storage/memory.js';
 export { MemoryStore, createMemoryStore } from '../store/memory.js';
+export { resolveTestApi, type TestApi } from './test-api.js';

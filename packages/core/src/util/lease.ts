@@ -25,7 +25,13 @@ export function isDeadLocalOwner(owner: string): boolean {
  * Takes a lease. A lease held by a process of this host that has died (kill -9, power loss of a
  * container) is taken over at once instead of waiting for it to expire.
  */
-export async function acquireLease(locks: LockStore, name: string, owner: string, ttlMs: number, now: number): Promise<boolean> {
+export async function acquireLease(
+  locks: LockStore,
+  name: string,
+  owner: string,
+  ttlMs: number,
+  now: number,
+): Promise<boolean> {
   if (await locks.acquire(name, owner, ttlMs, now)) return true;
   const holder = await locks.get(name, now);
   if (holder && isDeadLocalOwner(holder.owner)) {

@@ -53,8 +53,16 @@ export class RetryPolicy {
     this.multiplier = opts.multiplier ?? 2;
     this.maxDelayMs = opts.maxDelayMs ?? 60_000;
     this.jitter = opts.jitter ?? 0.2;
-    if (!(this.retries >= 0) || !(this.initialDelayMs >= 0) || !(this.multiplier >= 1) || !(this.jitter >= 0 && this.jitter <= 1)) {
-      throw new MedsyncError('E_CONFIG', 'RetryPolicy: retries and delays must be >= 0, multiplier >= 1, jitter in 0..1.');
+    if (
+      !(this.retries >= 0) ||
+      !(this.initialDelayMs >= 0) ||
+      !(this.multiplier >= 1) ||
+      !(this.jitter >= 0 && this.jitter <= 1)
+    ) {
+      throw new MedsyncError(
+        'E_CONFIG',
+        'RetryPolicy: retries and delays must be >= 0, multiplier >= 1, jitter in 0..1.',
+      );
     }
   }
 
@@ -87,9 +95,15 @@ export class RetryPolicy {
             if (ctx.retriesLeft <= 0) return;
             const me = toMedsyncError(ctx.error);
             let delay = this.delayFor(ctx.attemptNumber);
-            if (this.jitter > 0) delay = Math.round(delay * (1 - this.jitter + Math.random() * 2 * this.jitter));
+            if (this.jitter > 0)
+              delay = Math.round(delay * (1 - this.jitter + Math.random() * 2 * this.jitter));
             if (me.retryAfterMs !== undefined) delay = Math.max(delay, me.retryAfterMs);
-            opts.onRetry?.({ attempt: ctx.attemptNumber, retriesLeft: ctx.retriesLeft, error: me, delayMs: delay });
+            opts.onRetry?.({
+              attempt: ctx.attemptNumber,
+              retriesLeft: ctx.retriesLeft,
+              error: me,
+              delayMs: delay,
+            });
             await this.clock.sleep(delay, signal);
           },
         },

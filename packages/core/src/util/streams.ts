@@ -91,7 +91,9 @@ export function parseRate(input: string | number): number | undefined {
 }
 
 /** Reads a stream to its end, returning MD5 and SHA-256 (for changed-file checks). */
-export async function hashStream(stream: NodeJS.ReadableStream): Promise<{ md5: string; sha256: string; size: number }> {
+export async function hashStream(
+  stream: NodeJS.ReadableStream,
+): Promise<{ md5: string; sha256: string; size: number }> {
   const md5 = createHash('md5');
   const sha = createHash('sha256');
   let size = 0;
