@@ -15,6 +15,7 @@ import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openSqliteStore } from '@medsync/adapters-db';
+import { readTree, writeTree } from '@medsync/core/testing';
 
 const BIN = fileURLToPath(new URL('../dist/bin.js', import.meta.url));
 const isRoot = process.getuid?.() === 0;
@@ -65,27 +66,6 @@ function medsync(args: string[], opts: SpawnOptions & { asNobody?: boolean } = {
       resolve({ code, stdout, stderr, json });
     });
   });
-}
-
-function writeTree(root: string, files: Record<string, Buffer | string>): void {
-  for (const [p, data] of Object.entries(files)) {
-    const abs = join(root, p);
-    mkdirSync(dirname(abs), { recursive: true });
-    writeFileSync(abs, data);
-  }
-}
-
-function readTree(root: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string) => {
-    for (const e of readdirSync(d, { withFileTypes: true })) {
-      const abs = join(d, e.name);
-      if (e.isDirectory()) walk(abs);
-      else out[relative(root, abs)] = readFileSync(abs).toString('base64');
-    }
-  };
-  walk(root);
-  return out;
 }
 
 function chmodTree(root: string): void {

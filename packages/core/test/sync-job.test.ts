@@ -2,7 +2,6 @@ import { randomBytes } from 'node:crypto';
 import {
   mkdirSync,
   mkdtempSync,
-  readdirSync,
   readFileSync,
   rmSync,
   statSync,
@@ -11,9 +10,10 @@ import {
   renameSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join, relative } from 'node:path';
+import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
+import { readTree, runRecord, writeTree } from '@medsync/core/testing';
 import {
   LocalStorage,
   MedsyncError,
@@ -33,27 +33,6 @@ function tmp(): string {
 afterEach(() => {
   for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
 });
-
-function writeTree(root: string, files: Record<string, Buffer | string>): void {
-  for (const [p, data] of Object.entries(files)) {
-    const abs = join(root, p);
-    mkdirSync(dirname(abs), { recursive: true });
-    writeFileSync(abs, data);
-  }
-}
-
-function readTree(root: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string) => {
-    for (const e of readdirSync(d, { withFileTypes: true })) {
-      const abs = join(d, e.name);
-      if (e.isDirectory()) walk(abs);
-      else out[relative(root, abs).split('\\').join('/')] = readFileSync(abs).toString('base64');
-    }
-  };
-  walk(root);
-  return out;
-}
 
 const fast = { retries: 3, initialDelayMs: 1, jitter: 0 };
 
@@ -380,23 +359,7 @@ describe('SyncJob copy', () => {
     const old = new Date(Date.now() - 3600_000);
     utimesSync(join(dst, 'sub/.x.dcm.deadbeef.medsync-part'), old, old);
     const store = new MemoryStore();
-    await store.runs.insert({
-      id: 'crashed',
-      jobId: 'job-1',
-      trigger: 'manual',
-      status: 'running',
-      owner: 'gone',
-      startedAt: 1,
-      filesSynced: 0,
-      filesSkipped: 0,
-      filesFailed: 0,
-      filesDeleted: 0,
-      filesMoved: 0,
-      bytes: 0,
-      errors: [],
-      errorCount: 0,
-      dryRun: false,
-    });
+    await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
     const r = await job(
       { source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] },
       store,

@@ -15,3 +15,4 @@ export {
 export { MemoryStorage, MemoryFaults, createMemoryStorage } from '../storage/memory.js';
 export { MemoryStore, createMemoryStore } from '../store/memory.js';
 export { resolveTestApi, type TestApi } from './test-api.js';
+export { writeTree, readTree } from './fs-tree.js';
