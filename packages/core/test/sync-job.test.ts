@@ -9,6 +9,7 @@ import {
   writeFileSync,
   renameSync,
 } from 'node:fs';
+import { getEventListeners } from 'node:events';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -291,6 +292,15 @@ describe('SyncJob copy', () => {
     expect(r2.status).toBe('success');
     expect(r2.filesSynced).toBe(30 - r.filesSynced);
     expect(readTree(dst)).toEqual(readTree(src));
+  });
+
+  it('leaves no listener on the caller signal after runs (long-running hosts reuse one)', async () => {
+    const src = new MemoryStorage();
+    await src.write('a.dcm', Readable.from([Buffer.from('a')]));
+    const j = job({ source: src, destinations: [new MemoryStorage()] });
+    const ac = new AbortController();
+    for (let i = 0; i < 3; i++) await j.run({ signal: ac.signal, stopSignal: ac.signal });
+    expect(getEventListeners(ac.signal, 'abort')).toHaveLength(0);
   });
 
   it('graceful stop finishes the files in flight and starts no new ones', async () => {

@@ -1,4 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
+import { setMaxListeners } from 'node:events';
 import { EventEmitter } from 'eventemitter3';
 import pLimit from 'p-limit';
 import picomatch from 'picomatch';
@@ -173,8 +174,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       );
     }
     const inner = new AbortController();
+    // Every transfer in flight listens on the run's signal (read stream, pipeline, throttle).
+    setMaxListeners(Math.max(20, (this.o.concurrency ?? 4) * 8), inner.signal);
     const abort = (reason: unknown) => inner.abort(reason);
-    opts.signal?.addEventListener('abort', () => abort(opts.signal?.reason), { once: true });
+    const onOuterAbort = () => abort(opts.signal?.reason);
+    opts.signal?.addEventListener('abort', onOuterAbort, { once: true });
     if (opts.signal?.aborted) abort(opts.signal.reason);
     let lostLease = false;
     const renew = setInterval(
@@ -407,6 +411,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     } finally {
       clearInterval(renew);
       this.clock.clearTimeout(progressTimer);
+      opts.signal?.removeEventListener('abort', onOuterAbort);
     }
 
     const finishedAt = this.clock.now();
