@@ -1,0 +1,609 @@
+#!/usr/bin/env node
+// medsync benchmarks. Usage: node bench/run.mjs <bench> [options]   (see bench/README.md)
+// Prints one JSON object on stdout; progress goes to stderr. Exit 1 if a run misbehaves,
+// 2 on bad usage, 3 with --check when a target is missed.
+import { spawn, spawnSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import {
+  cpSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  realpathSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import os from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const BUILT_CLI = join(ROOT, 'packages/cli/dist/bin.js');
+let CLI = BUILT_CLI; // replaced by the snapshot's bin.js in main()
+const TIME = '/usr/bin/time';
+const KiB = 1024;
+const MB = 1e6; // figures use MB = 1,000,000 bytes
+
+/** Bench name -> { describe, run(ctx) }. Add `ftp` here later. */
+const BENCHES = {
+  sync: {
+    describe: 'local -> local: medsync sync vs rclone copy (copy throughput, no-change re-run, peak RSS)',
+    run: benchSync,
+  },
+};
+
+const USAGE = `usage: node bench/run.mjs <bench> [--concurrency N] [--trials N] [--small] [--keep] [--check]
+  (or: npm run -s bench -- <bench> [options])
+benches:
+${Object.entries(BENCHES)
+  .map(([k, b]) => `  ${k.padEnd(8)} ${b.describe}`)
+  .join('\n')}
+options:
+  --concurrency N  medsync --concurrency N and rclone --transfers N (default 4; rclone --checkers stays 8)
+  --trials N       runs of each timed measurement per tool; the best is kept (default 2)
+  --small          small corpora for a quick check (also MEDSYNC_BENCH_SMALL=1)
+  --keep           keep the temp folder (its path is printed on stderr)
+  --check          exit 3 if a target is missed
+`;
+
+// ---------------------------------------------------------------- helpers
+
+const log = (msg) => process.stderr.write(`[bench] ${msg}\n`);
+
+class BenchError extends Error {}
+
+function fail(msg, extra) {
+  throw new BenchError(extra ? `${msg}\n${extra}` : msg);
+}
+
+function parseArgs(argv) {
+  const o = {
+    name: undefined,
+    concurrency: 4,
+    trials: 2,
+    small: process.env.MEDSYNC_BENCH_SMALL === '1',
+    keep: false,
+    check: false,
+  };
+  const int = (flag, v, min, max) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min || n > max)
+      usage(`${flag} must be a whole number from ${min} to ${max}`);
+    return n;
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--concurrency') o.concurrency = int(a, argv[++i], 1, 256);
+    else if (a.startsWith('--concurrency=')) o.concurrency = int('--concurrency', a.slice(14), 1, 256);
+    else if (a === '--trials') o.trials = int(a, argv[++i], 1, 20);
+    else if (a.startsWith('--trials=')) o.trials = int('--trials', a.slice(9), 1, 20);
+    else if (a === '--small') o.small = true;
+    else if (a === '--keep') o.keep = true;
+    else if (a === '--check') o.check = true;
+    else if (a === '-h' || a === '--help') {
+      process.stdout.write(USAGE);
+      process.exit(0);
+    } else if (!a.startsWith('-') && o.name === undefined) o.name = a;
+    else usage(`unknown argument: ${a}`);
+  }
+  if (!o.name) usage('no bench named');
+  if (!Object.hasOwn(BENCHES, o.name)) usage(`unknown bench: ${o.name}`);
+  return o;
+}
+
+function usage(msg) {
+  process.stderr.write(`bench: ${msg}\n${USAGE}`);
+  process.exit(2);
+}
+
+const round = (n, d = 3) =>
+  n === null || n === undefined || !Number.isFinite(n) ? null : Number(n.toFixed(d));
+const kbToMB = (kb) => (kb === null ? null : round((kb * KiB) / MB, 1));
+
+function which(cmd) {
+  const r = spawnSync('sh', ['-c', `command -v ${cmd}`], { encoding: 'utf8' });
+  return r.status === 0 ? r.stdout.trim() : null;
+}
+
+function aptInstall(pkg) {
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  const opts = { stdio: ['ignore', 2, 2], env };
+  log(`installing ${pkg} with apt-get`);
+  if (spawnSync('apt-get', ['install', '-y', pkg], opts).status === 0) return true;
+  log('apt-get install failed; running apt-get update and retrying');
+  spawnSync('apt-get', ['update'], opts);
+  return spawnSync('apt-get', ['install', '-y', pkg], opts).status === 0;
+}
+
+/** Runs a command; wall-clock seconds via performance.now() around the whole process. */
+async function runTimed(cmd, args, { tmp, rssMethod }) {
+  const rssFile = join(tmp, `rss-${process.pid}-${randomBytes(4).toString('hex')}.txt`);
+  const [file, argv] = rssMethod === 'time' ? [TIME, ['-f', '%M', '-o', rssFile, cmd, ...args]] : [cmd, args];
+  const out = [];
+  const err = [];
+  const t0 = performance.now();
+  const child = spawn(file, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: process.env });
+  child.stdout.on('data', (c) => out.push(c));
+  child.stderr.on('data', (c) => err.push(c));
+  let polledKB = 0;
+  let poll;
+  if (rssMethod === 'proc') {
+    // Fallback without /usr/bin/time: poll VmHWM (racy: may miss the last few ms).
+    poll = setInterval(() => {
+      try {
+        const m = /VmHWM:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'));
+        if (m) polledKB = Math.max(polledKB, Number(m[1]));
+      } catch {
+        /* exited */
+      }
+    }, 10);
+  }
+  const code = await new Promise((res, rej) => {
+    child.on('error', rej);
+    child.on('close', (c, sig) => res(sig ? 128 + (os.constants.signals[sig] ?? 0) : c));
+  });
+  const seconds = (performance.now() - t0) / 1000;
+  if (poll) clearInterval(poll);
+  let peakKB;
+  if (rssMethod === 'time') {
+    try {
+      const lines = readFileSync(rssFile, 'utf8').trim().split('\n');
+      const n = Number(lines[lines.length - 1]);
+      peakKB = Number.isFinite(n) ? n : null;
+    } catch {
+      peakKB = null;
+    }
+    rmSync(rssFile, { force: true });
+  } else peakKB = polledKB || null;
+  return {
+    code,
+    seconds,
+    peakKB,
+    stdout: Buffer.concat(out).toString('utf8'),
+    stderr: Buffer.concat(err).toString('utf8'),
+  };
+}
+
+/** Drops nothing from the page cache (not allowed here), but flushes dirty pages so one tool's writeback does not slow the next. */
+function flush() {
+  spawnSync('sync', [], { stdio: 'ignore' });
+}
+
+/** Writes `files` random files of `size` bytes, spread over `dirs` folders (two levels, like patient/study). */
+async function makeCorpus(root, { files, size, dirs }) {
+  const folders = Array.from({ length: dirs }, (_, i) =>
+    join(`patient-${String(Math.floor(i / 10)).padStart(3, '0')}`, `study-${i % 10}`),
+  );
+  for (const f of folders) await fsp.mkdir(join(root, f), { recursive: true });
+  let next = 0;
+  const worker = async () => {
+    for (let i = next++; i < files; i = next++) {
+      const p = join(root, folders[i % dirs], `IM${String(i).padStart(6, '0')}.dcm`);
+      await fsp.writeFile(p, randomBytes(size));
+    }
+  };
+  await Promise.all(Array.from({ length: 16 }, worker));
+}
+
+/** All regular files under root: count, bytes, newest ctime (ns), relative paths. */
+async function walk(root) {
+  const res = { count: 0, bytes: 0, maxCtimeNs: 0n, paths: [] };
+  const stack = [''];
+  while (stack.length) {
+    const rel = stack.pop();
+    for (const d of await fsp.readdir(join(root, rel), { withFileTypes: true })) {
+      const r = rel ? join(rel, d.name) : d.name;
+      if (d.isDirectory()) stack.push(r);
+      else if (d.isFile()) {
+        const s = await fsp.stat(join(root, r), { bigint: true });
+        res.count++;
+        res.bytes += Number(s.size);
+        if (s.ctimeNs > res.maxCtimeNs) res.maxCtimeNs = s.ctimeNs;
+        res.paths.push(r);
+      }
+    }
+  }
+  return res;
+}
+
+const sha = async (p) =>
+  createHash('sha256')
+    .update(await fsp.readFile(p))
+    .digest('hex');
+
+/** Checks that dst holds exactly the files of src (count, bytes, and content of a sample). */
+async function verifyCopy(tool, src, dst, expect) {
+  const w = await walk(dst);
+  if (w.count !== expect.files || w.bytes !== expect.files * expect.size) {
+    fail(
+      `${tool}: destination holds ${w.count} files / ${w.bytes} bytes, expected ${expect.files} / ${expect.files * expect.size}`,
+    );
+  }
+  const step = Math.max(1, Math.floor(w.paths.length / 20));
+  for (let i = 0; i < w.paths.length; i += step) {
+    const p = w.paths[i];
+    if ((await sha(join(src, p))) !== (await sha(join(dst, p))))
+      fail(`${tool}: ${p} differs from the source`);
+  }
+  return w;
+}
+
+/**
+ * Freezes the built packages (package.json, dist, nested node_modules) into tmp/snap, with the
+ * other dependencies linked from the root node_modules, and returns the frozen bin.js. A rebuild
+ * of the work tree during the bench (tsup empties dist/) then cannot break or change the runs.
+ */
+function snapshotCli(tmp) {
+  const snap = join(tmp, 'snap');
+  const nm = join(snap, 'node_modules');
+  mkdirSync(join(nm, '@medsync'), { recursive: true });
+  for (const pkg of ['core', 'adapters-db', 'cli']) {
+    const from = join(ROOT, 'packages', pkg);
+    const to = join(snap, 'packages', pkg);
+    for (const part of ['package.json', 'dist', 'node_modules']) {
+      if (existsSync(join(from, part)))
+        cpSync(join(from, part), join(to, part), { recursive: true, dereference: false });
+    }
+    symlinkSync(to, join(nm, '@medsync', pkg));
+  }
+  for (const e of readdirSync(join(ROOT, 'node_modules'))) {
+    if (e === '@medsync' || e === '.bin') continue;
+    symlinkSync(realpathSync(join(ROOT, 'node_modules', e)), join(nm, e));
+  }
+  const bin = join(snap, 'packages/cli/dist/bin.js');
+  const r = spawnSync(process.execPath, [bin, '--version'], { encoding: 'utf8' });
+  if (r.status !== 0)
+    fail('The built CLI does not start (was dist/ being rebuilt? run npm run build again).', r.stderr);
+  return bin;
+}
+
+function gitInfo() {
+  const git = (...a) => spawnSync('git', ['-C', ROOT, ...a], { encoding: 'utf8' }).stdout?.trim() ?? '';
+  const changed = git('status', '--porcelain', '--untracked-files=no', '--', 'packages')
+    .split('\n')
+    .filter(Boolean);
+  return { commit: git('rev-parse', '--short', 'HEAD') || null, modifiedPackageFiles: changed.length };
+}
+
+// ---------------------------------------------------------------- tools
+
+function medsyncRunner(ctx) {
+  return async (src, dst, state, expect) => {
+    const args = [
+      CLI,
+      'sync',
+      src,
+      dst,
+      '--state',
+      state,
+      '--json',
+      '--no-progress',
+      '--concurrency',
+      String(ctx.concurrency),
+    ];
+    const r = await runTimed(process.execPath, args, ctx);
+    const line = r.stdout.trim().split('\n').pop() ?? '';
+    let j;
+    try {
+      j = JSON.parse(line);
+    } catch {
+      fail(
+        `medsync printed no JSON (exit ${r.code})`,
+        `stdout: ${r.stdout.slice(-2000)}\nstderr: ${r.stderr.slice(-2000)}`,
+      );
+    }
+    const bad = [];
+    if (r.code !== 0) bad.push(`exit code ${r.code}`);
+    if (j.status !== 'success') bad.push(`status ${j.status}`);
+    if (j.filesSynced !== expect.synced) bad.push(`filesSynced ${j.filesSynced}, expected ${expect.synced}`);
+    if (j.filesSkipped !== expect.skipped)
+      bad.push(`filesSkipped ${j.filesSkipped}, expected ${expect.skipped}`);
+    if (j.bytes !== expect.bytes) bad.push(`bytes ${j.bytes}, expected ${expect.bytes}`);
+    if (bad.length)
+      fail(
+        `medsync run did not do what it should: ${bad.join('; ')}`,
+        `json: ${line.slice(0, 2000)}\nstderr: ${r.stderr.slice(-2000)}`,
+      );
+    return { seconds: r.seconds, peakKB: r.peakKB, internalSeconds: j.durationMs / 1000 };
+  };
+}
+
+function rcloneRunner(ctx) {
+  return async (src, dst) => {
+    const args = [
+      'copy',
+      src,
+      dst,
+      '--config',
+      ctx.rcloneConfig,
+      '--transfers',
+      String(ctx.concurrency),
+      '--checkers',
+      '8',
+    ];
+    const r = await runTimed(ctx.rclone, args, ctx);
+    if (r.code !== 0) fail(`rclone copy exited ${r.code}`, `stderr: ${r.stderr.slice(-2000)}`);
+    return { seconds: r.seconds, peakKB: r.peakKB };
+  };
+}
+
+/** Runs `fns` (named) `trials` times, alternating which goes first; returns all results per name. */
+async function alternate(trials, fns, before) {
+  const names = Object.keys(fns);
+  const out = Object.fromEntries(names.map((n) => [n, []]));
+  for (let t = 0; t < trials; t++) {
+    const order = t % 2 === 0 ? names : [...names].reverse();
+    for (const n of order) {
+      await before?.(n, t);
+      flush();
+      out[n].push(await fns[n](t));
+    }
+  }
+  return out;
+}
+
+const best = (runs) => runs.reduce((a, b) => (b.seconds < a.seconds ? b : a));
+const maxKB = (...runs) =>
+  runs.some((r) => r.peakKB === null) ? null : Math.max(...runs.map((r) => r.peakKB));
+
+// ---------------------------------------------------------------- sync bench
+
+async function benchSync(ctx) {
+  const S = ctx.small
+    ? { copy: { files: 200, size: 256 * KiB, dirs: 4 }, rerun: { files: 2000, size: 4 * KiB, dirs: 10 } }
+    : { copy: { files: 2000, size: 256 * KiB, dirs: 20 }, rerun: { files: 20000, size: 4 * KiB, dirs: 100 } };
+  const medsync = medsyncRunner(ctx);
+  const rclone = rcloneRunner(ctx);
+  const results = [];
+  const rssTarget = 150;
+
+  // Warm the binaries and modules so neither tool's first run pays for loading them from disk.
+  spawnSync(process.execPath, [CLI, '--version'], { stdio: 'ignore' });
+  spawnSync(ctx.rclone, ['version', '--config', ctx.rcloneConfig], { stdio: 'ignore' });
+
+  // 1. Copy throughput: each trial copies into fresh destinations (and a fresh state file).
+  {
+    const c = S.copy;
+    const src = join(ctx.tmp, 'copy-src');
+    log(`copy: generating ${c.files} x ${c.size / KiB} KiB in ${c.dirs} folders`);
+    await makeCorpus(src, c);
+    const bytes = c.files * c.size;
+    const runs = await alternate(ctx.trials, {
+      medsync: async (t) => {
+        const dst = join(ctx.tmp, `copy-dst-medsync-${t}`);
+        const r = await medsync(src, dst, join(ctx.tmp, `copy-state-${t}.db`), {
+          synced: c.files,
+          skipped: 0,
+          bytes,
+        });
+        log(`copy: trial ${t + 1} medsync ${r.seconds.toFixed(2)} s`);
+        await verifyCopy('medsync', src, dst, c);
+        await fsp.rm(dst, { recursive: true, force: true });
+        return r;
+      },
+      rclone: async (t) => {
+        const dst = join(ctx.tmp, `copy-dst-rclone-${t}`);
+        const r = await rclone(src, dst);
+        log(`copy: trial ${t + 1} rclone  ${r.seconds.toFixed(2)} s`);
+        await verifyCopy('rclone', src, dst, c);
+        await fsp.rm(dst, { recursive: true, force: true });
+        return r;
+      },
+    });
+    const fig = (runs) => {
+      const b = best(runs);
+      return {
+        seconds: round(b.seconds),
+        MBps: round(bytes / MB / b.seconds, 1),
+        filesPerSec: round(c.files / b.seconds, 1),
+        peakRssMB: kbToMB(maxKB(...runs)),
+        trialsSeconds: runs.map((r) => round(r.seconds)),
+        ...(b.internalSeconds !== undefined ? { runDurationSeconds: round(b.internalSeconds) } : {}),
+      };
+    };
+    const m = fig(runs.medsync);
+    const r = fig(runs.rclone);
+    const ratio = round(m.MBps / r.MBps);
+    results.push({
+      name: 'copy',
+      description: `${c.files} files x ${c.size / KiB} KiB (${round(bytes / MB, 1)} MB) in ${c.dirs} folders, local -> fresh local destination`,
+      medsync: m,
+      rclone: r,
+      ratio,
+      ratioDefinition: 'medsync MB/s / rclone MB/s',
+      target: 'ratio >= 1 (at least as fast as rclone)',
+      pass: ratio >= 1,
+    });
+    results.push({
+      name: 'peak-rss-copy',
+      description: 'peak RSS (VmHWM) of the medsync process over the copy runs',
+      medsync: { peakRssMB: m.peakRssMB },
+      rclone: { peakRssMB: r.peakRssMB },
+      ratio: m.peakRssMB && r.peakRssMB ? round(m.peakRssMB / r.peakRssMB) : null,
+      ratioDefinition: 'medsync MB / rclone MB (informational)',
+      target: `medsync peak RSS < ${rssTarget} MB`,
+      pass: m.peakRssMB !== null && m.peakRssMB < rssTarget,
+    });
+    await fsp.rm(src, { recursive: true, force: true });
+  }
+
+  // 2. No-change re-run: each tool copies once into its own destination, then re-runs over it.
+  {
+    const c = S.rerun;
+    const src = join(ctx.tmp, 'rerun-src');
+    log(`re-run: generating ${c.files} x ${c.size / KiB} KiB in ${c.dirs} folders`);
+    await makeCorpus(src, c);
+    const dstM = join(ctx.tmp, 'rerun-dst-medsync');
+    const dstR = join(ctx.tmp, 'rerun-dst-rclone');
+    const state = join(ctx.tmp, 'rerun-state.db');
+    const bytes = c.files * c.size;
+    flush();
+    const firstM = await medsync(src, dstM, state, { synced: c.files, skipped: 0, bytes });
+    log(`re-run: first copy medsync ${firstM.seconds.toFixed(2)} s`);
+    const wM = await verifyCopy('medsync', src, dstM, c);
+    flush();
+    const firstR = await rclone(src, dstR);
+    log(`re-run: first copy rclone  ${firstR.seconds.toFixed(2)} s`);
+    const wR = await verifyCopy('rclone', src, dstR, c);
+    const runs = await alternate(ctx.trials, {
+      medsync: async (t) => {
+        const r = await medsync(src, dstM, state, { synced: 0, skipped: c.files, bytes: 0 });
+        log(`re-run: trial ${t + 1} medsync ${r.seconds.toFixed(3)} s`);
+        return r;
+      },
+      rclone: async (t) => {
+        const r = await rclone(src, dstR);
+        log(`re-run: trial ${t + 1} rclone  ${r.seconds.toFixed(3)} s`);
+        return r;
+      },
+    });
+    // Nothing at either destination may have been rewritten by a re-run.
+    for (const [tool, dst, before] of [
+      ['medsync', dstM, wM],
+      ['rclone', dstR, wR],
+    ]) {
+      const after = await walk(dst);
+      if (after.count !== c.files || after.maxCtimeNs !== before.maxCtimeNs)
+        fail(`${tool}: the no-change re-run changed the destination`);
+    }
+    const fig = (runs, first) => {
+      const b = best(runs);
+      return {
+        seconds: round(b.seconds),
+        filesPerSec: round(c.files / b.seconds, 0),
+        peakRssMB: kbToMB(maxKB(first, ...runs)),
+        rerunPeakRssMB: kbToMB(maxKB(...runs)),
+        firstRunPeakRssMB: kbToMB(first.peakKB),
+        firstRunSeconds: round(first.seconds),
+        trialsSeconds: runs.map((r) => round(r.seconds)),
+        ...(b.internalSeconds !== undefined ? { runDurationSeconds: round(b.internalSeconds) } : {}),
+      };
+    };
+    const m = fig(runs.medsync, firstM);
+    const r = fig(runs.rclone, firstR);
+    const ratio = round(r.seconds / m.seconds);
+    results.push({
+      name: 'no-change-rerun',
+      description: `second run over ${c.files} files x ${c.size / KiB} KiB in ${c.dirs} folders, already copied (nothing to send)`,
+      medsync: m,
+      rclone: r,
+      ratio,
+      ratioDefinition: 'rclone seconds / medsync seconds (>1: medsync faster)',
+      target: 'ratio >= 1.5 (re-run at least 1.5x faster than rclone)',
+      pass: ratio >= 1.5,
+    });
+    results.push({
+      name: 'peak-rss-rerun',
+      description: `peak RSS (VmHWM) of the medsync process over the first copy of ${c.files} files and the re-runs`,
+      medsync: {
+        peakRssMB: m.peakRssMB,
+        firstRunPeakRssMB: m.firstRunPeakRssMB,
+        rerunPeakRssMB: m.rerunPeakRssMB,
+      },
+      rclone: {
+        peakRssMB: r.peakRssMB,
+        firstRunPeakRssMB: r.firstRunPeakRssMB,
+        rerunPeakRssMB: r.rerunPeakRssMB,
+      },
+      ratio: m.peakRssMB && r.peakRssMB ? round(m.peakRssMB / r.peakRssMB) : null,
+      ratioDefinition: 'medsync MB / rclone MB (informational)',
+      target: `medsync peak RSS < ${rssTarget} MB`,
+      pass: m.peakRssMB !== null && m.peakRssMB < rssTarget,
+    });
+  }
+
+  return {
+    config: {
+      concurrency: ctx.concurrency,
+      rcloneCheckers: 8,
+      trials: ctx.trials,
+      keep: 'best (lowest wall-clock) of the trials; order alternates between trials',
+      small: ctx.small,
+      corpora: S,
+      units: 'MB = 1,000,000 bytes; seconds are wall-clock around the whole process (start-up included)',
+    },
+    results,
+  };
+}
+
+// ---------------------------------------------------------------- main
+
+async function main() {
+  const opts = parseArgs(process.argv.slice(2));
+  if (!existsSync(BUILT_CLI)) fail(`${BUILT_CLI} is missing: run npm run build first (npm run bench does).`);
+
+  let rclone = which('rclone');
+  if (!rclone) {
+    if (!aptInstall('rclone') || !(rclone = which('rclone')))
+      fail('rclone is missing and apt-get install -y rclone failed.');
+  }
+  if (!existsSync(TIME)) aptInstall('time');
+  const rssMethod = existsSync(TIME) ? 'time' : 'proc';
+  if (rssMethod === 'proc')
+    log(`${TIME} is unavailable: peak RSS is polled from /proc/PID/status VmHWM (may miss the last few ms)`);
+
+  const tmp = mkdtempSync(join(os.tmpdir(), 'medsync-bench-'));
+  const cleanup = () => {
+    if (opts.keep) log(`kept ${tmp}`);
+    else rmSync(tmp, { recursive: true, force: true });
+  };
+  const onSignal = (sig) => {
+    cleanup();
+    process.exit(128 + os.constants.signals[sig]);
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  let out, rcloneVersion, git, loadStart;
+  try {
+    git = gitInfo();
+    CLI = snapshotCli(tmp);
+    const rcloneConfig = join(tmp, 'rclone.conf');
+    writeFileSync(rcloneConfig, '');
+    rcloneVersion = (
+      spawnSync(rclone, ['version', '--config', rcloneConfig], { encoding: 'utf8' }).stdout ?? ''
+    )
+      .split('\n')[0]
+      .trim();
+    log(
+      `bench ${opts.name}: ${rcloneVersion}, node ${process.version}, concurrency ${opts.concurrency}, ${opts.trials} trial(s)${opts.small ? ', small corpora' : ''}; temp ${tmp}`,
+    );
+    loadStart = os.loadavg()[0];
+    out = await BENCHES[opts.name].run({ ...opts, tmp, rclone, rcloneConfig, rssMethod });
+  } finally {
+    cleanup();
+  }
+  const cpus = os.cpus();
+  const report = {
+    bench: opts.name,
+    date: new Date().toISOString(),
+    machine: {
+      node: process.version,
+      platform: `${os.platform()} ${os.release()} ${os.arch()}`,
+      cpus: cpus.length,
+      cpuModel: cpus[0]?.model ?? null,
+      memoryGB: round(os.totalmem() / 1e9, 1),
+      tmpdir: os.tmpdir(),
+      rclone: rcloneVersion,
+      loadavg1m: { start: round(loadStart, 2), end: round(os.loadavg()[0], 2) },
+      medsync: git,
+      rssMethod:
+        rssMethod === 'time'
+          ? '/usr/bin/time -f %M (max RSS of the child)'
+          : '/proc/PID/status VmHWM polled every 10 ms',
+    },
+    ...out,
+    pass: out.results.every((r) => r.pass),
+  };
+  process.stdout.write(JSON.stringify(report, null, 2) + '\n');
+  if (opts.check && !report.pass) process.exitCode = 3;
+}
+
+main().catch((e) => {
+  process.stderr.write(`bench: FAILED: ${e instanceof BenchError ? e.message : (e?.stack ?? String(e))}\n`);
+  process.exitCode = 1;
+});
