@@ -7,6 +7,7 @@ export default defineConfig({
   resolve: {
     alias: [
       { find: /^@medsync\/core\/testing$/, replacement: src('core/src/testing/index.ts') },
+      { find: /^@medsync\/core\/config$/, replacement: src('core/src/config/index.ts') },
       { find: /^@medsync\/core$/, replacement: src('core/src/index.ts') },
       { find: /^@medsync\/adapters-db$/, replacement: src('adapters-db/src/index.ts') },
     ],

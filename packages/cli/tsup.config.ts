@@ -1,11 +1,28 @@
 import { defineConfig } from 'tsup';
 
-export default defineConfig({
-  entry: { index: 'src/index.ts', bin: 'src/bin.ts' },
-  format: ['esm', 'cjs'],
-  dts: { entry: { index: 'src/index.ts' } },
-  clean: true,
-  sourcemap: true,
-  target: 'node20',
-  silent: true,
-});
+export default defineConfig([
+  {
+    entry: { index: 'src/index.ts' },
+    format: ['esm', 'cjs'],
+    dts: true,
+    clean: true,
+    sourcemap: true,
+    target: 'node20',
+    silent: true,
+  },
+  {
+    // The `medsync` command is one bundled file (better-sqlite3, a native addon, stays outside):
+    // start-up reads one module instead of a few hundred.
+    entry: { bin: 'src/bin.ts' },
+    format: ['esm'],
+    sourcemap: true,
+    target: 'node20',
+    silent: true,
+    noExternal: [/^(?!better-sqlite3$).*/],
+    splitting: true,
+    minify: true,
+    banner: {
+      js: "import { createRequire as __medsyncCreateRequire } from 'node:module'; const require = __medsyncCreateRequire(import.meta.url);",
+    },
+  },
+]);

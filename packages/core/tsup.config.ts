@@ -1,7 +1,11 @@
 import { defineConfig, type Options } from 'tsup';
 
 const base: Options = {
-  entry: { index: 'src/index.ts', 'testing/index': 'src/testing/index.ts' },
+  entry: {
+    index: 'src/index.ts',
+    'testing/index': 'src/testing/index.ts',
+    'config/index': 'src/config/index.ts',
+  },
   dts: true,
   sourcemap: true,
   target: 'node20',

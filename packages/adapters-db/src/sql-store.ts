@@ -28,6 +28,8 @@ export interface SqlCapabilities {
    * same process. Default: a Kysely transaction.
    */
   executeBatch?: (queries: CompiledQuery[]) => Promise<void>;
+  /** Runs one compiled SELECT and returns its rows (SQLite: synchronously, skipping the driver queue). */
+  selectRows?: <R>(query: CompiledQuery) => Promise<R[]>;
 }
 
 const num = (v: unknown): number => (typeof v === 'bigint' ? Number(v) : Number(v ?? 0));
@@ -149,7 +151,7 @@ export class SqlStore implements Store {
           return r ? toEntry(r) : undefined;
         }),
       async *list(scope, opts = {}) {
-        const size = opts.pageSize ?? 2000;
+        const size = opts.pageSize ?? 5000;
         let after: string | undefined;
         for (;;) {
           const page = await wrap('Listing the manifest', () => {
@@ -157,7 +159,10 @@ export class SqlStore implements Store {
             if (opts.prefix)
               q = q.where('path', '>=', opts.prefix).where('path', '<', opts.prefix + '\uffff');
             if (after !== undefined) q = q.where('path', '>', after);
-            return q.orderBy('path').limit(size).execute();
+            const compiled = q.orderBy('path').limit(size).compile();
+            return caps.selectRows
+              ? caps.selectRows<Selectable<ManifestTable>>(compiled)
+              : db.executeQuery(compiled).then((r) => r.rows);
           });
           for (const r of page) yield toEntry(r);
           if (page.length < size) return;

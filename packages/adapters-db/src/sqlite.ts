@@ -2,7 +2,7 @@ import { mkdirSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { MedsyncError } from '@medsync/core';
 import { Kysely, SqliteDialect, type CompiledQuery } from 'kysely';
-import type { Database } from './schema.js';
+import { migrations, type Database } from './schema.js';
 import { SqlStore } from './sql-store.js';
 
 export interface SqliteStoreOptions {
@@ -72,12 +72,17 @@ export async function openSqliteStore(opts: SqliteStoreOptions): Promise<SqlStor
     });
     run.immediate();
   };
-  const store = new SqlStore('sqlite', db, { onConflict: true, executeBatch }, async () => {
+  const selectRows = async <R>(q: CompiledQuery): Promise<R[]> =>
+    prepare(q.sql).all(...(q.parameters as unknown[])) as R[];
+  const store = new SqlStore('sqlite', db, { onConflict: true, executeBatch, selectRows }, async () => {
     await db.destroy();
   });
-  if (!opts.readonly) {
+  // Migrations record their count in user_version, so an up-to-date file opens without the Migrator.
+  const current = Object.keys(migrations).length;
+  if (!opts.readonly && raw.pragma('user_version', { simple: true }) !== current) {
     try {
       await store.migrate();
+      raw.pragma(`user_version = ${current}`);
     } catch (e) {
       await store.close();
       throw e;

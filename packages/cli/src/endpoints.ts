@@ -1,6 +1,7 @@
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { LocalStorage, MedsyncError, SecretBox, type Endpoint, type Storage } from '@medsync/core';
+import { LocalStorage, MedsyncError, SecretBox, type Storage } from '@medsync/core';
+import type { Endpoint } from '@medsync/core/config';
 
 /** Options that come with an endpoint from the command line or a config file. */
 export interface EndpointOptions {

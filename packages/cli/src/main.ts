@@ -6,7 +6,6 @@ import {
   getAllJobStatus,
   getJobStatus,
   MedsyncError,
-  parseConfig,
   Scheduler,
   SecretBox,
   SyncJob,
@@ -305,6 +304,8 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
       `The config file could not be read as JSON: ${(e as Error).message.replace(file, '<config>')}`,
     );
   }
+  // zod and the schemas load only for `run`: other commands start faster without them.
+  const { parseConfig } = await import('@medsync/core/config');
   const config = parseConfig(raw);
   const baseDir = dirname(file);
   const store = await openSqliteStore({ path: resolve(baseDir, config.state) });

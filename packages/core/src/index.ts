@@ -39,4 +39,3 @@ export { RetryPolicy, type RetryPolicyOptions, type RetryEvent, type RetryRunOpt
 export { systemClock, type Clock } from './util/clock.js';
 export { noopLogger, redactingLogger, type Logger } from './util/logger.js';
 export { HashingStream, TokenBucket, parseRate, hashStream } from './util/streams.js';
-export * from './config/schema.js';

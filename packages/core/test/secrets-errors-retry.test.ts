@@ -4,7 +4,6 @@ import {
   MedsyncError,
   MemoryStore,
   normalizePath,
-  parseConfig,
   parseRate,
   redactingLogger,
   RetryPolicy,
@@ -14,6 +13,7 @@ import {
   type Logger,
 } from '@medsync/core';
 import { FakeClock } from '@medsync/core/testing';
+import { parseConfig } from '@medsync/core/config';
 
 describe('SecretBox', () => {
   const k1 = randomBytes(32).toString('base64');

@@ -1,10 +1,9 @@
 import { randomBytes } from 'node:crypto';
-import { createWriteStream, type Dirent } from 'node:fs';
+import type { Dirent } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as nodePath from 'node:path';
 import { pathToFileURL } from 'node:url';
 import type { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { MedsyncError, throwIfAborted, toMedsyncError } from '../errors/errors.js';
 import { isPartialName, normalizePath, partialNameFor } from './paths.js';
 import type {
@@ -16,6 +15,7 @@ import type {
   Storage,
   StorageCapabilities,
   StorageEntry,
+  WriteBody,
   WriteOptions,
 } from './types.js';
 
@@ -29,9 +29,21 @@ export interface LocalStorageOptions {
    * leaves a renamed but empty file. Default true.
    */
   fsync?: boolean;
-  /** Concurrent stat calls while listing. Default 32. */
+  /** Concurrent stat calls while listing (×4 per batch). Default 32. */
   listConcurrency?: number;
 }
+
+/** Size and mtime of a file; null when gone or not a file; size -1 when it cannot be stat'ed. */
+function statEntry(abs: string, path: string): Promise<StorageEntry | null> {
+  return fsp.stat(abs).then(
+    (s) => (s.isFile() ? { path, size: s.size, mtimeMs: Math.floor(s.mtimeMs) } : null),
+    (e: unknown) => ((e as { code?: string }).code === 'ENOENT' ? null : { path, size: -1 }),
+  );
+}
+
+/** Temporary names: a per-process random prefix and a counter (cheaper than random bytes per file). */
+const TMP_PREFIX = randomBytes(4).toString('hex');
+let tmpCounter = 0;
 
 const CAPABILITIES: StorageCapabilities = {
   hashes: [],
@@ -151,45 +163,34 @@ export class LocalStorage implements Storage {
       }
       throw this.err(e, 'Listing the folder', start);
     }
-    const stack: Array<{ rel: string; entries: Dirent[] | null }> = [{ rel: start, entries: top }];
-    while (stack.length > 0) {
+    // Folders are read one after another; the stat calls of their files are batched across
+    // folders so the thread pool always has work.
+    const dirs: string[] = [];
+    const pending: string[] = [];
+    const take = (rel: string, entries: Dirent[]) => {
+      for (const d of entries) {
+        const childRel = rel === '' ? d.name : `${rel}/${d.name}`;
+        if (d.isDirectory()) dirs.push(childRel);
+        else if ((d.isFile() || d.isSymbolicLink()) && !isPartialName(d.name)) pending.push(childRel);
+      }
+    };
+    take(start, top);
+    const batch = Math.max(concurrency, 1) * 4;
+    while (dirs.length > 0 || pending.length > 0) {
       throwIfAborted(opts.signal);
-      const { rel, entries: pre } = stack.pop()!;
-      let entries = pre;
-      if (!entries) {
+      while (pending.length < batch && dirs.length > 0) {
+        const rel = dirs.pop()!;
         try {
-          entries = await fsp.readdir(this.abs(rel), { withFileTypes: true });
+          take(rel, await fsp.readdir(this.abs(rel), { withFileTypes: true }));
         } catch (e) {
           // A folder removed while we walk is not an error; anything else is.
           if ((e as { code?: string }).code === 'ENOENT') continue;
           throw this.err(e, 'Listing a folder', rel);
         }
       }
-      const files: string[] = [];
-      for (const d of entries) {
-        const childRel = rel === '' ? d.name : `${rel}/${d.name}`;
-        if (d.isDirectory()) stack.push({ rel: childRel, entries: null });
-        else if ((d.isFile() || d.isSymbolicLink()) && !isPartialName(d.name)) files.push(childRel);
-      }
-      for (let i = 0; i < files.length; i += concurrency) {
-        const batch = files.slice(i, i + concurrency);
-        const stats = await Promise.all(
-          batch.map((p) =>
-            fsp.stat(this.abs(p)).then(
-              (s) =>
-                s.isFile()
-                  ? ({ path: p, size: s.size, mtimeMs: Math.floor(s.mtimeMs) } as StorageEntry)
-                  : null,
-              (e) => {
-                if ((e as { code?: string }).code === 'ENOENT') return null;
-                // An unreadable entry is still listed (size unknown -> -1) so the sync reports it.
-                return { path: p, size: -1 } as StorageEntry;
-              },
-            ),
-          ),
-        );
-        for (const s of stats) if (s) yield s;
-      }
+      const files = pending.splice(0, batch);
+      const stats = await Promise.all(files.map((p) => statEntry(this.abs(p), p)));
+      for (const s of stats) if (s) yield s;
     }
   }
 
@@ -246,17 +247,43 @@ export class LocalStorage implements Storage {
     this.madeDirs.add(relDir);
   }
 
-  async write(path: string, body: Readable, opts: WriteOptions = {}): Promise<StorageEntry> {
+  async readBuffer(path: string, opts: OpOptions = {}): Promise<Buffer> {
     this.check();
     const rel = normalizePath(path);
-    if (opts.signal?.aborted) {
-      body.destroy();
+    throwIfAborted(opts.signal);
+    try {
+      return await fsp.readFile(this.abs(rel), opts.signal ? { signal: opts.signal } : {});
+    } catch (e) {
+      if ((e as { code?: string }).code === 'EISDIR') {
+        throw new MedsyncError('E_NOT_FOUND', 'The path is a folder, not a file.', {
+          adapter: 'local',
+          path: rel,
+        });
+      }
+      throw this.err(e, 'Reading the file', rel);
+    }
+  }
+
+  async write(path: string, body: WriteBody, opts: WriteOptions = {}): Promise<StorageEntry> {
+    this.check();
+    const isStream = !(body instanceof Uint8Array);
+    let rel: string;
+    try {
+      rel = normalizePath(path);
       throwIfAborted(opts.signal);
+    } catch (e) {
+      if (isStream) body.destroy();
+      throw e;
     }
     const dirRel = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/')) : '';
-    const tmpRel = partialNameFor(rel, randomBytes(6).toString('hex'));
-    const tmp = this.abs(tmpRel);
-    const final = this.abs(rel);
+    const tmp = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
+    let fh: fsp.FileHandle | undefined;
+    const onAbort = () => {
+      if (isStream) body.destroy();
+    };
+    // Errors of the body surface through the read loop below; never as an uncaught event.
+    if (isStream) body.on('error', () => undefined);
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
     try {
       try {
         await this.ensureDir(dirRel);
@@ -264,12 +291,25 @@ export class LocalStorage implements Storage {
         this.madeDirs.delete(dirRel);
         throw e;
       }
-      const out = createWriteStream(tmp, { flags: 'wx', highWaterMark: 256 * 1024 });
+      fh = await fsp.open(tmp, 'wx');
       let written = 0;
-      body.on('data', (c: Buffer) => {
-        written += c.length;
-      });
-      await pipeline(body, out, opts.signal ? { signal: opts.signal } : {});
+      if (!isStream) {
+        while (written < body.length) {
+          const { bytesWritten } = await fh.write(body, written, body.length - written);
+          written += bytesWritten;
+        }
+      } else {
+        for await (const chunk of body as AsyncIterable<Buffer | string>) {
+          const buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
+          let off = 0;
+          while (off < buf.length) {
+            const { bytesWritten } = await fh.write(buf, off, buf.length - off);
+            off += bytesWritten;
+          }
+          written += buf.length;
+        }
+      }
+      throwIfAborted(opts.signal);
       if (opts.size !== undefined && opts.size >= 0 && written !== opts.size) {
         throw new MedsyncError(
           'E_INTEGRITY',
@@ -277,28 +317,34 @@ export class LocalStorage implements Storage {
           { adapter: 'local', path: rel },
         );
       }
-      if (this.opts.fsync || opts.mtimeMs !== undefined) {
-        const fh = await fsp.open(tmp, 'r+');
-        try {
-          if (opts.mtimeMs !== undefined) {
-            // utimes takes seconds as a double; aim at the middle of the millisecond so the
-            // value read back floors to the same millisecond despite rounding.
-            const t = (Math.floor(opts.mtimeMs) + 0.5) / 1000;
-            await fh.utimes(t, t);
-          }
-          if (this.opts.fsync) await fh.datasync();
-        } finally {
-          await fh.close();
-        }
+      if (opts.mtimeMs !== undefined) {
+        // utimes takes seconds as a double; aim at the middle of the millisecond so the value
+        // read back floors to the same millisecond despite rounding.
+        const t = (Math.floor(opts.mtimeMs) + 0.5) / 1000;
+        await fh.utimes(t, t);
       }
+      if (this.opts.fsync) await fh.datasync();
+      const mtimeMs =
+        opts.mtimeMs === undefined ? Math.floor((await fh.stat()).mtimeMs) : Math.floor(opts.mtimeMs);
+      await fh.close();
+      fh = undefined;
       throwIfAborted(opts.signal);
-      await fsp.rename(tmp, final);
-      const s = await fsp.stat(final);
-      return { path: rel, size: s.size, mtimeMs: Math.floor(s.mtimeMs) };
+      await fsp.rename(tmp, this.abs(rel));
+      return { path: rel, size: written, mtimeMs };
     } catch (e) {
-      body.destroy();
+      if (isStream) body.destroy();
+      await fh?.close().catch(() => undefined);
       await fsp.rm(tmp, { force: true }).catch(() => undefined);
+      if (opts.signal?.aborted) {
+        throw new MedsyncError('E_ABORTED', 'The write was cancelled.', {
+          adapter: 'local',
+          path: rel,
+          cause: e,
+        });
+      }
       throw this.err(e, 'Writing the file', rel);
+    } finally {
+      opts.signal?.removeEventListener('abort', onAbort);
     }
   }
 

@@ -10,6 +10,7 @@ import type {
   Storage,
   StorageCapabilities,
   StorageEntry,
+  WriteBody,
   WriteOptions,
 } from './types.js';
 import type { Clock } from '../util/clock.js';
@@ -240,9 +241,17 @@ export class MemoryStorage implements Storage {
     return Readable.from(chunks(), { objectMode: false });
   }
 
-  async write(path: string, body: Readable, opts: WriteOptions = {}): Promise<StorageEntry> {
+  async readBuffer(path: string, opts: OpOptions = {}): Promise<Buffer> {
     const rel = normalizePath(path);
+    await this.enter('read', opts.signal);
+    return Buffer.from(this.findFile(rel)[1].data);
+  }
+
+  async write(path: string, input: WriteBody, opts: WriteOptions = {}): Promise<StorageEntry> {
+    const body = input instanceof Uint8Array ? Readable.from([Buffer.from(input)]) : input;
+    let rel: string;
     try {
+      rel = normalizePath(path);
       await this.enter('write', opts.signal);
     } catch (e) {
       body.destroy();

@@ -3,6 +3,9 @@ import type { Readable } from 'node:stream';
 /** Content hashes a backend may report. */
 export type HashKind = 'md5' | 'sha256';
 
+/** What `write` accepts: a stream, or the bytes of a small file. */
+export type WriteBody = Readable | Uint8Array;
+
 /** Options every long call takes. */
 export interface OpOptions {
   /** Cancels the call; it then rejects with E_ABORTED and leaves nothing half written. */
@@ -119,12 +122,19 @@ export interface Storage {
   read(path: string, opts?: ReadOptions): Promise<Readable>;
 
   /**
-   * Streams `body` into `path`, creating parent folders. The bytes go to a temporary name and are
-   * renamed into place only once complete, so a reader never sees half a file, and an aborted or
-   * failed write leaves nothing under the final name. Overwrites an existing file. Never buffers
-   * the whole body. Resolves to the written entry (with hashes where the backend reports them).
+   * Reads a whole file into memory. Optional: engines use it for small files (a few MiB), where
+   * one buffer costs less than a stream. Rejects like `read`.
    */
-  write(path: string, body: Readable, opts?: WriteOptions): Promise<StorageEntry>;
+  readBuffer?(path: string, opts?: OpOptions): Promise<Buffer>;
+
+  /**
+   * Writes `body` (a stream, or a buffer for small files) into `path`, creating parent folders.
+   * The bytes go to a temporary name and are renamed into place only once complete, so a reader
+   * never sees half a file, and an aborted or failed write leaves nothing under the final name.
+   * Overwrites an existing file. Never buffers a whole stream. Resolves to the written entry
+   * (with hashes where the backend reports them).
+   */
+  write(path: string, body: WriteBody, opts?: WriteOptions): Promise<StorageEntry>;
 
   /** Removes a file. Idempotent: a missing file is not an error. */
   remove(path: string, opts?: OpOptions): Promise<void>;

@@ -4,7 +4,7 @@ import { EventEmitter } from 'eventemitter3';
 import pLimit from 'p-limit';
 import picomatch from 'picomatch';
 import { isMedsyncError, MedsyncError, throwIfAborted, toMedsyncError } from '../errors/errors.js';
-import type { Storage, StorageEntry } from '../storage/types.js';
+import type { HashKind, Storage, StorageEntry } from '../storage/types.js';
 import type {
   ManifestEntry,
   ManifestScope,
@@ -17,8 +17,9 @@ import type { Clock } from '../util/clock.js';
 import { systemClock } from '../util/clock.js';
 import { noopLogger, type Logger } from '../util/logger.js';
 import { acquireLease, makeOwner } from '../util/lease.js';
+import { sharedHashPool } from '../util/hash-pool.js';
 import { RetryPolicy, type RetryPolicyOptions } from '../util/retry.js';
-import { hashStream, HashingStream, parseRate, TokenBucket } from '../util/streams.js';
+import { hashStream, HashingStream, parseRate, TokenBucket, type Digests } from '../util/streams.js';
 import type { PlanOp, SyncJobEvents, SyncPlan, SyncProgress, SyncResult } from './types.js';
 
 export type SyncMode = 'copy' | 'mirror';
@@ -49,6 +50,14 @@ export interface SyncJobOptions {
   retry?: RetryPolicyOptions;
   /** Retries for scheduled runs. Default 3 retries, 5 s apart (growing ×1.5). */
   scheduledRetry?: RetryPolicyOptions;
+  /**
+   * Content hashes computed while sending and kept in the manifest. Default MD5 and SHA-256;
+   * SHA-256 is always included (moves and change checks use it), and so is any hash the
+   * destination reports. Small files are hashed on worker threads.
+   */
+  hashes?: readonly HashKind[];
+  /** Files up to this size are read and written as one buffer. Default 8 MiB. */
+  smallFileBytes?: number;
   /** Detect renames by content hash in mirror mode and rename at the destination. Default true. */
   detectMoves?: boolean;
   /** Put real paths in events (default false: a stable `ref:` instead). */
@@ -161,6 +170,18 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
 
   /** Runs the job once. Resolves with the run's record; rejects only with E_LOCKED or E_CONFIG. */
   async run(opts: SyncRunOptions = {}): Promise<SyncResult> {
+    if (this.active) throw new MedsyncError('E_LOCKED', `Job ${this.id} is already running in this process.`);
+    this.active = true;
+    try {
+      return await this.runLocked(opts);
+    } finally {
+      this.active = false;
+    }
+  }
+
+  private active = false;
+
+  private async runLocked(opts: SyncRunOptions): Promise<SyncResult> {
     const store = this.o.store;
     const trigger = opts.trigger ?? 'manual';
     const dryRun = opts.dryRun ?? false;
@@ -341,6 +362,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         );
         const bucket = this.o.bwlimit !== undefined ? mkBucket(this.o.bwlimit, this.clock) : undefined;
         const limit = pLimit(this.o.concurrency ?? 4);
+        const writer = new ManifestWriter(store, this.clock);
         const stopped = () => inner.signal.aborted || !!opts.stopSignal?.aborted;
 
         const exec = async (t: Task) => {
@@ -350,7 +372,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             await retry.run(
               async () => {
                 throwIfAborted(inner.signal);
-                await this.execute(t, inner.signal, bucket, (n) => (progress.bytesDone += n), record);
+                await this.execute(t, inner.signal, bucket, (n) => (progress.bytesDone += n), record, writer);
               },
               {
                 signal: inner.signal,
@@ -392,9 +414,24 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             this.log.warn('A file failed', { jobId: this.id, code: me.code });
           }
         };
-        await Promise.all(tasks.map((t) => limit(() => exec(t))));
-        // Deletions come last (rclone's --delete-after): a failed upload never costs a delete.
-        if (!stopped()) await Promise.all(deletes.map((t) => limit(() => exec(t))));
+        // Feed the pool as it drains, so a run over many files holds few promises at once.
+        const pump = async (list: Task[]) => {
+          const inFlight = new Set<Promise<void>>();
+          for (const t of list) {
+            if (stopped()) break;
+            const p: Promise<void> = limit(() => exec(t)).finally(() => inFlight.delete(p));
+            inFlight.add(p);
+            if (inFlight.size >= limit.concurrency * 2) await Promise.race(inFlight);
+          }
+          await Promise.all(inFlight);
+        };
+        try {
+          await pump(tasks);
+          // Deletions come last (rclone's --delete-after): a failed upload never costs a delete.
+          if (!stopped()) await pump(deletes);
+        } finally {
+          await writer.flush();
+        }
         if (inner.signal.aborted) {
           throw lostLease
             ? new MedsyncError('E_LOCKED', 'The job lease was lost to another instance; the run stopped.')
@@ -672,11 +709,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     bucket: TokenBucket | undefined,
     onBytes: (n: number) => void,
     record: RunRecord,
+    writer: ManifestWriter,
   ): Promise<void> {
     const { dest, scope, op } = t;
     const store = this.o.store;
     if (op.kind === 'delete') {
       await dest.remove(op.path, { signal });
+      await writer.flush();
       await store.manifest.remove(scope, [op.path]);
       record.filesDeleted++;
       return;
@@ -684,6 +723,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const src = t.source!;
     if (op.kind === 'move') {
       await dest.rename(op.from, op.path, { signal });
+      await writer.flush();
       const old = await store.manifest.get(scope, op.from);
       await store.manifest.put({
         ...scope,
@@ -700,64 +740,89 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       record.filesMoved++;
       return;
     }
-    let sent = 0;
-    const body = await this.o.source.read(op.path, { signal }).catch((e: unknown) => {
+    const kinds = this.hashKinds(dest);
+    const mtime =
+      dest.capabilities.preservesMtime && src.mtimeMs !== undefined ? { mtimeMs: src.mtimeMs } : {};
+    const sourceError = (e: unknown) => {
       const me = toMedsyncError(e, 'Reading the source file', { path: op.path });
       // A source file that cannot be read will not become readable by retrying.
-      throw me.code === 'E_TRANSIENT'
+      return me.code === 'E_TRANSIENT'
         ? me
         : new MedsyncError(me.code, me.message, { cause: me, retryable: false, path: op.path });
-    });
-    const hasher = new HashingStream(
-      (n) => {
-        sent += n;
-        onBytes(n);
-      },
-      bucket,
-      signal,
-    );
-    body.on('error', (e) => hasher.destroy(e));
-    body.pipe(hasher);
+    };
+    let sent = 0;
+    let digests: Digests;
     let written: StorageEntry;
     try {
-      written = await dest.write(op.path, hasher, {
-        size: op.size,
-        signal,
-        ...(dest.capabilities.preservesMtime && src.mtimeMs !== undefined ? { mtimeMs: src.mtimeMs } : {}),
-      });
+      if (src.size >= 0 && src.size <= this.smallFileBytes && this.o.source.readBuffer) {
+        // Small files: one buffer, hashed in one call, written in one call.
+        const raw = await this.o.source.readBuffer(op.path, { signal }).catch((e: unknown) => {
+          throw sourceError(e);
+        });
+        if (bucket) await bucket.take(raw.length, signal);
+        const hashed = await sharedHashPool().digest(raw, kinds);
+        const buf = hashed.buffer;
+        digests = hashed.digests;
+        written = await dest.write(op.path, buf, { size: buf.length, signal, ...mtime });
+        sent = buf.length;
+        onBytes(sent);
+      } else {
+        const body = await this.o.source.read(op.path, { signal }).catch((e: unknown) => {
+          throw sourceError(e);
+        });
+        const hasher = new HashingStream(
+          kinds,
+          (n) => {
+            sent += n;
+            onBytes(n);
+          },
+          bucket,
+          signal,
+        );
+        body.on('error', (e) => hasher.destroy(e));
+        body.pipe(hasher);
+        try {
+          written = await dest.write(op.path, hasher, { size: op.size, signal, ...mtime });
+        } finally {
+          body.destroy();
+        }
+        digests = hasher.result();
+      }
     } catch (e) {
       onBytes(-sent);
-      body.destroy();
-      const me = toMedsyncError(e, 'Writing to the destination', { path: op.path });
-      throw isMedsyncError(e) ? e : me;
+      throw isMedsyncError(e) ? e : toMedsyncError(e, 'Writing to the destination', { path: op.path });
     }
-    const digests = hasher.result();
-    if (written.size !== hasher.bytes) {
+    if (written.size !== sent) {
       onBytes(-sent);
       throw new MedsyncError(
         'E_INTEGRITY',
-        `The destination holds ${written.size} bytes, ${hasher.bytes} were sent.`,
-        { path: op.path },
+        `The destination holds ${written.size} bytes, ${sent} were sent.`,
+        {
+          path: op.path,
+        },
       );
     }
     let verifiedBy: VerifiedBy = 'size';
     for (const kind of ['sha256', 'md5'] as const) {
       const remote = written.hashes?.[kind];
-      if (!remote) continue;
-      if (remote.toLowerCase() !== digests[kind]) {
+      const local = digests[kind];
+      if (!remote || !local) continue;
+      if (remote.toLowerCase() !== local) {
         onBytes(-sent);
         throw new MedsyncError(
           'E_INTEGRITY',
           `The destination's ${kind} does not match the bytes sent; resending.`,
-          { path: op.path },
+          {
+            path: op.path,
+          },
         );
       }
       if (verifiedBy === 'size') verifiedBy = kind;
     }
-    await store.manifest.put({
+    writer.add({
       ...scope,
       path: op.path,
-      size: hasher.bytes,
+      size: sent,
       mtimeMs: src.mtimeMs ?? 0,
       md5: digests.md5,
       sha256: digests.sha256,
@@ -766,7 +831,68 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       deliveredAt: this.clock.now(),
     });
     record.filesSynced++;
-    record.bytes += hasher.bytes;
+    record.bytes += sent;
+  }
+
+  /** The job's hashes (default MD5 and SHA-256), plus any the destination reports. */
+  private hashKinds(dest: Storage): HashKind[] {
+    const kinds = new Set<HashKind>([
+      ...(this.o.hashes ?? ['md5', 'sha256']),
+      'sha256',
+      ...dest.capabilities.hashes,
+    ]);
+    return [...kinds];
+  }
+
+  private get smallFileBytes(): number {
+    return this.o.smallFileBytes ?? 8 * 1024 * 1024;
+  }
+}
+
+/**
+ * Buffers manifest records and writes them in batches (one transaction per batch). A crash loses
+ * at most the last batch's records; the next run adopts those files from the destination's
+ * listing instead of resending them.
+ */
+class ManifestWriter {
+  private pending: ManifestEntry[] = [];
+  private timer: unknown;
+  private flushing: Promise<void> = Promise.resolve();
+  private failure: unknown;
+
+  constructor(
+    private readonly store: Store,
+    private readonly clock: Clock,
+    private readonly maxBatch = 256,
+    private readonly maxDelayMs = 250,
+  ) {}
+
+  add(e: ManifestEntry): void {
+    if (this.failure) throw toMedsyncError(this.failure, 'Recording delivered files');
+    this.pending.push(e);
+    if (this.pending.length >= this.maxBatch) void this.flush().catch(() => undefined);
+    else if (this.timer === undefined) {
+      this.timer = this.clock.setTimeout(() => void this.flush().catch(() => undefined), this.maxDelayMs);
+    }
+  }
+
+  /** Writes everything pending; rejects if any batch failed. */
+  flush(): Promise<void> {
+    if (this.timer !== undefined) this.clock.clearTimeout(this.timer);
+    this.timer = undefined;
+    const batch = this.pending;
+    this.pending = [];
+    this.flushing = this.flushing.then(async () => {
+      if (batch.length === 0) return;
+      try {
+        await this.store.manifest.put(batch);
+      } catch (e) {
+        this.failure = e;
+      }
+    });
+    return this.flushing.then(() => {
+      if (this.failure) throw toMedsyncError(this.failure, 'Recording delivered files');
+    });
   }
 }
 

@@ -3,29 +3,40 @@ import { Transform, type TransformCallback } from 'node:stream';
 import type { Clock } from './clock.js';
 import { systemClock } from './clock.js';
 import { MedsyncError } from '../errors/errors.js';
+import type { HashKind } from '../storage/types.js';
+
+/** Hex digests by kind (only the kinds that were asked for). */
+export type Digests = Partial<Record<HashKind, string>>;
+
+/** Digests of one buffer. */
+export function digestBuffer(buf: Uint8Array, kinds: readonly HashKind[]): Digests {
+  const out: Digests = {};
+  for (const k of kinds) out[k] = createHash(k).update(buf).digest('hex');
+  return out;
+}
 
 /**
- * A pass-through that computes MD5 and SHA-256 of the bytes flowing to the destination, counts
- * them, and (with a {@link TokenBucket}) holds them to a bandwidth limit. Digests are read after
- * the stream ended, so hashing costs no second pass over the file.
+ * A pass-through that computes the asked-for digests (SHA-256, MD5) of the bytes flowing to the
+ * destination, counts them, and (with a {@link TokenBucket}) holds them to a bandwidth limit.
+ * Digests are read after the stream ended, so hashing costs no second pass over the file.
  */
 export class HashingStream extends Transform {
-  private readonly md5: Hash = createHash('md5');
-  private readonly sha256: Hash = createHash('sha256');
+  private readonly hashes: Array<[HashKind, Hash]>;
   bytes = 0;
-  private digests: { md5: string; sha256: string } | null = null;
+  private digests: Digests | null = null;
 
   constructor(
+    kinds: readonly HashKind[] = ['sha256'],
     private readonly onBytes?: (n: number) => void,
     private readonly bucket?: TokenBucket,
     private readonly signal?: AbortSignal,
   ) {
     super({ highWaterMark: 256 * 1024 });
+    this.hashes = kinds.map((k) => [k, createHash(k)]);
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    this.md5.update(chunk);
-    this.sha256.update(chunk);
+    for (const [, h] of this.hashes) h.update(chunk);
     this.bytes += chunk.length;
     this.onBytes?.(chunk.length);
     if (this.bucket) {
@@ -37,8 +48,8 @@ export class HashingStream extends Transform {
   }
 
   /** Hex digests; valid once the stream has ended. */
-  result(): { md5: string; sha256: string } {
-    if (!this.digests) this.digests = { md5: this.md5.digest('hex'), sha256: this.sha256.digest('hex') };
+  result(): Digests {
+    if (!this.digests) this.digests = Object.fromEntries(this.hashes.map(([k, h]) => [k, h.digest('hex')]));
     return this.digests;
   }
 }
