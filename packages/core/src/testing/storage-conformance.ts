@@ -198,6 +198,25 @@ export function describeStorageConformance(o: StorageConformanceOptions): void {
     );
 
     it(
+      'WriteBuffer: a buffer body is written like a stream; readBuffer returns the bytes',
+      async () => {
+        const data = randomBytes(70_001);
+        const w = await s.write('buf/one.dcm', data, { size: data.length, mtimeMs: 1_700_000_000_000 });
+        expect(w.size).toBe(data.length);
+        expect((await readAll(s, 'buf/one.dcm')).equals(data)).toBe(true);
+        await expect(s.write('buf/bad.dcm', data, { size: 5 })).rejects.toMatchObject({
+          code: 'E_INTEGRITY',
+        });
+        await expect(s.stat('buf/bad.dcm')).rejects.toMatchObject({ code: 'E_NOT_FOUND' });
+        if (s.readBuffer) {
+          expect((await s.readBuffer('buf/one.dcm')).equals(data)).toBe(true);
+          await expect(s.readBuffer('buf/missing.dcm')).rejects.toMatchObject({ code: 'E_NOT_FOUND' });
+        }
+      },
+      timeout,
+    );
+
+    it(
       'Overwrite: writing an existing path replaces its content',
       async () => {
         await put(s, 'x/over.dcm', 'first version, longer');
