@@ -49,6 +49,7 @@ options:
   --small          small corpora for a quick check (also MEDSYNC_BENCH_SMALL=1)
   --keep           keep the temp folder (its path is printed on stderr)
   --check          exit 3 if a target is missed
+  --no-fsync       run medsync with --no-fsync (rclone does not fsync either)
 `;
 
 // ---------------------------------------------------------------- helpers
@@ -85,6 +86,7 @@ function parseArgs(argv) {
     else if (a === '--small') o.small = true;
     else if (a === '--keep') o.keep = true;
     else if (a === '--check') o.check = true;
+    else if (a === '--no-fsync') o.noFsync = true;
     else if (a === '-h' || a === '--help') {
       process.stdout.write(USAGE);
       process.exit(0);
@@ -285,6 +287,7 @@ function medsyncRunner(ctx) {
       '--no-progress',
       '--concurrency',
       String(ctx.concurrency),
+      ...(ctx.noFsync ? ['--no-fsync'] : []),
     ];
     const r = await runTimed(process.execPath, args, ctx);
     const line = r.stdout.trim().split('\n').pop() ?? '';
@@ -520,6 +523,7 @@ async function benchSync(ctx) {
   return {
     config: {
       concurrency: ctx.concurrency,
+      medsyncFsync: !ctx.noFsync,
       rcloneCheckers: 8,
       trials: ctx.trials,
       keep: 'best (lowest wall-clock) of the trials; order alternates between trials',

@@ -11,6 +11,8 @@ export interface EndpointOptions {
   password?: string | undefined;
   /** Base folder for relative paths (the config file's folder). */
   baseDir?: string | undefined;
+  /** fsync each file before renaming it into place (local destinations). Default true. */
+  fsync?: boolean | undefined;
   env?: NodeJS.ProcessEnv;
 }
 
@@ -43,7 +45,8 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
           passwordEnv: spec.passwordEnv ?? opts.passwordEnv,
           password: spec.password ?? opts.password,
         };
-  if (!isUrl(url)) return new LocalStorage({ root: resolve(opts.baseDir ?? process.cwd(), url) });
+  const local = (root: string) => new LocalStorage({ root, fsync: o.fsync ?? true });
+  if (!isUrl(url)) return local(resolve(opts.baseDir ?? process.cwd(), url));
   let u: URL;
   try {
     u = new URL(url);
@@ -56,7 +59,7 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
       'Passwords are not accepted in URLs (they end up in shell history and logs): use --password-env VAR or an encrypted password in the config file.',
     );
   }
-  if (u.protocol === 'file:') return new LocalStorage({ root: fileURLToPath(u) });
+  if (u.protocol === 'file:') return local(fileURLToPath(u));
   const pkg = PLANNED[u.protocol];
   if (pkg) {
     // Resolve the secret now so a missing variable or key is reported before any work starts.

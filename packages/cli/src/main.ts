@@ -52,6 +52,7 @@ interface SyncFlags {
   passwordEnv?: string;
   retries?: number;
   progress?: boolean;
+  fsync?: boolean;
 }
 
 function writeError(io: CliIO, e: MedsyncError, json: boolean | undefined): void {
@@ -104,6 +105,10 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
     .option('--dry-run', 'print the plan, write nothing')
     .option('--json', 'print one JSON object on stdout')
     .option('--no-progress', 'no progress bar')
+    .option(
+      '--no-fsync',
+      'do not fsync each file before renaming it into place (faster; a power cut may lose recent files)',
+    )
     .option('--password-env <var>', 'environment variable holding the destination password')
     .action(async (source: string, destinations: string[], f: SyncFlags) => {
       code = await syncCommand(source, destinations, f, io);
@@ -194,7 +199,9 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
   const src = await openEndpoint(source, { baseDir: io.cwd, env: io.env });
   const dests: Storage[] = [];
   for (const d of destinations)
-    dests.push(await openEndpoint(d, { baseDir: io.cwd, passwordEnv: f.passwordEnv, env: io.env }));
+    dests.push(
+      await openEndpoint(d, { baseDir: io.cwd, passwordEnv: f.passwordEnv, env: io.env, fsync: f.fsync }),
+    );
   const store = await openSqliteStore({ path: resolve(io.cwd, f.state ?? 'medsync-state.db') });
   const job = new SyncJob({
     id: f.job ?? defaultJobId(src, dests),
@@ -318,7 +325,8 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
     for (const j of config.jobs) {
       const src = await openEndpoint(j.source, { baseDir, env: io.env });
       const dests: Storage[] = [];
-      for (const d of j.destinations) dests.push(await openEndpoint(d, { baseDir, env: io.env }));
+      for (const d of j.destinations)
+        dests.push(await openEndpoint(d, { baseDir, env: io.env, fsync: j.fsync }));
       storages.push(src, ...dests);
       const job = new SyncJob({
         id: j.id,

@@ -16,6 +16,18 @@ describeStorageConformance({
   cleanup: async (s) => rmSync((s as LocalStorage).root, { recursive: true, force: true }),
 });
 
+// Without fsync, files under 64 KiB take the synchronous write path: the same contract applies.
+describeStorageConformance({
+  name: 'local (fsync off)',
+  create: async () => {
+    const root = mkdtempSync(join(tmpdir(), 'medsync-local-'));
+    roots.push(root);
+    return new LocalStorage({ root, fsync: false });
+  },
+  cleanup: async (s) => rmSync((s as LocalStorage).root, { recursive: true, force: true }),
+  largeFileBytes: 16 * 1024 * 1024,
+});
+
 describeStorageConformance({
   name: 'memory',
   create: async () => new MemoryStorage(),

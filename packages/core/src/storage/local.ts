@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
 import type { Dirent } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as nodePath from 'node:path';
@@ -31,6 +32,12 @@ export interface LocalStorageOptions {
   fsync?: boolean;
   /** Concurrent stat calls while listing (×4 per batch). Default 32. */
   listConcurrency?: number;
+  /**
+   * Files smaller than this are read (and, with fsync off, written) with synchronous calls: for
+   * tiny files one thread-pool hand-off per step costs more than the step. 0 turns it off.
+   * Default 64 KiB.
+   */
+  syncIoBelow?: number;
 }
 
 /** Size and mtime of a file; null when gone or not a file; size -1 when it cannot be stat'ed. */
@@ -74,7 +81,14 @@ export class LocalStorage implements Storage {
     }
     this.root = nodePath.resolve(opts.root);
     this.id = pathToFileURL(this.root).href;
-    this.opts = { createRoot: true, fsync: true, listConcurrency: 32, ...opts, root: this.root };
+    this.opts = {
+      createRoot: true,
+      fsync: true,
+      listConcurrency: 32,
+      syncIoBelow: 64 * 1024,
+      ...opts,
+      root: this.root,
+    };
   }
 
   private abs(rel: string): string {
@@ -252,6 +266,11 @@ export class LocalStorage implements Storage {
     const rel = normalizePath(path);
     throwIfAborted(opts.signal);
     try {
+      if (this.opts.syncIoBelow > 0) {
+        // Tiny files: synchronous calls cost less than handing each step to the thread pool.
+        const st = fs.statSync(this.abs(rel));
+        if (st.isFile() && st.size < this.opts.syncIoBelow) return fs.readFileSync(this.abs(rel));
+      }
       return await fsp.readFile(this.abs(rel), opts.signal ? { signal: opts.signal } : {});
     } catch (e) {
       if ((e as { code?: string }).code === 'EISDIR') {
@@ -277,6 +296,10 @@ export class LocalStorage implements Storage {
     }
     const dirRel = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/')) : '';
     const tmp = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
+    // With fsync on, the async path keeps several fsyncs in flight on the thread pool instead.
+    if (!isStream && !this.opts.fsync && body.length < this.opts.syncIoBelow) {
+      return this.writeSmallSync(rel, dirRel, tmp, body, opts);
+    }
     let fh: fsp.FileHandle | undefined;
     const onAbort = () => {
       if (isStream) body.destroy();
@@ -345,6 +368,49 @@ export class LocalStorage implements Storage {
       throw this.err(e, 'Writing the file', rel);
     } finally {
       opts.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** The whole write of a tiny buffer in synchronous calls (same steps as the async path). */
+  private writeSmallSync(
+    rel: string,
+    dirRel: string,
+    tmp: string,
+    body: Uint8Array,
+    opts: WriteOptions,
+  ): StorageEntry {
+    let fd: number | undefined;
+    try {
+      if (!this.madeDirs.has(dirRel) && !(dirRel === '' && !this.opts.createRoot)) {
+        fs.mkdirSync(this.abs(dirRel), { recursive: true });
+        this.madeDirs.add(dirRel);
+      }
+      if (opts.size !== undefined && opts.size >= 0 && body.length !== opts.size) {
+        throw new MedsyncError('E_INTEGRITY', `Got ${body.length} bytes but ${opts.size} were expected.`, {
+          adapter: 'local',
+          path: rel,
+        });
+      }
+      fd = fs.openSync(tmp, 'wx');
+      let off = 0;
+      while (off < body.length) off += fs.writeSync(fd, body, off, body.length - off);
+      let mtimeMs: number;
+      if (opts.mtimeMs !== undefined) {
+        const t = (Math.floor(opts.mtimeMs) + 0.5) / 1000;
+        fs.futimesSync(fd, t, t);
+        mtimeMs = Math.floor(opts.mtimeMs);
+      } else mtimeMs = Math.floor(fs.fstatSync(fd).mtimeMs);
+      if (this.opts.fsync) fs.fdatasyncSync(fd);
+      fs.closeSync(fd);
+      fd = undefined;
+      throwIfAborted(opts.signal);
+      fs.renameSync(tmp, this.abs(rel));
+      return { path: rel, size: body.length, mtimeMs };
+    } catch (e) {
+      if (fd !== undefined) fs.closeSync(fd);
+      fs.rmSync(tmp, { force: true });
+      this.madeDirs.delete(dirRel);
+      throw this.err(e, 'Writing the file', rel);
     }
   }
 
