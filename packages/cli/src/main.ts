@@ -1,15 +1,17 @@
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import {
   getAllJobStatus,
   getJobStatus,
   MedsyncError,
+  redactingLogger,
   Scheduler,
   SecretBox,
   SyncJob,
   toMedsyncError,
+  type Logger,
   type Storage,
   type Store,
   type SyncMode,
@@ -255,9 +257,7 @@ async function statusCommand(
   io: CliIO,
 ): Promise<number> {
   const path = resolve(io.cwd, f.state);
-  try {
-    readFileSync(path, { flag: 'r' }).subarray(0, 0);
-  } catch {
+  if (!existsSync(path)) {
     throw new MedsyncError(
       'E_CONFIG',
       'The state file does not exist: pass the --state used by sync or run.',
@@ -316,10 +316,16 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
   const config = parseConfig(raw);
   const baseDir = dirname(file);
   const store = await openSqliteStore({ path: resolve(baseDir, config.state) });
-  const log = (msg: string, fields: Record<string, unknown> = {}) =>
+  const log = (msg: string, fields: Record<string, unknown> | undefined = {}) =>
     io.stderr.write(JSON.stringify({ at: new Date().toISOString(), msg, ...fields }) + '\n');
   const storages: Storage[] = [];
-  const scheduler = new Scheduler({ store });
+  const logger: Logger = redactingLogger({
+    debug: () => undefined,
+    info: (msg, fields) => log(msg, fields),
+    warn: (msg, fields) => log(msg, { level: 'warn', ...fields }),
+    error: (msg, fields) => log(msg, { level: 'error', ...fields }),
+  });
+  const scheduler = new Scheduler({ store, logger });
   try {
     const jobs: SyncJob[] = [];
     for (const j of config.jobs) {
@@ -341,6 +347,7 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
         ...(j.bwlimit !== undefined ? { bwlimit: j.bwlimit } : {}),
         retry: { retries: j.retries },
         scheduledRetry: { retries: j.retries },
+        logger,
       });
       job.on('run:done', ({ result }) =>
         log('sync run finished', {
@@ -364,8 +371,17 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
       let worst: number = EXIT.success;
       for (const j of config.jobs) {
         if (!j.enabled) continue;
-        const r = (await scheduler.runNow(j.id)) as { status: string };
-        const c = exitCodeFor(r.status);
+        let c: number;
+        try {
+          const r = (await scheduler.runNow(j.id)) as { status: string } | undefined;
+          // undefined: another instance holds the job's lease and runs it.
+          if (!r) log('job skipped: running on another instance', { job: j.id });
+          c = r ? exitCodeFor(r.status) : EXIT.success;
+        } catch (e) {
+          const me = toMedsyncError(e);
+          log('job failed', { job: j.id, code: me.code, error: me.message });
+          c = EXIT.failed;
+        }
         if (c === EXIT.failed || (c === EXIT.partial && worst === EXIT.success)) worst = c;
       }
       return worst;

@@ -186,6 +186,35 @@ describe('Scheduler', () => {
     await s.stop();
   });
 
+  it('a monthly cron runs once a month (waits longer than a timer can)', async () => {
+    const clock = new FakeClock(Date.UTC(2026, 0, 15));
+    const s = new Scheduler({ store: new MemoryStore(), clock });
+    const c = counter();
+    await s.add({ id: 'monthly', schedule: { cron: '0 2 1 * *', timezone: 'UTC' }, run: c.run });
+    s.start();
+    await clock.advance(20 * 24 * 60 * MIN);
+    expect(c.runs).toHaveLength(1);
+    await clock.advance(45 * 24 * 60 * MIN); // to March 21: Feb 1 and Mar 1
+    expect(c.runs).toHaveLength(2);
+    await clock.advance(12 * 24 * 60 * MIN); // to April 2
+    expect(c.runs).toHaveLength(3);
+    await s.stop();
+  });
+
+  it('an explicit enabled flag (a config file) wins over the stored choice', async () => {
+    const store = new MemoryStore();
+    const clock = new FakeClock();
+    const s1 = new Scheduler({ store, clock });
+    await s1.add({ id: 'job', schedule: { intervalMinutes: 5 }, run: async () => undefined });
+    await s1.setEnabled('job', false);
+    const s2 = new Scheduler({ store, clock });
+    await s2.add({ id: 'job', schedule: { intervalMinutes: 5 }, enabled: true, run: async () => undefined });
+    expect(s2.state('job').enabled).toBe(true);
+    const s3 = new Scheduler({ store, clock });
+    await s3.add({ id: 'job', schedule: { intervalMinutes: 5 }, enabled: false, run: async () => undefined });
+    expect(s3.state('job').enabled).toBe(false);
+  });
+
   it('runNow runs a task at once with the manual trigger', async () => {
     const s = new Scheduler({ store: new MemoryStore(), clock: new FakeClock() });
     const c = counter();

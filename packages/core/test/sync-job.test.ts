@@ -8,6 +8,7 @@ import {
   utimesSync,
   writeFileSync,
   renameSync,
+  symlinkSync,
 } from 'node:fs';
 import { getEventListeners } from 'node:events';
 import { tmpdir } from 'node:os';
@@ -380,6 +381,110 @@ describe('SyncJob copy', () => {
   });
 });
 
+describe('SyncJob safety', () => {
+  it('refuses to refill a destination whose delivered files are all gone (an unmounted share)', async () => {
+    const src = tmp();
+    writeTree(src, sample());
+    const dst = tmp();
+    const j = job({
+      source: new LocalStorage({ root: src }),
+      destinations: [new LocalStorage({ root: dst })],
+    });
+    await j.run();
+    // The share is unmounted: the mount point is an empty folder.
+    rmSync(dst, { recursive: true });
+    mkdirSync(dst);
+    writeFileSync(join(src, 'new.dcm'), 'new');
+    const r = await j.run();
+    expect(r.status).toBe('failed');
+    expect(r.errors[0]).toMatchObject({ code: 'E_SAFETY' });
+    expect(readTree(dst)).toEqual({});
+  });
+
+  it('refuses a destination nested in the source, or the reverse', () => {
+    const src = tmp();
+    expect(() =>
+      job({
+        source: new LocalStorage({ root: src }),
+        destinations: [new LocalStorage({ root: join(src, 'archive') })],
+      }),
+    ).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+    expect(() =>
+      job({
+        source: new LocalStorage({ root: join(src, 'pacs') }),
+        destinations: [new LocalStorage({ root: src })],
+      }),
+    ).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+  });
+
+  it('follows symlinked source folders; a dangling one blocks mirror deletions below it', async () => {
+    const src = tmp();
+    const elsewhere = tmp();
+    writeTree(src, { 'a.dcm': 'a' });
+    writeTree(elsewhere, { '2019/x.dcm': 'x', '2019/y.dcm': 'y' });
+    symlinkSync(join(elsewhere, '2019'), join(src, '2019'));
+    const dst = new MemoryStorage();
+    const j = job({
+      source: new LocalStorage({ root: src }),
+      destinations: [dst],
+      mode: 'mirror',
+      maxDelete: 100,
+    });
+    const r1 = await j.run();
+    expect(r1).toMatchObject({ status: 'success', filesSynced: 3 });
+    expect(dst.peek('2019/x.dcm')?.toString()).toBe('x');
+    // The disk behind the link is not mounted: the link dangles.
+    rmSync(join(elsewhere, '2019'), { recursive: true });
+    const r2 = await j.run();
+    expect(r2.filesDeleted).toBe(0);
+    expect(dst.peek('2019/x.dcm')).toBeDefined();
+    expect(r2.status).toBe('failed');
+    expect(r2.errors[0]).toMatchObject({ path: '2019', code: 'E_NOT_FOUND' });
+  });
+
+  it('a listener that throws does not change the outcome', async () => {
+    const src = new MemoryStorage();
+    await src.write('a.dcm', Readable.from([Buffer.from('a')]));
+    const j = job({ source: src, destinations: [new MemoryStorage()] });
+    j.on('file:done', () => {
+      throw new Error('listener bug');
+    });
+    j.on('run:done', () => {
+      throw new Error('listener bug');
+    });
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 1, filesFailed: 0 });
+  });
+
+  it('events carry neither real paths nor native causes unless eventPaths is set', async () => {
+    const src = tmp();
+    writeTree(src, { 'Doe John/1.dcm': 'x' });
+    const dst = new MemoryStorage();
+    dst.faults.failNext(
+      'write',
+      1,
+      new MedsyncError('E_PERMISSION', 'Permission denied.', {
+        path: 'Doe John/1.dcm',
+        cause: new Error("open '/srv/Doe John/1.dcm'"),
+      }),
+    );
+    const j = new SyncJob({
+      id: 'j',
+      source: new LocalStorage({ root: src }),
+      destinations: [dst],
+      store: new MemoryStore(),
+    });
+    const seen: string[] = [];
+    j.on('file:failed', (e) =>
+      seen.push(JSON.stringify({ ...e, error: { ...e.error.toJSON(), cause: String(e.error.cause) } })),
+    );
+    j.on('run:done', (e) => seen.push(JSON.stringify(e.result.errors)));
+    const r = await j.run();
+    expect(r.errors[0]?.path).toBe('Doe John/1.dcm');
+    expect(seen.join('\n')).not.toContain('Doe');
+  });
+});
+
 describe('SyncJob mirror', () => {
   async function mirrored(files: Record<string, Buffer | string>, extra: Partial<SyncJobOptions> = {}) {
     const src = tmp();
@@ -443,6 +548,21 @@ describe('SyncJob mirror', () => {
     expect(r2.status).toBe('failed');
     expect(r2.errors[0]?.code).toBe('E_NOT_FOUND');
     expect(Object.keys(readTree(dst))).toHaveLength(10);
+  });
+
+  it('when the moved file is gone at the destination, sends the new path instead', async () => {
+    const files = ten();
+    const src = tmp();
+    writeTree(src, files);
+    const dst = new MemoryStorage();
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst], mode: 'mirror' });
+    await j.run();
+    renameSync(join(src, 'd/2.dcm'), join(src, 'd/two.dcm'));
+    await dst.remove('d/2.dcm');
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 1, filesFailed: 0 });
+    expect(dst.peek('d/two.dcm')?.equals(files['d/2.dcm'] as Buffer)).toBe(true);
+    expect((await j.run()).filesSynced).toBe(0);
   });
 
   it('detects a move by content hash and renames at the destination instead of re-uploading', async () => {

@@ -115,6 +115,13 @@ const ERRNO_MAP: Record<string, [MedsyncErrorCode, string]> = {
   EPIPE: ['E_TRANSIENT', 'The connection was closed while writing.'],
   EAI_AGAIN: ['E_TRANSIENT', 'Name resolution failed temporarily.'],
   EBUSY: ['E_TRANSIENT', 'The resource is busy.'],
+  EAGAIN: ['E_TRANSIENT', 'The resource is temporarily unavailable.'],
+  ESTALE: ['E_TRANSIENT', 'A stale network file handle: the share was remounted.'],
+  EHOSTDOWN: ['E_TRANSIENT', 'The host is down.'],
+  EHOSTUNREACH: ['E_TRANSIENT', 'The host is unreachable.'],
+  ENETUNREACH: ['E_TRANSIENT', 'The network is unreachable.'],
+  ENETDOWN: ['E_TRANSIENT', 'The network is down.'],
+  ECONNABORTED: ['E_TRANSIENT', 'The connection was aborted.'],
   EMFILE: ['E_TRANSIENT', 'Too many open files: lower the concurrency.'],
   ENFILE: ['E_TRANSIENT', 'Too many open files in the system: lower the concurrency.'],
   EIO: ['E_IO', 'An I/O error occurred on the device.'],
@@ -145,7 +152,9 @@ export function toMedsyncError(
 
 /** Removes quoted or absolute paths from a native message so they cannot leak patient names. */
 function stripPaths(message: string): string {
-  return message.replace(/'[^']*\/[^']*'/g, "'<path>'").replace(/(?:^|\s)\/[^\s,']+/g, ' <path>');
+  // Node quotes paths as '...'; a name may itself hold a quote, so cut from the first quote
+  // before a slash to the end of the message.
+  return message.replace(/'[^']*\/.*$/s, "'<path>'").replace(/(?:^|\s)\/[^\s,']+/g, ' <path>');
 }
 
 /** Throws E_ABORTED when the signal has fired. */

@@ -75,6 +75,7 @@ interface Entry {
 }
 
 const STATE_PREFIX = 'scheduler:';
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** Validates a schedule; throws E_CONFIG with what is wrong. */
 export function validateSchedule(s: Schedule): void {
@@ -139,7 +140,9 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     }>(STATE_PREFIX + task.id);
     const entry: Entry = {
       task,
-      enabled: saved?.enabled ?? task.enabled ?? true,
+      // An explicit `enabled` (a config file) wins over the stored one; otherwise the last
+      // runtime choice (setEnabled) is kept.
+      enabled: task.enabled ?? saved?.enabled ?? true,
       schedule: saved?.schedule ?? task.schedule,
       ...(saved?.lastRunAt !== undefined ? { lastRunAt: saved.lastRunAt } : {}),
       ...(saved?.lastFinishedAt !== undefined ? { lastFinishedAt: saved.lastFinishedAt } : {}),
@@ -180,7 +183,13 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       next = nextRunTime(e.schedule, now, e.lastRunAt);
     } else next = nextRunTime(e.schedule, now);
     e.nextRunAt = next;
-    e.timer = this.clock.setTimeout(() => void this.fire(e, trigger), Math.max(0, next - now));
+    // Timers cannot wait longer than 2^31-1 ms (about 24.8 days; a monthly cron is longer):
+    // wake up early and plan again.
+    const wait = Math.max(0, next - now);
+    e.timer = this.clock.setTimeout(
+      () => (wait > MAX_TIMER_MS ? this.plan(e, false) : void this.fire(e, trigger)),
+      Math.min(wait, MAX_TIMER_MS),
+    );
     void this.persist(e).catch(() => undefined);
   }
 
@@ -197,28 +206,35 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   }
 
   private async execute(e: Entry, trigger: RunTrigger): Promise<unknown> {
-    const lock = `schedule:${e.task.id}`;
-    const ttl = this.o.leaseTtlMs ?? 60_000;
-    if (!(await acquireLease(this.o.store.locks, lock, this.owner, ttl, this.clock.now()))) {
-      this.emit('task:skipped', { id: e.task.id, reason: 'locked' });
-      return undefined;
-    }
-    const renew = setInterval(
-      () => {
-        void this.o.store.locks.renew(lock, this.owner, ttl, this.clock.now()).catch(() => undefined);
-      },
-      Math.max(1000, Math.floor(ttl / 3)),
-    );
-    renew.unref?.();
-    const started = this.clock.now();
-    e.lastRunAt = started;
-    await this.persist(e);
-    this.emit('task:start', { id: e.task.id, trigger });
-    let result: unknown;
+    // Marked running before the first await, so stop() always waits for it.
     let done!: () => void;
     e.running = new Promise<void>((r) => (done = r));
+    const lock = `schedule:${e.task.id}`;
+    const ttl = this.o.leaseTtlMs ?? 60_000;
+    let renew: ReturnType<typeof setInterval> | undefined;
+    let held = false;
+    const started = this.clock.now();
     try {
-      result = await e.task.run({ trigger, signal: this.hardStop.signal, stopSignal: this.softStop.signal });
+      held = await acquireLease(this.o.store.locks, lock, this.owner, ttl, this.clock.now());
+      if (!held) {
+        this.emit('task:skipped', { id: e.task.id, reason: 'locked' });
+        return undefined;
+      }
+      renew = setInterval(
+        () => {
+          void this.o.store.locks.renew(lock, this.owner, ttl, this.clock.now()).catch(() => undefined);
+        },
+        Math.max(1000, Math.floor(ttl / 3)),
+      );
+      renew.unref?.();
+      e.lastRunAt = started;
+      await this.persist(e);
+      this.emit('task:start', { id: e.task.id, trigger });
+      const result = await e.task.run({
+        trigger,
+        signal: this.hardStop.signal,
+        stopSignal: this.softStop.signal,
+      });
       this.emit('task:done', { id: e.task.id, trigger, durationMs: this.clock.now() - started, result });
       return result;
     } catch (err) {
@@ -227,10 +243,12 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       this.emit('task:error', { id: e.task.id, trigger, error: me });
       throw me;
     } finally {
-      clearInterval(renew);
-      e.lastFinishedAt = this.clock.now();
-      await this.persist(e).catch(() => undefined);
-      await this.o.store.locks.release(lock, this.owner).catch(() => undefined);
+      if (renew) clearInterval(renew);
+      if (held) {
+        e.lastFinishedAt = this.clock.now();
+        await this.persist(e).catch(() => undefined);
+        await this.o.store.locks.release(lock, this.owner).catch(() => undefined);
+      }
       e.running = undefined;
       done();
     }

@@ -41,10 +41,20 @@ export interface LocalStorageOptions {
 }
 
 /** Size and mtime of a file; null when gone or not a file; size -1 when it cannot be stat'ed. */
-function statEntry(abs: string, path: string): Promise<StorageEntry | null> {
+/**
+ * Size and mtime of a listed name. `dir` for a symlink to a folder (followed); null when the file
+ * vanished meanwhile; size -1 when it cannot be stat'ed or is a dangling symlink, so the sync
+ * reports it and a mirror never deletes what may lie behind it.
+ */
+function statEntry(abs: string, path: string, isLink: boolean): Promise<StorageEntry | 'dir' | null> {
   return fsp.stat(abs).then(
-    (s) => (s.isFile() ? { path, size: s.size, mtimeMs: Math.floor(s.mtimeMs) } : null),
-    (e: unknown) => ((e as { code?: string }).code === 'ENOENT' ? null : { path, size: -1 }),
+    (s) =>
+      s.isFile()
+        ? { path, size: s.size, mtimeMs: Math.floor(s.mtimeMs) }
+        : s.isDirectory() && isLink
+          ? 'dir'
+          : null,
+    (e: unknown) => ((e as { code?: string }).code === 'ENOENT' && !isLink ? null : { path, size: -1 }),
   );
 }
 
@@ -181,11 +191,16 @@ export class LocalStorage implements Storage {
     // folders so the thread pool always has work.
     const dirs: string[] = [];
     const pending: string[] = [];
+    const links = new Set<string>();
+    const seenDirs = new Set<string>();
     const take = (rel: string, entries: Dirent[]) => {
       for (const d of entries) {
         const childRel = rel === '' ? d.name : `${rel}/${d.name}`;
         if (d.isDirectory()) dirs.push(childRel);
-        else if ((d.isFile() || d.isSymbolicLink()) && !isPartialName(d.name)) pending.push(childRel);
+        else if ((d.isFile() || d.isSymbolicLink()) && !isPartialName(d.name)) {
+          if (d.isSymbolicLink()) links.add(childRel);
+          pending.push(childRel);
+        }
       }
     };
     take(start, top);
@@ -203,8 +218,18 @@ export class LocalStorage implements Storage {
         }
       }
       const files = pending.splice(0, batch);
-      const stats = await Promise.all(files.map((p) => statEntry(this.abs(p), p)));
-      for (const s of stats) if (s) yield s;
+      const stats = await Promise.all(files.map((p) => statEntry(this.abs(p), p, links.has(p))));
+      for (let i = 0; i < stats.length; i++) {
+        const s = stats[i];
+        if (s === 'dir') {
+          // A symlinked folder is followed once (a loop of links is not walked twice).
+          const real = await fsp.realpath(this.abs(files[i]!)).catch(() => undefined);
+          if (real && !seenDirs.has(real)) {
+            seenDirs.add(real);
+            dirs.push(files[i]!);
+          }
+        } else if (s) yield s;
+      }
     }
   }
 
@@ -314,7 +339,13 @@ export class LocalStorage implements Storage {
         this.madeDirs.delete(dirRel);
         throw e;
       }
-      fh = await fsp.open(tmp, 'wx');
+      fh = await fsp.open(tmp, 'wx').catch(async (e: unknown) => {
+        if ((e as { code?: string }).code !== 'ENOENT') throw e;
+        // The folder was removed since we made it (retention, an admin): make it again.
+        this.madeDirs.delete(dirRel);
+        await this.ensureDir(dirRel);
+        return fsp.open(tmp, 'wx');
+      });
       let written = 0;
       if (!isStream) {
         while (written < body.length) {
@@ -391,7 +422,13 @@ export class LocalStorage implements Storage {
           path: rel,
         });
       }
-      fd = fs.openSync(tmp, 'wx');
+      try {
+        fd = fs.openSync(tmp, 'wx');
+      } catch (e) {
+        if ((e as { code?: string }).code !== 'ENOENT') throw e;
+        fs.mkdirSync(this.abs(dirRel), { recursive: true });
+        fd = fs.openSync(tmp, 'wx');
+      }
       let off = 0;
       while (off < body.length) off += fs.writeSync(fd, body, off, body.length - off);
       let mtimeMs: number;
@@ -463,8 +500,9 @@ export class LocalStorage implements Storage {
         else if (isPartialName(d.name)) {
           const abs = this.abs(childRel);
           if (opts.olderThanMs !== undefined) {
+            // ctime, not mtime: a temporary file gets the source's (old) mtime before its rename.
             const s = await fsp.stat(abs).catch(() => null);
-            if (!s || s.mtimeMs >= opts.olderThanMs) continue;
+            if (!s || s.ctimeMs >= opts.olderThanMs) continue;
           }
           await fsp.rm(abs, { force: true });
           removed++;

@@ -117,6 +117,16 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       throw new MedsyncError('E_CONFIG', 'The same destination is listed twice.');
     if (ids.has(opts.source.id))
       throw new MedsyncError('E_CONFIG', 'A destination may not be the source itself.');
+    for (const d of opts.destinations) {
+      const a = opts.source.id.replace(/\/?$/, '/');
+      const b = d.id.replace(/\/?$/, '/');
+      if (a.startsWith(b) || b.startsWith(a)) {
+        throw new MedsyncError(
+          'E_CONFIG',
+          'The source and a destination are nested in each other: each run would copy its own output.',
+        );
+      }
+    }
     if (
       opts.concurrency !== undefined &&
       !(Number.isInteger(opts.concurrency) && opts.concurrency >= 1 && opts.concurrency <= 256)
@@ -269,9 +279,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     };
     try {
       // A run that was still `running` while we hold the lease was interrupted (crash, kill -9).
-      const interrupted = await this.markInterrupted();
+      // A dry run must not use up the interrupted state: the next real run recovers.
+      const interrupted = dryRun ? false : await this.markInterrupted();
       await store.runs.insert(record);
-      this.emit('run:start', { runId, jobId: this.id, trigger, dryRun });
+      this.safeEmit('run:start', { runId, jobId: this.id, trigger, dryRun });
       this.log.info('Sync run started', { jobId: this.id, runId, trigger, dryRun });
 
       const sources = await this.scanSource(inner.signal, opts.only);
@@ -322,7 +333,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       }
       record.filesSkipped = plan.skipped;
       const { ops: _ops, ...planSummary } = plan;
-      this.emit('plan', { runId, jobId: this.id, plan: planSummary });
+      this.safeEmit('plan', { runId, jobId: this.id, plan: planSummary });
 
       if (!dryRun) {
         progress.filesTotal = tasks.length + deletes.length;
@@ -349,7 +360,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           };
         };
         const tick = () => {
-          this.emit('progress', snapshot());
+          this.safeEmit('progress', snapshot());
           progressTimer = this.clock.setTimeout(tick, 250);
         };
         progressTimer = this.clock.setTimeout(tick, 250);
@@ -363,7 +374,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         const bucket = this.o.bwlimit !== undefined ? mkBucket(this.o.bwlimit, this.clock) : undefined;
         const limit = pLimit(this.o.concurrency ?? 4);
         const writer = new ManifestWriter(store, this.clock);
-        const stopped = () => inner.signal.aborted || !!opts.stopSignal?.aborted;
+        const stopped = () => inner.signal.aborted || !!opts.stopSignal?.aborted || writer.failed;
 
         const exec = async (t: Task) => {
           if (stopped()) return;
@@ -377,14 +388,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
               {
                 signal: inner.signal,
                 onRetry: (e) => {
-                  this.emit('file:retry', {
+                  this.safeEmit('file:retry', {
                     runId,
                     jobId: this.id,
                     destination: t.dest.id,
                     path: ref,
                     attempt: e.attempt,
                     delayMs: e.delayMs,
-                    error: e.error,
+                    error: this.eventError(e.error),
                   });
                   this.log.warn('Retrying a file', {
                     jobId: this.id,
@@ -397,7 +408,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             );
             progress.filesDone++;
             const action = t.op.kind;
-            this.emit('file:done', {
+            this.safeEmit('file:done', {
               runId,
               jobId: this.id,
               destination: t.dest.id,
@@ -406,11 +417,19 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
               bytes: action === 'upload' ? t.op.size : 0,
             });
           } catch (e) {
+            // Whatever a transfer throws once the run is cancelled (a timeout reason, a lost
+            // lease) is the cancellation, not a failure of that file.
+            if (inner.signal.aborted) return;
             const me = toMedsyncError(e, undefined, { path: t.op.path });
-            if (me.code === 'E_ABORTED' && inner.signal.aborted) return;
             record.filesFailed++;
             addError(me, t.op.path, t.dest.id);
-            this.emit('file:failed', { runId, jobId: this.id, destination: t.dest.id, path: ref, error: me });
+            this.safeEmit('file:failed', {
+              runId,
+              jobId: this.id,
+              destination: t.dest.id,
+              path: ref,
+              error: this.eventError(me),
+            });
             this.log.warn('A file failed', { jobId: this.id, code: me.code });
           }
         };
@@ -438,7 +457,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             : new MedsyncError('E_ABORTED', 'The run was cancelled.');
         }
         this.clock.clearTimeout(progressTimer);
-        this.emit('progress', snapshot());
+        this.safeEmit('progress', snapshot());
         if (opts.stopSignal?.aborted) record.status = 'cancelled';
       }
     } catch (e) {
@@ -482,7 +501,15 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     }
     const { ops, ...summary } = plan;
     const result: SyncResult = { ...record, plan: dryRun ? { ...summary, ops } : summary };
-    this.emit('run:done', { result });
+    this.safeEmit('run:done', {
+      result: this.o.eventPaths
+        ? result
+        : {
+            ...result,
+            errors: result.errors.map((e) => (e.path === undefined ? e : { ...e, path: this.ref(e.path) })),
+            plan: summary,
+          },
+    });
     this.log.info('Sync run finished', {
       jobId: this.id,
       runId,
@@ -491,6 +518,26 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       failed: record.filesFailed,
     });
     return result;
+  }
+
+  /** Emits without letting a throwing listener change the run's outcome. */
+  private safeEmit<K extends keyof SyncJobEvents>(event: K, ...args: Parameters<SyncJobEvents[K]>): void {
+    try {
+      (this.emit as (e: K, ...a: Parameters<SyncJobEvents[K]>) => boolean)(event, ...args);
+    } catch (e) {
+      this.log.error('A SyncJob event listener threw', { event, error: toMedsyncError(e).message });
+    }
+  }
+
+  /** The error as events show it: without the native cause, and with the path as a ref. */
+  private eventError(e: MedsyncError): MedsyncError {
+    if (this.o.eventPaths) return e;
+    return new MedsyncError(e.code, e.message, {
+      retryable: e.retryable,
+      ...(e.retryAfterMs !== undefined ? { retryAfterMs: e.retryAfterMs } : {}),
+      ...(e.adapter ? { adapter: e.adapter } : {}),
+      ...(e.path !== undefined ? { path: this.ref(e.path) } : {}),
+    });
   }
 
   private ref(path: string): string {
@@ -548,6 +595,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const manifest = new Map<string, ManifestEntry>();
     for await (const m of store.manifest.list(scope)) manifest.set(m.path, m);
 
+    if (manifest.size > 0) await this.checkDestinationPresent(dest, manifest, ctx.signal);
+
     if (ctx.interrupted && !ctx.dryRun && dest.cleanupPartials) {
       await dest.cleanupPartials('', { olderThanMs: ctx.runStart, signal: ctx.signal }).catch((e: unknown) =>
         this.log.warn('Removing leftovers of an interrupted run failed', {
@@ -593,7 +642,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
 
     const deletes: Task[] = [];
     if (this.mode === 'mirror' && !ctx.only) {
+      // Entries the scan could not read (size -1: unreadable, a dangling symlink) may stand for a
+      // whole folder: nothing below them is deleted.
+      const blocked = [...sources.values()].filter((e) => e.size < 0).map((e) => e.path + '/');
       for (const m of manifest.values()) {
+        if (blocked.some((b) => m.path.startsWith(b))) continue;
         if (!sources.has(m.path) && this.isIncluded(m.path)) {
           deletes.push({
             dest,
@@ -654,6 +707,36 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const limit = this.o.maxDelete ?? Math.floor(manifest.size / 2);
     const refused = deletes.length > limit;
     return { tasks, deletes, skipped, refused, limit };
+  }
+
+  /**
+   * A destination that held delivered files and now holds none of a sample of them is most likely
+   * an unmounted share (an empty mount point) or a wiped archive: refuse, rather than refill a
+   * local folder that the share will hide once it is mounted again.
+   */
+  private async checkDestinationPresent(
+    dest: Storage,
+    manifest: Map<string, ManifestEntry>,
+    signal: AbortSignal,
+  ): Promise<void> {
+    const all = [...manifest.keys()];
+    const sample = [...new Set([all[0]!, all[Math.floor(all.length / 2)]!, all[all.length - 1]!])];
+    let missing = 0;
+    for (const p of sample) {
+      try {
+        await dest.stat(p, { signal });
+      } catch (e) {
+        const me = toMedsyncError(e);
+        if (me.code !== 'E_NOT_FOUND') throw me;
+        missing++;
+      }
+    }
+    if (missing === sample.length) {
+      throw new MedsyncError(
+        'E_SAFETY',
+        'None of the sampled files this job delivered is at the destination: is the share mounted? If the archive was emptied on purpose, clear the job state (or use a new --state) to send everything again.',
+      );
+    }
   }
 
   private async hashSource(path: string, signal: AbortSignal): Promise<{ md5: string; sha256: string }> {
@@ -722,7 +805,26 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     }
     const src = t.source!;
     if (op.kind === 'move') {
-      await dest.rename(op.from, op.path, { signal });
+      try {
+        await dest.rename(op.from, op.path, { signal });
+      } catch (e) {
+        const me = toMedsyncError(e);
+        if (me.code !== 'E_NOT_FOUND') throw me;
+        // The old copy is gone at the destination: forget it and send the file instead.
+        await writer.flush();
+        await store.manifest.remove(scope, [op.from]);
+        return this.execute(
+          {
+            ...t,
+            op: { kind: 'upload', destination: op.destination, path: op.path, size: op.size, reason: 'new' },
+          },
+          signal,
+          bucket,
+          onBytes,
+          record,
+          writer,
+        );
+      }
       await writer.flush();
       const old = await store.manifest.get(scope, op.from);
       await store.manifest.put({
@@ -867,8 +969,12 @@ class ManifestWriter {
     private readonly maxDelayMs = 250,
   ) {}
 
+  /** True once a batch could not be written after retries: the run must stop. */
+  get failed(): boolean {
+    return this.failure !== undefined;
+  }
+
   add(e: ManifestEntry): void {
-    if (this.failure) throw toMedsyncError(this.failure, 'Recording delivered files');
     this.pending.push(e);
     if (this.pending.length >= this.maxBatch) void this.flush().catch(() => undefined);
     else if (this.timer === undefined) {
@@ -883,15 +989,28 @@ class ManifestWriter {
     const batch = this.pending;
     this.pending = [];
     this.flushing = this.flushing.then(async () => {
-      if (batch.length === 0) return;
-      try {
-        await this.store.manifest.put(batch);
-      } catch (e) {
-        this.failure = e;
+      if (batch.length === 0 || this.failure) return;
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await this.store.manifest.put(batch);
+          return;
+        } catch (e) {
+          const me = toMedsyncError(e);
+          if (!me.retryable || attempt >= 3) {
+            // Keep the records for the error; the run stops starting transfers (see `failed`).
+            this.pending.unshift(...batch);
+            this.failure = e;
+            return;
+          }
+          await this.clock.sleep(500 * attempt);
+        }
       }
     });
     return this.flushing.then(() => {
-      if (this.failure) throw toMedsyncError(this.failure, 'Recording delivered files');
+      if (this.failure) {
+        const me = toMedsyncError(this.failure, 'Recording delivered files in the state store');
+        throw new MedsyncError(me.code, me.message, { cause: me, retryable: false });
+      }
     });
   }
 }

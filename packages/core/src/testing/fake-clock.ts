@@ -25,7 +25,9 @@ export class FakeClock implements Clock {
   }
 
   setTimeout(fn: () => void, ms: number): unknown {
-    const timer = { id: ++this.seq, at: this.t + Math.max(0, ms), fn };
+    // Like Node: a delay above 2^31-1 ms becomes 1 ms.
+    const delay = ms > 2 ** 31 - 1 ? 1 : Math.max(0, ms);
+    const timer = { id: ++this.seq, at: this.t + delay, fn };
     this.timers.push(timer);
     return timer.id;
   }
