@@ -16,6 +16,9 @@ export interface SqliteStoreOptions {
 
 type BetterSqlite3 = typeof import('better-sqlite3');
 
+/** Migrations in flight in this process, by database file. */
+const migrating = new Map<string, Promise<void>>();
+
 async function loadDriver(): Promise<BetterSqlite3> {
   try {
     const m = (await import('better-sqlite3')) as unknown as { default?: BetterSqlite3 } & BetterSqlite3;
@@ -80,12 +83,34 @@ export async function openSqliteStore(opts: SqliteStoreOptions): Promise<SqlStor
   // Migrations record their count in user_version, so an up-to-date file opens without the Migrator.
   const current = Object.keys(migrations).length;
   if (!opts.readonly && raw.pragma('user_version', { simple: true }) !== current) {
+    // One IMMEDIATE transaction around the whole migration: SQLite's DDL is transactional, so a
+    // crash leaves the old schema intact, and a second process opening the file at the same time
+    // waits, then finds the schema current.
+    // Handles in this process take turns first: a synchronous busy wait on a lock held by another
+    // handle of the same thread would never end.
+    const previous = migrating.get(file) ?? Promise.resolve();
+    const mine = previous.then(async () => {
+      raw.exec('BEGIN IMMEDIATE');
+      try {
+        if (raw.pragma('user_version', { simple: true }) !== current) {
+          await store.migrate();
+          raw.pragma(`user_version = ${current}`);
+        }
+        raw.exec('COMMIT');
+      } catch (e) {
+        if (raw.inTransaction) raw.exec('ROLLBACK');
+        throw e;
+      }
+    });
+    const settled = mine.catch(() => undefined);
+    migrating.set(file, settled);
     try {
-      await store.migrate();
-      raw.pragma(`user_version = ${current}`);
+      await mine;
     } catch (e) {
       await store.close();
       throw e;
+    } finally {
+      if (migrating.get(file) === settled) migrating.delete(file);
     }
   }
   return store;

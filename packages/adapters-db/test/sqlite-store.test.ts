@@ -28,6 +28,16 @@ describe('sqlite store specifics', () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
+  it('several processes opening a new database at once all find one migrated schema', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'medsync-sqlite-'));
+    const path = join(dir, 'race.db');
+    const stores = await Promise.all(Array.from({ length: 4 }, () => openSqliteStore({ path })));
+    await stores[0]!.settings.set('k', 1);
+    for (const s of stores) expect(await s.settings.get('k')).toBe(1);
+    await Promise.all(stores.map((s) => s.close()));
+    rmSync(dir, { recursive: true, force: true });
+  });
+
   it('migrations are idempotent across opens and keep data', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'medsync-sqlite-'));
     const path = join(dir, 'nested', 'state.db');

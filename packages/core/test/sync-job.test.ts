@@ -442,6 +442,30 @@ describe('SyncJob safety', () => {
     expect(r2.errors[0]).toMatchObject({ path: '2019', code: 'E_NOT_FOUND' });
   });
 
+  it('a source that changed while being sent fails once (no retries) and is sent next run', async () => {
+    class Growing extends MemoryStorage {
+      grow = true;
+      override async read(path: string, o?: Parameters<MemoryStorage['read']>[1]) {
+        const r = await super.read(path, o);
+        if (!this.grow) return r;
+        const parts: Buffer[] = [];
+        for await (const c of r) parts.push(c as Buffer);
+        return Readable.from([Buffer.concat([...parts, Buffer.from('appended')])]);
+      }
+    }
+    const src = new Growing();
+    await src.write('a.dcm', Readable.from([Buffer.from('original')]));
+    const dst = new MemoryStorage();
+    const j = job({ source: src, destinations: [dst], smallFileBytes: 0 });
+    const r = await j.run();
+    expect(r.status).toBe('failed');
+    expect(r.errors[0]).toMatchObject({ code: 'E_INTEGRITY', path: 'a.dcm' });
+    expect(dst.calls.write).toBe(1);
+    expect(dst.size).toBe(0);
+    src.grow = false;
+    expect((await j.run()).filesSynced).toBe(1);
+  });
+
   it('a listener that throws does not change the outcome', async () => {
     const src = new MemoryStorage();
     await src.write('a.dcm', Readable.from([Buffer.from('a')]));

@@ -885,6 +885,21 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         body.pipe(hasher);
         try {
           written = await dest.write(op.path, hasher, { size: op.size, signal, ...mtime });
+        } catch (e) {
+          if (hasher.writableEnded && hasher.bytes !== op.size) {
+            // The whole source was read but its size differs from the scan: it changed while
+            // being sent. Retrying now would race the writer again; the next run sends it.
+            throw new MedsyncError(
+              'E_INTEGRITY',
+              'The source file changed while it was being sent; it will be sent by the next run.',
+              {
+                path: op.path,
+                retryable: false,
+                cause: e,
+              },
+            );
+          }
+          throw e;
         } finally {
           body.destroy();
         }
