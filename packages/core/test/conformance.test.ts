@@ -1,5 +1,6 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { createMemoryStoreData, LocalStorage, MemoryStorage, MemoryStore } from '@medsync/core';
 import { describeStorageConformance, describeStoreConformance } from '@medsync/core/testing';
@@ -45,4 +46,18 @@ describeStoreConformance({
       openAnother: async () => new MemoryStore(data),
     };
   },
+});
+
+describe('LocalStorage.flush', () => {
+  it('fsyncs the folders that changed, and tolerates one removed since', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'medsync-local-'));
+    roots.push(root);
+    const s = new LocalStorage({ root });
+    await s.write('a/b/c.dcm', Buffer.from('x'));
+    await s.write('gone/d.dcm', Buffer.from('y'));
+    rmSync(join(root, 'gone'), { recursive: true });
+    await expect(s.flush()).resolves.toBeUndefined();
+    await expect(s.flush()).resolves.toBeUndefined();
+    expect(readFileSync(join(root, 'a/b/c.dcm'), 'utf8')).toBe('x');
+  });
 });

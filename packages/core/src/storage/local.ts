@@ -282,8 +282,42 @@ export class LocalStorage implements Storage {
   private async ensureDir(relDir: string): Promise<void> {
     if (relDir === '' && !this.opts.createRoot) return;
     if (this.madeDirs.has(relDir)) return;
-    await fsp.mkdir(this.abs(relDir), { recursive: true });
+    const target = this.abs(relDir);
+    const first = await fsp.mkdir(target, { recursive: true });
+    // Every folder from the first one created down to the target is new: each one's parent
+    // gained an entry that needs an fsync.
+    if (first !== undefined && this.opts.fsync) {
+      for (let d = target; ; d = nodePath.dirname(d)) {
+        this.dirty.add(nodePath.dirname(d));
+        if (d === first || d === nodePath.dirname(d)) break;
+      }
+    }
     this.madeDirs.add(relDir);
+  }
+
+  /** Folders whose entries changed since the last flush (absolute paths). */
+  private readonly dirty = new Set<string>();
+
+  async flush(opts: OpOptions = {}): Promise<void> {
+    const dirs = [...this.dirty];
+    this.dirty.clear();
+    for (const d of dirs) {
+      throwIfAborted(opts.signal);
+      let fh: fsp.FileHandle | undefined;
+      try {
+        fh = await fsp.open(d, 'r');
+        await fh.sync();
+      } catch (e) {
+        const code = (e as { code?: string }).code;
+        // A folder removed since (retention) has nothing left to make durable.
+        if (code !== 'ENOENT' && code !== 'EINVAL' && code !== 'EISDIR') {
+          this.dirty.add(d);
+          throw this.err(e, 'Making written files durable');
+        }
+      } finally {
+        await fh?.close().catch(() => undefined);
+      }
+    }
   }
 
   async readBuffer(path: string, opts: OpOptions = {}): Promise<Buffer> {
@@ -384,6 +418,7 @@ export class LocalStorage implements Storage {
       fh = undefined;
       throwIfAborted(opts.signal);
       await fsp.rename(tmp, this.abs(rel));
+      if (this.opts.fsync) this.dirty.add(nodePath.dirname(this.abs(rel)));
       return { path: rel, size: written, mtimeMs };
     } catch (e) {
       if (isStream) body.destroy();
@@ -474,6 +509,10 @@ export class LocalStorage implements Storage {
         throw new MedsyncError('E_NOT_FOUND', 'Only files can be renamed.', { adapter: 'local', path: a });
       await this.ensureDir(b.includes('/') ? b.slice(0, b.lastIndexOf('/')) : '');
       await fsp.rename(this.abs(a), this.abs(b));
+      if (this.opts.fsync) {
+        this.dirty.add(nodePath.dirname(this.abs(a)));
+        this.dirty.add(nodePath.dirname(this.abs(b)));
+      }
     } catch (e) {
       throw this.err(e, 'Renaming the file', a);
     }

@@ -142,6 +142,13 @@ export interface Storage {
   /** Moves a file within the tree, replacing `to`; creates parents. Rejects with E_NOT_FOUND. */
   rename(from: string, to: string, opts?: OpOptions): Promise<void>;
 
+  /**
+   * Makes every write, rename and new folder so far durable (on local disks: fsync of the folders
+   * whose entries changed). Engines call it before recording delivered files. Optional: backends
+   * that acknowledge durably on each call need not implement it.
+   */
+  flush?(opts?: OpOptions): Promise<void>;
+
   /** Removes temporary files left by interrupted writes below `prefix`; returns how many. */
   cleanupPartials?(prefix?: string, opts?: CleanupOptions): Promise<number>;
 

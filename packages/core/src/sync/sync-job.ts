@@ -373,7 +373,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         );
         const bucket = this.o.bwlimit !== undefined ? mkBucket(this.o.bwlimit, this.clock) : undefined;
         const limit = pLimit(this.o.concurrency ?? 4);
-        const writer = new ManifestWriter(store, this.clock);
+        const writer = new ManifestWriter(store, this.clock, this.o.destinations);
         const stopped = () => inner.signal.aborted || !!opts.stopSignal?.aborted || writer.failed;
 
         const exec = async (t: Task) => {
@@ -980,6 +980,8 @@ class ManifestWriter {
   constructor(
     private readonly store: Store,
     private readonly clock: Clock,
+    /** Flushed before each batch is recorded, so a record never outlives its file. */
+    private readonly destinations: readonly Storage[],
     private readonly maxBatch = 256,
     private readonly maxDelayMs = 250,
   ) {}
@@ -1007,6 +1009,7 @@ class ManifestWriter {
       if (batch.length === 0 || this.failure) return;
       for (let attempt = 1; ; attempt++) {
         try {
+          await Promise.all(this.destinations.map((d) => d.flush?.()));
           await this.store.manifest.put(batch);
           return;
         } catch (e) {
