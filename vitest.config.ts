@@ -10,6 +10,7 @@ export default defineConfig({
       { find: /^@medsync\/core\/config$/, replacement: src('core/src/config/index.ts') },
       { find: /^@medsync\/core$/, replacement: src('core/src/index.ts') },
       { find: /^@medsync\/adapters-db$/, replacement: src('adapters-db/src/index.ts') },
+      { find: /^@medsync\/adapters-ftp$/, replacement: src('adapters-ftp/src/index.ts') },
     ],
   },
   test: {

@@ -3,7 +3,7 @@
 // @arethetypeswrong/cli (attw), as consumers on ESM and CommonJS would see them.
 import { spawnSync } from 'node:child_process';
 
-const packages = ['packages/core', 'packages/adapters-db', 'packages/cli'];
+const packages = ['packages/core', 'packages/adapters-db', 'packages/adapters-ftp', 'packages/cli'];
 let failed = false;
 for (const dir of packages) {
   for (const [name, args] of [

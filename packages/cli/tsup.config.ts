@@ -21,6 +21,8 @@ export default defineConfig([
     noExternal: [/^(?!better-sqlite3$).*/],
     splitting: true,
     minify: true,
+    // Libraries read constructor names (basic-ftp's FTPError sets name from it).
+    keepNames: true,
     banner: {
       js: "import { createRequire as __medsyncCreateRequire } from 'node:module'; const require = __medsyncCreateRequire(import.meta.url);",
     },

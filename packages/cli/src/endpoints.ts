@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LocalStorage, MedsyncError, SecretBox, type Storage } from '@medsync/core';
@@ -11,14 +12,14 @@ export interface EndpointOptions {
   password?: string | undefined;
   /** Base folder for relative paths (the config file's folder). */
   baseDir?: string | undefined;
+  /** PEM file of the CA (or self-signed certificate) an FTPS server is trusted with. */
+  caFile?: string | undefined;
   /** fsync each file before renaming it into place (local destinations). Default true. */
   fsync?: boolean | undefined;
   env?: NodeJS.ProcessEnv;
 }
 
 const PLANNED: Record<string, string> = {
-  'ftp:': '@medsync/adapters-ftp',
-  'ftps:': '@medsync/adapters-ftp',
   'sftp:': '@medsync/adapters-ftp',
   'smb:': '@medsync/adapters-smb',
   'azure:': '@medsync/adapters-cloud',
@@ -60,6 +61,30 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
     );
   }
   if (u.protocol === 'file:') return local(fileURLToPath(u));
+  if (u.protocol === 'ftp:' || u.protocol === 'ftps:') {
+    const user = decodeURIComponent(u.username) || 'anonymous';
+    const password = (await resolvePassword(o)) ?? (user === 'anonymous' ? 'anonymous@' : undefined);
+    if (password === undefined) {
+      throw new MedsyncError('E_CONFIG', 'This FTP destination needs a password: pass --password-env VAR.');
+    }
+    const { createFtpStorage } = await import('@medsync/adapters-ftp');
+    let ca: string | undefined;
+    if (o.caFile) {
+      try {
+        ca = readFileSync(resolve(opts.baseDir ?? process.cwd(), o.caFile), 'utf8');
+      } catch {
+        throw new MedsyncError('E_CONFIG', 'The --ca file could not be read.');
+      }
+    }
+    return createFtpStorage({
+      host: u.hostname,
+      ...(u.port ? { port: Number(u.port) } : {}),
+      user,
+      password,
+      root: decodeURIComponent(u.pathname) || '/',
+      ...(u.protocol === 'ftps:' ? { secure: 'explicit' as const, tls: ca ? { ca } : {} } : {}),
+    });
+  }
   const pkg = PLANNED[u.protocol];
   if (pkg) {
     // Resolve the secret now so a missing variable or key is reported before any work starts.

@@ -55,6 +55,7 @@ interface SyncFlags {
   retries?: number;
   progress?: boolean;
   fsync?: boolean;
+  ca?: string;
 }
 
 function writeError(io: CliIO, e: MedsyncError, json: boolean | undefined): void {
@@ -112,6 +113,7 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       'do not fsync each file before renaming it into place (faster; a power cut may lose recent files)',
     )
     .option('--password-env <var>', 'environment variable holding the destination password')
+    .option('--ca <file>', 'PEM certificate or CA an FTPS destination is trusted with')
     .action(async (source: string, destinations: string[], f: SyncFlags) => {
       code = await syncCommand(source, destinations, f, io);
     });
@@ -133,7 +135,8 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
     .argument('<destination>', 'folder or URL')
     .option('--json', 'print JSON')
     .option('--password-env <var>', 'environment variable holding the password')
-    .action(async (dest: string, f: { json?: boolean; passwordEnv?: string }) => {
+    .option('--ca <file>', 'PEM certificate or CA an FTPS server is trusted with')
+    .action(async (dest: string, f: { json?: boolean; passwordEnv?: string; ca?: string }) => {
       code = await testCommand(dest, f, io);
     });
 
@@ -202,7 +205,13 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
   const dests: Storage[] = [];
   for (const d of destinations)
     dests.push(
-      await openEndpoint(d, { baseDir: io.cwd, passwordEnv: f.passwordEnv, env: io.env, fsync: f.fsync }),
+      await openEndpoint(d, {
+        baseDir: io.cwd,
+        passwordEnv: f.passwordEnv,
+        env: io.env,
+        fsync: f.fsync,
+        caFile: f.ca,
+      }),
     );
   const store = await openSqliteStore({ path: resolve(io.cwd, f.state ?? 'medsync-state.db') });
   const job = new SyncJob({
@@ -278,10 +287,15 @@ async function statusCommand(
 
 async function testCommand(
   dest: string,
-  f: { json?: boolean; passwordEnv?: string },
+  f: { json?: boolean; passwordEnv?: string; ca?: string },
   io: CliIO,
 ): Promise<number> {
-  const s = await openEndpoint(dest, { baseDir: io.cwd, passwordEnv: f.passwordEnv, env: io.env });
+  const s = await openEndpoint(dest, {
+    baseDir: io.cwd,
+    passwordEnv: f.passwordEnv,
+    env: io.env,
+    caFile: f.ca,
+  });
   try {
     const r = await s.test();
     if (f.json) io.stdout.write(JSON.stringify(r, null, 2) + '\n');

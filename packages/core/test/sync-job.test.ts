@@ -371,6 +371,8 @@ describe('SyncJob copy', () => {
     utimesSync(join(dst, 'sub/.x.dcm.deadbeef.medsync-part'), old, old);
     const store = new MemoryStore();
     await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
+    // Leftovers are recognised by their ctime being older than the run: let a clock tick pass.
+    await new Promise((r) => setTimeout(r, 30));
     const r = await job(
       { source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] },
       store,

@@ -1,0 +1,1007 @@
+import { randomBytes } from 'node:crypto';
+import { PassThrough, Readable, Writable } from 'node:stream';
+import {
+  MedsyncError,
+  isMedsyncError,
+  isPartialName,
+  joinPath,
+  normalizePath,
+  partialNameFor,
+  throwIfAborted,
+  type CleanupOptions,
+  type ConnectionReport,
+  type ListOptions,
+  type OpOptions,
+  type ReadOptions,
+  type Storage,
+  type StorageCapabilities,
+  type StorageEntry,
+  type WriteBody,
+  type WriteOptions,
+} from '@medsync/core';
+import { Client, FileType, FTPError, type FileInfo, type FTPResponse } from 'basic-ftp';
+import type { ConnectionOptions } from 'node:tls';
+import { isFtpReply, toFtpError, type FtpOp } from './errors.js';
+import { parseFtpOptions, type FtpStorageOptions, type ResolvedFtpStorageOptions } from './options.js';
+import { ClientPool, type Lease } from './pool.js';
+
+/** Temporary names: a per-process random prefix and a counter. */
+const TMP_PREFIX = randomBytes(4).toString('hex');
+let tmpCounter = 0;
+
+/** A range read stops the transfer (closing that connection) once this much past `end` was skipped. */
+const RANGE_DRAIN_LIMIT = 1024 * 1024;
+
+/** What the server announced in FEAT, reduced to what the adapter uses. */
+interface ServerFeatures {
+  names: string[];
+  mlst: boolean;
+  mfmt: boolean;
+  size: boolean;
+  mdtm: boolean;
+}
+
+const noop = () => undefined;
+
+function dirnameAbs(abs: string): string {
+  const i = abs.lastIndexOf('/');
+  return i <= 0 ? '/' : abs.slice(0, i);
+}
+
+/** `YYYYMMDDHHMMSS` in UTC, as MFMT takes it. */
+function mfmtTime(ms: number): string {
+  return new Date(ms).toISOString().replace(/[-:T]/g, '').slice(0, 14);
+}
+
+/** Parses an RFC 3659 time-val (`YYYYMMDDHHMMSS[.sss]`, UTC). */
+function parseTimeVal(v: string): number | undefined {
+  const m = /^(\d{4})(\d{2})(\d{2})(\d{2})(\d{2})(\d{2})(?:\.(\d{1,3}))?/.exec(v.trim());
+  if (!m) return undefined;
+  const [, y, mo, d, h, mi, s, frac] = m;
+  return Date.UTC(+y!, +mo! - 1, +d!, +h!, +mi!, +s!, frac ? Math.floor(+`0.${frac}` * 1000) : 0);
+}
+
+/** Parses the facts line of an MLST reply (` type=file;size=12;modify=20240517103015; /path`). */
+function parseMlst(message: string): { type?: string; size?: number; mtimeMs?: number } | undefined {
+  const line = message.split(/\r?\n/).find((l) => /^\s*\S*=\S*;/.test(l) && !/^\d{3}[ -]/.test(l));
+  if (!line) return undefined;
+  const trimmed = line.trimStart();
+  const facts = trimmed.slice(0, trimmed.indexOf(' ') >= 0 ? trimmed.indexOf(' ') : undefined);
+  const out: { type?: string; size?: number; mtimeMs?: number } = {};
+  for (const f of facts.split(';')) {
+    const eq = f.indexOf('=');
+    if (eq < 0) continue;
+    const key = f.slice(0, eq).toLowerCase();
+    const value = f.slice(eq + 1);
+    if (key === 'type') out.type = value.toLowerCase();
+    else if (key === 'size') out.size = Number(value);
+    else if (key === 'modify') out.mtimeMs = parseTimeVal(value);
+  }
+  return out;
+}
+
+/**
+ * SIZE of a file; undefined when the 213 reply carries no number (ftp-srv 4.6.3 answers
+ * "213 File status" for an empty file). Rejects with the server's reply otherwise.
+ */
+async function sizeOf(c: Client, abs: string): Promise<number | undefined> {
+  const res = await c.send(`SIZE ${abs}`);
+  const n = parseInt(res.message.slice(4), 10);
+  return Number.isNaN(n) ? undefined : n;
+}
+
+/** Internal: a pooled connection was found dead before a read got its first byte. */
+class StaleConnection extends Error {}
+
+/** A reply turned into basic-ftp's error type, for {@link toFtpError}. */
+function replyError(res: FTPResponse): FTPError {
+  return new FTPError(res);
+}
+
+/**
+ * Storage on an FTP or explicit-FTPS server (basic-ftp), through a pool of up to `maxConnections`
+ * logged-in connections, each running one command or transfer at a time.
+ *
+ * Writes go to a hidden `.name.<unique>.medsync-part` sibling, are checked against the expected
+ * size (and the server's SIZE), get their mtime (MFMT) and are renamed into place (RNFR/RNTO).
+ * Capabilities that depend on the server (MFMT, MLST) are learnt from FEAT at the first connection:
+ * until then `preservesMtime` reads false.
+ */
+export class FtpStorage implements Storage {
+  readonly kind: 'ftp' | 'ftps';
+  readonly id: string;
+  /** The validated options, without the password. */
+  readonly options: Readonly<Omit<ResolvedFtpStorageOptions, 'password'>>;
+  private readonly pool: ClientPool;
+  private readonly rootAbs: string;
+  private readonly madeDirs = new Set<string>();
+  private features: ServerFeatures | undefined;
+  private restSupported = true;
+  private closed = false;
+  private caps: StorageCapabilities;
+
+  constructor(input: FtpStorageOptions) {
+    const o = parseFtpOptions(input);
+    const { password, ...rest } = o;
+    this.options = rest;
+    this.kind = o.secure === 'explicit' ? 'ftps' : 'ftp';
+    this.rootAbs = o.root;
+    const host = o.host.includes(':') && !o.host.startsWith('[') ? `[${o.host}]` : o.host;
+    const rootPart = o.root === '/' ? '/' : o.root.split('/').map(encodeURIComponent).join('/');
+    this.id = `${this.kind}://${encodeURIComponent(o.user)}@${host}:${o.port}${rootPart}`;
+    this.caps = {
+      hashes: [],
+      preservesMtime: false,
+      mtimePrecisionMs: null,
+      atomicRename: true,
+      rangeReads: true,
+      caseInsensitive: false,
+      maxConcurrency: o.maxConnections,
+    };
+    // The password lives only in this closure: not on the instance, not in `options`.
+    const connect = () => this.connectClient(password);
+    this.pool = new ClientPool(
+      connect,
+      o.maxConnections,
+      () => new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: this.kind }),
+      (e) => isMedsyncError(e) && !e.retryable,
+    );
+  }
+
+  /**
+   * What this server can do. `preservesMtime` is true once the first connection found both MFMT
+   * (to set times) and MLST/MLSD (to read them back in listings); mtimes are kept to the second.
+   */
+  get capabilities(): StorageCapabilities {
+    return this.caps;
+  }
+
+  private async connectClient(password: string): Promise<Client> {
+    const o = this.options;
+    const client = new Client(o.timeoutMs);
+    let step: FtpOp = 'connect';
+    try {
+      await client.connect(o.host, o.port);
+      if (o.secure === 'explicit') {
+        step = 'tls';
+        const tls: ConnectionOptions = {
+          host: o.host,
+          rejectUnauthorized: o.tls.rejectUnauthorized,
+          ...(o.tls.ca !== undefined ? { ca: o.tls.ca } : {}),
+        };
+        await client.useTLS(tls);
+      }
+      step = 'login';
+      await client.sendIgnoringError('OPTS UTF8 ON');
+      await client.login(o.user, password);
+      step = 'connect';
+      await client.useDefaultSettings();
+      if (!this.features) this.learnFeatures(await client.features());
+      return client;
+    } catch (e) {
+      client.close();
+      throw toFtpError(e, step, undefined, this.kind);
+    }
+  }
+
+  private learnFeatures(feat: Map<string, string>): void {
+    const names = [...feat.keys()].map((k) => k.toUpperCase());
+    const has = (n: string) => names.includes(n);
+    this.features = {
+      names: [...feat.entries()].map(([k, v]) => (v ? `${k} ${v}` : k)).sort(),
+      mlst: has('MLST'),
+      mfmt: has('MFMT'),
+      size: has('SIZE'),
+      mdtm: has('MDTM'),
+    };
+    const keeps = this.features.mfmt && this.features.mlst;
+    this.caps = { ...this.caps, preservesMtime: keeps, mtimePrecisionMs: keeps ? 1000 : null };
+  }
+
+  private abs(rel: string): string {
+    if (rel === '') return this.rootAbs;
+    return this.rootAbs === '/' ? `/${rel}` : `${this.rootAbs}/${rel}`;
+  }
+
+  private check(): void {
+    if (this.closed) throw new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: this.kind });
+  }
+
+  /** normalizePath, plus the characters an FTP command line cannot carry. */
+  private path(p: string, opts: { allowRoot?: boolean } = {}): string {
+    const rel = normalizePath(p, opts);
+    if (/[\r\n]/.test(rel)) {
+      throw new MedsyncError('E_INVALID_PATH', 'An FTP path may not contain CR or LF.', {
+        adapter: this.kind,
+      });
+    }
+    return rel;
+  }
+
+  private err(e: unknown, op: FtpOp, path?: string): MedsyncError {
+    return toFtpError(e, op, path, this.kind);
+  }
+
+  private aborted(e: unknown, path?: string): MedsyncError {
+    return new MedsyncError('E_ABORTED', 'The operation was cancelled.', {
+      adapter: this.kind,
+      cause: e,
+      ...(path !== undefined ? { path } : {}),
+    });
+  }
+
+  /** A client is broken when the connection itself failed (anything but a server reply). */
+  private static broken(e: unknown, client: Client): boolean {
+    if (client.closed) return true;
+    const raw = isMedsyncError(e) && e.cause !== undefined ? e.cause : e;
+    if (isFtpReply(raw)) return raw.code === 421;
+    return !isMedsyncError(raw);
+  }
+
+  /**
+   * True when `e` says the connection was already dead when the command went out (a closed or
+   * reset socket, or the 421 of a server that timed the session out): the command never ran.
+   */
+  private static stale(e: unknown, client: Client): boolean {
+    const raw = isMedsyncError(e) ? e.cause : e;
+    if (raw === undefined || isMedsyncError(raw)) return false;
+    return isFtpReply(raw) ? raw.code === 421 : FtpStorage.broken(raw, client);
+  }
+
+  /**
+   * Runs `fn` on a pooled client. The signal closes that client (the only way to stop FTP
+   * mid-command). A client found dead right after leaving the idle list is replaced once.
+   */
+  private async withClient<T>(
+    op: FtpOp,
+    path: string | undefined,
+    signal: AbortSignal | undefined,
+    fn: (c: Client) => Promise<T>,
+  ): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      let lease: Lease;
+      try {
+        lease = await this.pool.acquire(signal);
+      } catch (e) {
+        throw this.err(e, op, path);
+      }
+      const onAbort = () => lease.client.close();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      let broken = false;
+      try {
+        return await fn(lease.client);
+      } catch (e) {
+        broken = FtpStorage.broken(e, lease.client);
+        if (signal?.aborted) throw this.aborted(e, path);
+        if (this.closed) throw this.err(new MedsyncError('E_CONFIG', 'This storage was closed.'), op, path);
+        if (!(lease.reused && attempt === 0 && FtpStorage.stale(e, lease.client)))
+          throw this.err(e, op, path);
+        broken = true;
+      } finally {
+        signal?.removeEventListener('abort', onAbort);
+        this.pool.release(lease.client, broken);
+      }
+    }
+  }
+
+  private async feats(c: Client): Promise<ServerFeatures> {
+    if (!this.features) this.learnFeatures(await c.features());
+    return this.features!;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+
+  async test(opts: OpOptions = {}): Promise<ConnectionReport> {
+    const started = performance.now();
+    const base = { kind: this.kind, id: this.id };
+    const o = this.options;
+    try {
+      this.check();
+      throwIfAborted(opts.signal);
+      return await this.withClient('test', undefined, opts.signal, async (c) => {
+        const cwd = await c.sendIgnoringError(`CWD ${this.rootAbs}`);
+        if (cwd.code >= 400) {
+          throw new MedsyncError(
+            'E_NOT_FOUND',
+            `The root folder is not there or not a folder (${cwd.code}).`,
+            {
+              adapter: this.kind,
+              cause: replyError(cwd),
+            },
+          );
+        }
+        let entries = 0;
+        for (const f of await c.list(this.rootAbs)) {
+          if (f.name !== '.' && f.name !== '..' && !isPartialName(f.name)) entries++;
+          if (entries >= 10_000) break;
+        }
+        let writable = false;
+        const probe = this.abs(`.medsync-probe-${randomBytes(6).toString('hex')}`);
+        try {
+          await c.uploadFrom(Readable.from([Buffer.from('probe')]), probe);
+          await c.remove(probe);
+          writable = true;
+        } catch (e) {
+          if (!isFtpReply(e)) throw e;
+          await c.sendIgnoringError(`DELE ${probe}`);
+        }
+        const socket = c.ftp.socket as {
+          getProtocol?: () => string | null;
+          getCipher?: () => { name: string };
+        };
+        const feats = await this.feats(c);
+        return {
+          ...base,
+          ok: true,
+          latencyMs: Math.round(performance.now() - started),
+          writable,
+          entries,
+          details: {
+            tls: o.secure === 'explicit',
+            ...(socket.getProtocol
+              ? { tlsProtocol: socket.getProtocol(), cipher: socket.getCipher?.().name }
+              : {}),
+            features: feats.names,
+            preservesMtime: this.caps.preservesMtime,
+          },
+          ...(writable
+            ? {}
+            : {
+                advice: 'The root folder is readable but this account may not write to it: check its rights.',
+              }),
+        } satisfies ConnectionReport;
+      });
+    } catch (e) {
+      const me = this.err(e, 'test');
+      return {
+        ...base,
+        ok: false,
+        latencyMs: Math.round(performance.now() - started),
+        writable: false,
+        details: { tls: o.secure === 'explicit' },
+        error: { code: me.code, message: me.message },
+        advice: this.advice(me),
+      };
+    }
+  }
+
+  private advice(me: MedsyncError): string {
+    const o = this.options;
+    const cause = me.cause as { code?: unknown; message?: unknown } | undefined;
+    const text = typeof cause?.message === 'string' ? cause.message : '';
+    switch (me.code) {
+      case 'E_AUTH':
+        return `The server refused the login: check \`user\` and \`password\`, and that the account may use FTP${o.secure ? 'S' : ''}.`;
+      case 'E_NOT_FOUND':
+        return `The root folder ${o.root} does not exist on the server, or this account cannot see it: create it or fix \`root\`.`;
+      case 'E_PERMISSION':
+        return 'The account may not read the root folder: check its rights on the server.';
+      case 'E_CONFIG':
+        return /TLS|certificate/i.test(me.message)
+          ? 'Check `secure` and `tls`: pass the server certificate (or its CA) as `tls.ca`; `rejectUnauthorized: false` only on a trusted network.'
+          : 'Check the FTP options.';
+      case 'E_ABORTED':
+        return 'The test was cancelled before it finished.';
+      default:
+        if (cause?.code === 'ECONNREFUSED') {
+          return `Nothing accepts connections at ${o.host}:${o.port}: check \`host\` and \`port\`, the firewall, and that the FTP server is running.`;
+        }
+        if (/timeout|timed out|ETIMEDOUT/i.test(`${text} ${String(cause?.code)}`)) {
+          return `${o.host}:${o.port} did not answer in time: check the firewall (control port and passive data ports) or raise \`timeoutMs\`.`;
+        }
+        return `The FTP server at ${o.host}:${o.port} could not be used: check that it is reachable and running, then retry.`;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+
+  /**
+   * LIST/MLSD of one folder, without `.` and `..`. Servers answer a missing folder with 450, 451
+   * or 550 (ftp-srv: 451); a refused listing is checked with CWD so a missing folder is always
+   * E_NOT_FOUND.
+   */
+  private async listDir(relDir: string, signal: AbortSignal | undefined): Promise<FileInfo[]> {
+    const files = await this.withClient('list', relDir, signal, async (c) => {
+      try {
+        return await c.list(this.abs(relDir));
+      } catch (e) {
+        if (
+          isFtpReply(e) &&
+          !c.closed &&
+          (await c.sendIgnoringError(`CWD ${this.abs(relDir)}`)).code >= 500
+        ) {
+          throw new MedsyncError('E_NOT_FOUND', 'The folder does not exist.', {
+            adapter: this.kind,
+            path: relDir,
+            cause: e,
+          });
+        }
+        throw e;
+      }
+    });
+    return files.filter(
+      (f) => f.name !== '' && f.name !== '.' && f.name !== '..' && !/[/\\\0\r\n]/.test(f.name),
+    );
+  }
+
+  /** True when `relDir` is a folder (CWD succeeds); false on a 5xx "unavailable" reply. */
+  private isDir(relDir: string, signal: AbortSignal | undefined): Promise<boolean> {
+    return this.withClient('list', relDir, signal, async (c) => {
+      const res = await c.sendIgnoringError(`CWD ${this.abs(relDir)}`);
+      if (res.code < 400) return true;
+      if (res.code === 550 || res.code === 450 || res.code === 553 || res.code === 501) return false;
+      throw replyError(res);
+    });
+  }
+
+  async *list(prefix = '', opts: ListOptions = {}): AsyncGenerator<StorageEntry> {
+    this.check();
+    const start = this.path(prefix, { allowRoot: true });
+    throwIfAborted(opts.signal);
+    if (!(await this.isDir(start, opts.signal))) {
+      if (start !== '') {
+        const file = await this.stat(start, opts).catch(() => null);
+        if (file) {
+          yield file;
+          return;
+        }
+      }
+      throw new MedsyncError('E_NOT_FOUND', 'The folder does not exist.', {
+        adapter: this.kind,
+        path: start,
+      });
+    }
+    // Folders are listed in parallel over the pool; files are yielded as each listing arrives.
+    const width = Math.max(
+      1,
+      Math.min(opts.concurrency ?? this.options.maxConnections, this.options.maxConnections),
+    );
+    type Listed = { id: number; dir: string; files?: FileInfo[]; error?: unknown };
+    const queue = [start];
+    const inflight = new Map<number, Promise<Listed>>();
+    let next = 0;
+    while (queue.length > 0 || inflight.size > 0) {
+      throwIfAborted(opts.signal);
+      while (queue.length > 0 && inflight.size < width) {
+        const dir = queue.pop()!;
+        const id = next++;
+        inflight.set(
+          id,
+          this.listDir(dir, opts.signal).then(
+            (files) => ({ id, dir, files }),
+            (error: unknown) => ({ id, dir, error }),
+          ),
+        );
+      }
+      const r = await Promise.race(inflight.values());
+      inflight.delete(r.id);
+      if (r.error !== undefined) {
+        const me = this.err(r.error, 'list', r.dir);
+        // A folder removed while we walk is not an error.
+        if (me.code === 'E_NOT_FOUND' && r.dir !== start) continue;
+        throw me;
+      }
+      for (const f of r.files!) {
+        const child = joinPath(r.dir, f.name);
+        if (f.type === FileType.Directory) queue.push(child);
+        else if (f.type === FileType.File && !isPartialName(f.name)) {
+          yield {
+            path: child,
+            size: f.size,
+            ...(f.modifiedAt ? { mtimeMs: f.modifiedAt.getTime() } : {}),
+          };
+        }
+      }
+    }
+  }
+
+  async stat(path: string, opts: OpOptions = {}): Promise<StorageEntry> {
+    this.check();
+    const rel = this.path(path);
+    throwIfAborted(opts.signal);
+    const notFound = (cause?: unknown) =>
+      new MedsyncError('E_NOT_FOUND', 'No such file.', { adapter: this.kind, path: rel, cause });
+    const found = await this.withClient('stat', rel, opts.signal, async (c): Promise<StorageEntry | null> => {
+      const f = await this.feats(c);
+      const abs = this.abs(rel);
+      if (f.mlst) {
+        const res = await c.send(`MLST ${abs}`);
+        const facts = parseMlst(res.message);
+        if (facts && facts.type !== undefined && facts.type !== 'file') return null;
+        if (facts && facts.size !== undefined && Number.isFinite(facts.size)) {
+          return {
+            path: rel,
+            size: facts.size,
+            ...(facts.mtimeMs !== undefined ? { mtimeMs: facts.mtimeMs } : {}),
+          };
+        }
+      }
+      const size = f.size ? await sizeOf(c, abs) : undefined;
+      if (size !== undefined) {
+        let mtimeMs: number | undefined;
+        if (f.mdtm) {
+          const res = await c.sendIgnoringError(`MDTM ${abs}`);
+          if (res.code === 213) mtimeMs = parseTimeVal(res.message.slice(4));
+        }
+        return { path: rel, size, ...(mtimeMs !== undefined ? { mtimeMs } : {}) };
+      }
+      // Neither MLST nor a usable SIZE: find the file in its folder's listing.
+      const dir = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/')) : '';
+      const name = rel.slice(dir.length === 0 ? 0 : dir.length + 1);
+      const hit = (await c.list(this.abs(dir))).find((x) => x.name === name);
+      if (!hit || hit.type !== FileType.File) return null;
+      return { path: rel, size: hit.size, ...(hit.modifiedAt ? { mtimeMs: hit.modifiedAt.getTime() } : {}) };
+    });
+    if (!found) throw notFound();
+    return found;
+  }
+
+  async read(path: string, opts: ReadOptions = {}): Promise<Readable> {
+    this.check();
+    const rel = this.path(path);
+    throwIfAborted(opts.signal);
+    const start = Math.max(0, opts.start ?? 0);
+    const limit = opts.end === undefined ? Infinity : Math.max(0, opts.end - start + 1);
+    for (let attempt = 0; ; attempt++) {
+      let lease: Lease;
+      try {
+        lease = await this.pool.acquire(opts.signal);
+      } catch (e) {
+        throw this.err(e, 'read', rel);
+      }
+      try {
+        return await this.download(lease, rel, start, limit, opts.signal, attempt === 0 && lease.reused);
+      } catch (e) {
+        // A pooled connection found dead before the first byte: once more on a fresh one.
+        if (e instanceof StaleConnection) continue;
+        throw e;
+      }
+    }
+  }
+
+  /**
+   * RETR (after REST when `start` > 0) into a PassThrough. Resolves with the stream at the first
+   * byte or at the end of an empty file; rejects when the server refuses before any byte. The
+   * lease is held until the transfer ends; a consumer that destroys the stream early, or a range
+   * satisfied long before the end of the file, closes that connection instead of draining it.
+   */
+  private download(
+    lease: Lease,
+    rel: string,
+    start: number,
+    limit: number,
+    signal: AbortSignal | undefined,
+    mayBeStale: boolean,
+  ): Promise<Readable> {
+    const client = lease.client;
+    const out = new PassThrough({ highWaterMark: 256 * 1024 });
+    let received = 0;
+    let skipped = 0;
+    let started = false;
+    let finished = false;
+    let abandoned = false;
+    let released = false;
+    const release = (broken: boolean) => {
+      if (released) return;
+      released = true;
+      signal?.removeEventListener('abort', onAbort);
+      this.pool.release(client, broken);
+    };
+    const abandon = () => {
+      if (finished || abandoned) return;
+      abandoned = true;
+      client.close();
+    };
+    const onAbort = () => {
+      abandon();
+      if (started && !out.destroyed) out.destroy(this.aborted(signal?.reason, rel));
+    };
+    out.on('close', () => {
+      if (received < limit) abandon();
+    });
+
+    return new Promise<Readable>((resolve, reject) => {
+      const begin = () => {
+        if (!started) {
+          started = true;
+          resolve(out);
+        }
+      };
+      const run = (restAt: number, discard: number) => {
+        let toDiscard = discard;
+        const sink = new Writable({
+          highWaterMark: 64 * 1024,
+          write: (chunk: Buffer, _enc, cb) => {
+            begin();
+            let buf = chunk;
+            if (toDiscard > 0) {
+              const n = Math.min(toDiscard, buf.length);
+              toDiscard -= n;
+              buf = buf.subarray(n);
+            }
+            if (received >= limit) {
+              // The range is served: drain a short tail, but stop a long one by closing.
+              skipped += buf.length;
+              if (skipped > RANGE_DRAIN_LIMIT) abandon();
+              cb();
+              return;
+            }
+            if (out.destroyed) {
+              abandon();
+              cb();
+              return;
+            }
+            const part = buf.length > limit - received ? buf.subarray(0, limit - received) : buf;
+            received += part.length;
+            const more = part.length === 0 || out.write(part);
+            if (received >= limit) out.end();
+            if (more || received >= limit) {
+              cb();
+              return;
+            }
+            const go = () => {
+              out.off('drain', go);
+              out.off('close', go);
+              cb();
+            };
+            out.on('drain', go);
+            out.on('close', go);
+          },
+        });
+        client.downloadTo(sink, this.abs(rel), restAt).then(
+          () => {
+            finished = true;
+            release(false);
+            begin();
+            if (!out.writableEnded) out.end();
+          },
+          (e: unknown) => {
+            // A server without REST: read from the start and skip the bytes before `start`.
+            if (!started && restAt > 0 && isFtpReply(e) && e.code >= 500 && e.code <= 504 && !client.closed) {
+              this.restSupported = false;
+              run(0, restAt);
+              return;
+            }
+            finished = true;
+            release(FtpStorage.broken(e, client) || abandoned);
+            if (!started && mayBeStale && !abandoned && FtpStorage.stale(e, client)) {
+              started = true;
+              reject(new StaleConnection());
+              return;
+            }
+            if (abandoned && !signal?.aborted) return; // the consumer is gone or the range was served
+            const me = signal?.aborted ? this.aborted(e, rel) : this.err(e, 'read', rel);
+            if (!started) {
+              started = true;
+              out.destroy();
+              reject(me);
+            } else if (!out.destroyed) {
+              out.destroy(me);
+            }
+          },
+        );
+      };
+      if (signal?.aborted) {
+        release(false);
+        reject(this.aborted(signal.reason, rel));
+        return;
+      }
+      signal?.addEventListener('abort', onAbort, { once: true });
+      if (limit === 0) {
+        // Nothing to read (end before start): still report a missing file.
+        finished = true;
+        release(false);
+        this.stat(rel, signal ? { signal } : {}).then(() => {
+          started = true;
+          out.end();
+          resolve(out);
+        }, reject);
+        return;
+      }
+      run(this.restSupported ? start : 0, this.restSupported ? 0 : start);
+    });
+  }
+
+  async readBuffer(path: string, opts: OpOptions = {}): Promise<Buffer> {
+    const stream = await this.read(path, opts);
+    const parts: Buffer[] = [];
+    for await (const c of stream as AsyncIterable<Buffer>) parts.push(c);
+    return Buffer.concat(parts);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+
+  /**
+   * Makes sure a folder exists (absolute path), creating missing parents. Known folders are
+   * cached; one MKD is enough for a new folder whose parent exists.
+   */
+  private async ensureDir(c: Client, absDir: string): Promise<void> {
+    if (absDir === '/' || this.madeDirs.has(absDir)) return;
+    const made = await c.sendIgnoringError(`MKD ${absDir}`);
+    if (made.code < 400 || (await c.sendIgnoringError(`CWD ${absDir}`)).code < 400) {
+      this.madeDirs.add(absDir);
+      return;
+    }
+    await this.ensureDir(c, dirnameAbs(absDir));
+    const again = await c.sendIgnoringError(`MKD ${absDir}`);
+    if (again.code >= 400 && (await c.sendIgnoringError(`CWD ${absDir}`)).code >= 400) {
+      throw replyError(again);
+    }
+    this.madeDirs.add(absDir);
+  }
+
+  /** Forgets cached folders at and below `absDir`'s branch, after a failure that hints they went. */
+  private forgetDirs(absDir: string): void {
+    for (let d = absDir; d !== '/'; d = dirnameAbs(d)) this.madeDirs.delete(d);
+  }
+
+  /**
+   * RNFR/RNTO. When RNTO fails, creates the target's folder if it was not known, and when the
+   * server refuses to overwrite, removes the target and tries once more.
+   */
+  private async renameAbs(
+    c: Client,
+    fromAbs: string,
+    toAbs: string,
+    fromRel: string,
+    toRel: string,
+  ): Promise<void> {
+    const attempt = async (): Promise<FTPResponse> => {
+      const rnfr = await c.sendIgnoringError(`RNFR ${fromAbs}`);
+      if (rnfr.code >= 400) throw this.err(replyError(rnfr), 'rename-source', fromRel);
+      return c.sendIgnoringError(`RNTO ${toAbs}`);
+    };
+    let res = await attempt();
+    if (res.code < 400) return;
+    const parent = dirnameAbs(toAbs);
+    if (parent !== '/' && !this.madeDirs.has(parent)) {
+      await this.ensureDir(c, parent);
+      res = await attempt();
+      if (res.code < 400) return;
+    }
+    if (res.code >= 500) {
+      const del = await c.sendIgnoringError(`DELE ${toAbs}`);
+      if (del.code < 400) {
+        res = await attempt();
+        if (res.code < 400) return;
+      }
+    }
+    throw this.err(replyError(res), 'rename', toRel);
+  }
+
+  /** Best-effort DELE on a fresh lease (the caller's may be closed, its signal fired). */
+  private async removeQuietly(abs: string): Promise<void> {
+    if (this.closed) return;
+    try {
+      const lease = await this.pool.acquire();
+      try {
+        await lease.client.sendIgnoringError(`DELE ${abs}`);
+        this.pool.release(lease.client);
+      } catch {
+        this.pool.release(lease.client, true);
+      }
+    } catch {
+      // The temporary name stays hidden; cleanupPartials removes it later.
+    }
+  }
+
+  async write(path: string, body: WriteBody, opts: WriteOptions = {}): Promise<StorageEntry> {
+    const isStream = !(body instanceof Uint8Array);
+    const size = opts.size !== undefined && opts.size >= 0 ? opts.size : undefined;
+    let rel: string;
+    try {
+      this.check();
+      rel = this.path(path);
+      throwIfAborted(opts.signal);
+      if (!isStream && size !== undefined && body.length !== size) {
+        throw new MedsyncError('E_INTEGRITY', `Got ${body.length} bytes but ${size} were expected.`, {
+          adapter: this.kind,
+          path: rel,
+        });
+      }
+    } catch (e) {
+      if (isStream) body.destroy();
+      throw e;
+    }
+    const signal = opts.signal;
+    const source: Readable = isStream
+      ? body
+      : Readable.from([Buffer.from(body.buffer, body.byteOffset, body.byteLength)]);
+    // Errors of the body surface through the upload; never as an uncaught event.
+    source.on('error', noop);
+    const finalAbs = this.abs(rel);
+    const tmpAbs = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
+    const kind = this.kind;
+    // The upload pulls from the body only once the data connection is open, so a connection that
+    // turns out dead before that can be swapped for another without losing a byte.
+    let sent = 0;
+    let pulled = false;
+    let streamError: unknown;
+    const uploadBody = () => {
+      const r = Readable.from(
+        (async function* () {
+          pulled = true;
+          for await (const chunk of source as AsyncIterable<Buffer | string>) {
+            const buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
+            sent += buf.length;
+            if (size !== undefined && sent > size) {
+              throw new MedsyncError(
+                'E_INTEGRITY',
+                `Received more than the ${size} bytes expected: the source changed while it was sent.`,
+                { adapter: kind, path: rel },
+              );
+            }
+            yield buf;
+          }
+        })(),
+        { objectMode: false, highWaterMark: 64 * 1024 },
+      );
+      r.on('error', (e: unknown) => {
+        streamError ??= e;
+      });
+      return r;
+    };
+    let lease: Lease | undefined;
+    let tempMayExist = false;
+    const onAbort = () => {
+      source.destroy();
+      lease?.client.close();
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      for (let attempt = 0; ; attempt++) {
+        lease = await this.pool.acquire(signal);
+        throwIfAborted(signal);
+        const c = lease.client;
+        try {
+          await this.ensureDir(c, dirnameAbs(finalAbs));
+          tempMayExist = true;
+          await c.uploadFrom(uploadBody(), tmpAbs);
+          break;
+        } catch (e) {
+          const stale =
+            attempt === 0 && lease.reused && !pulled && !signal?.aborted && FtpStorage.stale(e, c);
+          if (!stale || streamError !== undefined) throw e;
+          this.pool.release(c, true);
+          lease = undefined;
+          tempMayExist = false;
+        }
+      }
+      const c = lease.client;
+      if (streamError !== undefined) throw streamError;
+      if (size !== undefined && sent !== size) {
+        throw new MedsyncError(
+          'E_INTEGRITY',
+          `Received ${sent} bytes but ${size} were expected: the source changed or the stream was cut.`,
+          { adapter: this.kind, path: rel },
+        );
+      }
+      const feats = await this.feats(c);
+      if (feats.size) {
+        const stored = await sizeOf(c, tmpAbs);
+        if (stored !== undefined && stored !== sent) {
+          throw new MedsyncError(
+            'E_INTEGRITY',
+            `The server stored ${stored} bytes but ${sent} were sent; resending.`,
+            {
+              adapter: this.kind,
+              path: rel,
+            },
+          );
+        }
+      }
+      let mtimeMs: number | undefined;
+      if (opts.mtimeMs !== undefined && feats.mfmt) {
+        const t = Math.floor(opts.mtimeMs / 1000) * 1000;
+        const res = await c.sendIgnoringError(`MFMT ${mfmtTime(t)} ${tmpAbs}`);
+        if (res.code < 300) mtimeMs = t;
+        else if (res.code >= 500 && res.code <= 504) {
+          // Announced but not implemented: stop promising mtimes.
+          this.features = { ...feats, mfmt: false };
+          this.caps = { ...this.caps, preservesMtime: false, mtimePrecisionMs: null };
+        } else throw replyError(res);
+      }
+      throwIfAborted(signal);
+      await this.renameAbs(c, tmpAbs, finalAbs, rel, rel);
+      tempMayExist = false;
+      return { path: rel, size: sent, ...(mtimeMs !== undefined ? { mtimeMs } : {}) };
+    } catch (e) {
+      source.destroy();
+      let me: MedsyncError;
+      if (signal?.aborted) me = this.aborted(e, rel);
+      else if (this.closed)
+        me = new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: this.kind });
+      else me = this.err(streamError ?? e, 'write', rel);
+      if (isFtpReply(e)) this.forgetDirs(dirnameAbs(finalAbs));
+      if (lease) {
+        const l = lease;
+        lease = undefined;
+        const broken = FtpStorage.broken(e, l.client) || signal?.aborted === true;
+        if (tempMayExist && !broken) {
+          await l.client.sendIgnoringError(`DELE ${tmpAbs}`).catch(noop);
+          tempMayExist = false;
+        }
+        this.pool.release(l.client, broken || l.client.closed);
+      }
+      if (tempMayExist) await this.removeQuietly(tmpAbs);
+      throw me;
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      if (lease) this.pool.release(lease.client);
+    }
+  }
+
+  async remove(path: string, opts: OpOptions = {}): Promise<void> {
+    this.check();
+    const rel = this.path(path);
+    throwIfAborted(opts.signal);
+    await this.withClient('remove', rel, opts.signal, async (c) => {
+      const res = await c.sendIgnoringError(`DELE ${this.abs(rel)}`);
+      if (res.code < 400) return;
+      const me = this.err(replyError(res), 'remove', rel);
+      // Idempotent: a file that is not there is removed already.
+      if (me.code !== 'E_NOT_FOUND') throw me;
+    });
+  }
+
+  async rename(from: string, to: string, opts: OpOptions = {}): Promise<void> {
+    this.check();
+    const a = this.path(from);
+    const b = this.path(to);
+    throwIfAborted(opts.signal);
+    await this.withClient('rename', a, opts.signal, (c) => this.renameAbs(c, this.abs(a), this.abs(b), a, b));
+  }
+
+  async cleanupPartials(prefix = '', opts: CleanupOptions = {}): Promise<number> {
+    this.check();
+    const start = this.path(prefix, { allowRoot: true });
+    throwIfAborted(opts.signal);
+    if (!(await this.isDir(start, opts.signal))) return 0;
+    let removed = 0;
+    const stack = [start];
+    while (stack.length > 0) {
+      throwIfAborted(opts.signal);
+      const dir = stack.pop()!;
+      let files: FileInfo[];
+      try {
+        files = await this.listDir(dir, opts.signal);
+      } catch (e) {
+        if (isMedsyncError(e) && e.code === 'E_NOT_FOUND') continue;
+        throw e;
+      }
+      for (const f of files) {
+        const child = joinPath(dir, f.name);
+        if (f.type === FileType.Directory) stack.push(child);
+        else if (f.type === FileType.File && isPartialName(f.name)) {
+          const done = await this.withClient('cleanup', child, opts.signal, async (c) => {
+            if (opts.olderThanMs !== undefined) {
+              let mtime = f.modifiedAt?.getTime();
+              if (mtime === undefined && (await this.feats(c)).mdtm) {
+                const res = await c.sendIgnoringError(`MDTM ${this.abs(child)}`);
+                if (res.code === 213) mtime = parseTimeVal(res.message.slice(4));
+              }
+              // Without a trustworthy time the file may belong to a write in progress: keep it.
+              if (mtime === undefined || mtime >= opts.olderThanMs) return false;
+            }
+            return (await c.sendIgnoringError(`DELE ${this.abs(child)}`)).code < 400;
+          });
+          if (done) removed++;
+        }
+      }
+    }
+    return removed;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    this.pool.close();
+  }
+}
+
+/**
+ * Creates an {@link FtpStorage}. Throws E_CONFIG (naming the field) for invalid options; connects
+ * lazily, on the first call that needs the server.
+ */
+export function createFtpStorage(options: FtpStorageOptions): FtpStorage {
+  return new FtpStorage(options);
+}

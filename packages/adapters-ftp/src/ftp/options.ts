@@ -1,0 +1,86 @@
+import { MedsyncError, registerSecret } from '@medsync/core';
+import { z } from 'zod';
+
+/** Characters that would end or forge an FTP command line. */
+const CONTROL = /[\0\r\n]/;
+
+const rootSchema = z
+  .string()
+  .refine((r) => r.startsWith('/'), 'must be an absolute server path such as "/dicom"')
+  .refine((r) => !CONTROL.test(r) && !r.includes('\\'), 'may not contain NUL, CR, LF or a backslash')
+  .refine((r) => !r.split('/').includes('..'), 'may not contain ".."')
+  .transform(
+    (r) =>
+      '/' +
+      r
+        .split('/')
+        .filter((s) => s !== '' && s !== '.')
+        .join('/'),
+  );
+
+/** The options of {@link createFtpStorage}, validated with zod at the boundary. */
+export const FtpStorageOptionsSchema = z
+  .object({
+    host: z
+      .string()
+      .trim()
+      .min(1, 'is required')
+      .refine((h) => !/[\s/@]/.test(h), 'must be a host name or IP address'),
+    port: z.number().int().min(1).max(65535).default(21),
+    user: z
+      .string()
+      .min(1, 'is required (use "anonymous" for anonymous FTP)')
+      .refine((u) => !CONTROL.test(u), 'may not contain NUL, CR or LF'),
+    password: z
+      .string()
+      .refine((p) => !CONTROL.test(p), 'may not contain NUL, CR or LF')
+      .meta({ sensitive: true }),
+    root: rootSchema.default('/'),
+    secure: z.union([z.literal(false), z.literal('explicit')]).default(false),
+    tls: z
+      .object({
+        ca: z.string().min(1).optional(),
+        rejectUnauthorized: z.boolean().default(true),
+      })
+      .strict()
+      .prefault({}),
+    maxConnections: z.number().int().min(1).max(64).default(4),
+    timeoutMs: z.number().int().min(1000).max(3_600_000).default(30_000),
+  })
+  .strict();
+
+/** What callers pass to {@link createFtpStorage}. */
+export type FtpStorageOptions = z.input<typeof FtpStorageOptionsSchema>;
+/** The options after validation and defaults. */
+export type ResolvedFtpStorageOptions = z.output<typeof FtpStorageOptionsSchema>;
+
+/**
+ * Validates FTP options. Registers the password for redaction first, so no message can carry it.
+ * Throws E_CONFIG naming the bad field.
+ */
+export function parseFtpOptions(input: unknown): ResolvedFtpStorageOptions {
+  const raw = input as {
+    password?: unknown;
+    secure?: unknown;
+    tls?: { ca?: unknown; rejectUnauthorized?: unknown };
+  };
+  if (raw && typeof raw.password === 'string') registerSecret(raw.password);
+  const r = FtpStorageOptionsSchema.safeParse(input);
+  if (!r.success) {
+    throw new MedsyncError('E_CONFIG', `Invalid FTP options:\n${z.prettifyError(r.error)}`, {
+      adapter: 'ftp',
+    });
+  }
+  if (
+    r.data.secure === false &&
+    raw.tls !== undefined &&
+    (raw.tls.ca !== undefined || raw.tls.rejectUnauthorized !== undefined)
+  ) {
+    throw new MedsyncError(
+      'E_CONFIG',
+      'Invalid FTP options: `tls` is set but `secure` is false, so nothing would be encrypted. Set `secure: "explicit"` for FTPS, or remove `tls`.',
+      { adapter: 'ftp' },
+    );
+  }
+  return r.data;
+}

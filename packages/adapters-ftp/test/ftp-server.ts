@@ -1,0 +1,101 @@
+import type { EventEmitter } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { FtpSrv } from 'ftp-srv';
+import { generate } from 'selfsigned';
+
+/** A bunyan-shaped logger that drops everything (ftp-srv logs every command otherwise). */
+const quiet: Record<string, unknown> = {};
+for (const level of ['trace', 'debug', 'info', 'warn', 'error', 'fatal']) quiet[level] = () => undefined;
+quiet.child = () => quiet;
+
+export interface TestFtpServer {
+  host: string;
+  port: number;
+  /** The local folder the FTP user sees as `/`. */
+  dir: string;
+  user: string;
+  password: string;
+  /** PEM certificate of the server (FTPS only), to pass as `tls.ca`. */
+  cert?: string;
+  /** Login attempts and the most control connections open at once, since the start. */
+  stats: { logins: number; peakConnections: number };
+  /** Closes every client connection from the server side (421), as an idle timeout would. */
+  dropConnections(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/**
+ * Starts ftp-srv in-process on 127.0.0.1 with a free control port (port 0), passive ports from a
+ * random range below Linux's ephemeral ports, a temp root and one user. `tls` turns on explicit
+ * FTPS (AUTH TLS) with a fresh self-signed certificate for 127.0.0.1.
+ */
+export async function startFtpServer(opts: { tls?: boolean } = {}): Promise<TestFtpServer> {
+  const dir = mkdtempSync(join(tmpdir(), 'medsync-ftp-'));
+  const user = 'medsync';
+  const password = `pw-${Math.random().toString(36).slice(2)}-secret`;
+  let tls: { key: string; cert: string } | false = false;
+  if (opts.tls) {
+    const pems = await generate([{ name: 'commonName', value: '127.0.0.1' }], {
+      keySize: 2048,
+      algorithm: 'sha256',
+      extensions: [
+        { name: 'basicConstraints', cA: false },
+        { name: 'keyUsage', digitalSignature: true, keyEncipherment: true },
+        { name: 'extKeyUsage', serverAuth: true },
+        {
+          name: 'subjectAltName',
+          altNames: [
+            { type: 7, ip: '127.0.0.1' },
+            { type: 2, value: 'localhost' },
+          ],
+        },
+      ],
+    });
+    tls = { key: pems.private, cert: pems.cert };
+  }
+  const pasvMin = 20000 + Math.floor(Math.random() * 11) * 1000;
+  const server = new FtpSrv({
+    url: 'ftp://127.0.0.1:0',
+    pasv_url: '127.0.0.1',
+    pasv_min: pasvMin,
+    pasv_max: pasvMin + 999,
+    tls,
+    log: quiet,
+  });
+  const stats = { logins: 0, peakConnections: 0 };
+  // 'connect' is emitted by ftp-srv but missing from its typings.
+  (server as unknown as EventEmitter).on(
+    'connect',
+    ({ newConnectionCount }: { newConnectionCount: number }) => {
+      stats.peakConnections = Math.max(stats.peakConnections, newConnectionCount);
+    },
+  );
+  server.on('login', ({ username, password: given }, resolve, reject) => {
+    stats.logins++;
+    if (username === user && given === password) resolve({ root: dir });
+    else reject(new Error('Invalid username or password'));
+  });
+  await server.listen();
+  const port = (server as unknown as { server: { address(): AddressInfo } }).server.address().port;
+  return {
+    host: '127.0.0.1',
+    port,
+    dir,
+    user,
+    password,
+    ...(tls ? { cert: tls.cert } : {}),
+    stats,
+    dropConnections: async () => {
+      const conns = (server as unknown as { connections: Record<string, { close(): Promise<unknown> }> })
+        .connections;
+      await Promise.all(Object.values(conns).map((c) => c.close()));
+    },
+    close: async () => {
+      await server.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}

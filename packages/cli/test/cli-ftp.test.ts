@@ -1,0 +1,93 @@
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { readTree, writeTree } from '@medsync/core/testing';
+import { startFtpServer, type TestFtpServer } from '../../adapters-ftp/test/ftp-server.js';
+
+const BIN = fileURLToPath(new URL('../dist/bin.js', import.meta.url));
+let base: string;
+let ftps: TestFtpServer;
+
+beforeAll(async () => {
+  base = mkdtempSync(join(tmpdir(), 'medsync-cli-ftp-'));
+  ftps = await startFtpServer({ tls: true });
+});
+afterAll(async () => {
+  await ftps?.close();
+  rmSync(base, { recursive: true, force: true });
+});
+
+function medsync(args: string[], env: Record<string, string> = {}) {
+  return new Promise<{ code: number | null; stdout: string; stderr: string; json: any }>((resolve) => {
+    const child = spawn(process.execPath, [BIN, ...args], { cwd: base, env: { ...process.env, ...env } });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('close', (code) => {
+      let json: any;
+      try {
+        json = JSON.parse(stdout);
+      } catch {
+        json = undefined;
+      }
+      resolve({ code, stdout, stderr, json });
+    });
+  });
+}
+
+describe('medsync with an ftps:// destination', () => {
+  it('syncs over explicit FTPS with --password-env and --ca, then sends nothing; the password never shows', async () => {
+    const src = join(base, 'src');
+    writeTree(src, {
+      'PAT 1/STUDY/IM1.dcm': randomBytes(40_000),
+      'PAT 1/STUDY/IM2.dcm': randomBytes(10),
+      'empty.dcm': '',
+    });
+    const ca = join(base, 'ca.pem');
+    writeFileSync(ca, ftps.cert!);
+    const url = `ftps://${ftps.user}@${ftps.host}:${ftps.port}/archive`;
+    const env = { FTP_PASSWORD: ftps.password };
+    const state = join(base, 'state.db');
+    const r1 = await medsync(
+      ['sync', src, url, '--state', state, '--json', '--password-env', 'FTP_PASSWORD', '--ca', ca],
+      env,
+    );
+    expect(r1.code).toBe(0);
+    expect(r1.json).toMatchObject({ status: 'success', filesSynced: 3 });
+    expect(readTree(join(ftps.dir, 'archive'))).toEqual(readTree(src));
+    const r2 = await medsync(
+      ['sync', src, url, '--state', state, '--json', '--password-env', 'FTP_PASSWORD', '--ca', ca],
+      env,
+    );
+    expect(r2.json).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 3 });
+    const t = await medsync(['test', url, '--json', '--password-env', 'FTP_PASSWORD', '--ca', ca], env);
+    expect(t.code).toBe(0);
+    expect(t.json).toMatchObject({ ok: true, kind: 'ftps', writable: true });
+    for (const r of [r1, r2, t]) expect(r.stdout + r.stderr).not.toContain(ftps.password);
+  }, 60_000);
+
+  it('a wrong password is E_AUTH (run failed, exit 1) and an untrusted certificate is refused', async () => {
+    const src = join(base, 'src2');
+    writeTree(src, { 'a.dcm': 'a' });
+    const url = `ftps://${ftps.user}@${ftps.host}:${ftps.port}/x`;
+    const ca = join(base, 'ca.pem');
+    writeFileSync(ca, ftps.cert!);
+    const bad = await medsync(
+      ['sync', src, url, '--state', join(base, 's2.db'), '--json', '--password-env', 'P', '--ca', ca],
+      {
+        P: 'wrong-password-123',
+      },
+    );
+    expect(bad.code).toBe(1);
+    expect(bad.json.errors[0].code).toBe('E_AUTH');
+    expect(bad.stdout).not.toContain('wrong-password-123');
+    const untrusted = await medsync(['test', url, '--json', '--password-env', 'P'], { P: ftps.password });
+    expect(untrusted.code).toBe(1);
+    expect(untrusted.json.ok).toBe(false);
+  }, 60_000);
+});
