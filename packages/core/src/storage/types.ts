@@ -26,7 +26,11 @@ export interface StorageEntry {
   remoteId?: string;
 }
 
-/** What a backend can do, as data (rclone's Features). Engines read these; they never guess. */
+/**
+ * What a backend can do, as data (rclone's Features). Engines read these; they never guess. A
+ * network adapter may refine them once connected (e.g. FTP learns MFMT from FEAT), so engines read
+ * them at the point of use rather than caching them before the first call.
+ */
 export interface StorageCapabilities {
   /** Hashes present in `stat`/`list`/`write` results without reading the content. */
   hashes: readonly HashKind[];

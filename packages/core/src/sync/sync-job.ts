@@ -753,12 +753,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     adopted = new Set<string>(),
   ): Promise<number> {
     const byPath = new Map(wanted.map((s) => [s.path, s]));
-    const precision = dest.capabilities.mtimePrecisionMs;
     const batch: ManifestEntry[] = [];
     try {
       for await (const d of dest.list('', { signal })) {
         const s = byPath.get(d.path);
         if (!s || s.size !== d.size || s.size < 0) continue;
+        // Read per entry: a network adapter learns its capabilities (MFMT…) when it connects.
+        const precision = dest.capabilities.mtimePrecisionMs;
         if (dest.capabilities.preservesMtime && precision !== null) {
           if (d.mtimeMs === undefined || s.mtimeMs === undefined) continue;
           // Timestamps pass through seconds-as-doubles on the way (utimes), so allow one unit.
