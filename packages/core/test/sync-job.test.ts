@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
-import { readTree, runRecord, writeTree } from '@medsync/core/testing';
+import { FakeClock, readTree, runRecord, writeTree } from '@medsync/core/testing';
 import {
   LocalStorage,
   MedsyncError,
@@ -245,6 +245,25 @@ describe('SyncJob copy', () => {
     });
   });
 
+  it('shows the counts of a running run in its record every few seconds', async () => {
+    const clock = new FakeClock();
+    const src = new MemoryStorage();
+    for (let i = 0; i < 6; i++) await src.write(`${i}.dcm`, Readable.from([Buffer.from(String(i))]));
+    const dst = new MemoryStorage({ clock });
+    dst.faults.latency('write', 2000);
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], concurrency: 1, clock }, store);
+    const running = j.run();
+    await clock.advance(7000);
+    const [rec] = await store.runs.list({ jobId: 'job-1' });
+    expect(rec?.status).toBe('running');
+    expect(rec?.filesSynced).toBeGreaterThanOrEqual(2);
+    await clock.advance(20_000);
+    const done = await running;
+    expect(done.status).toBe('success');
+    expect((await store.runs.get(done.id))?.status).toBe('success');
+  });
+
   it('hides paths in events unless eventPaths is set', async () => {
     const src = new MemoryStorage();
     await src.write('Doe John/1.dcm', Readable.from([Buffer.from('x')]));
@@ -360,6 +379,30 @@ describe('SyncJob copy', () => {
     // explicit rebuild
     const again = new MemoryStore();
     expect(await mk(again).rebuildManifest()).toBe(6);
+  });
+
+  it('keeps the recovery pending when the first run after a crash fails early', async () => {
+    const src = tmp();
+    writeTree(src, { 'a.dcm': 'a' });
+    const dst = tmp();
+    writeTree(dst, { 'sub/.x.dcm.deadbeef.medsync-part': 'half' });
+    const store = new MemoryStore();
+    await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
+    await new Promise((r) => setTimeout(r, 30));
+    const missing = job(
+      {
+        source: new LocalStorage({ root: join(src, 'unmounted') }),
+        destinations: [new LocalStorage({ root: dst })],
+      },
+      store,
+    );
+    expect((await missing.run()).status).toBe('failed');
+    const ok = job(
+      { source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] },
+      store,
+    );
+    expect((await ok.run()).status).toBe('success');
+    expect(Object.keys(readTree(dst))).toEqual(['a.dcm']);
   });
 
   it('marks a run left running by a crash as interrupted and removes its partial files', async () => {

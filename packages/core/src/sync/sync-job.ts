@@ -259,6 +259,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     };
     let fatal: MedsyncError | undefined;
     let progressTimer: unknown;
+    let interimSave: Promise<void> = Promise.resolve();
     const progress = {
       filesDone: 0,
       filesTotal: 0,
@@ -280,7 +281,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     try {
       // A run that was still `running` while we hold the lease was interrupted (crash, kill -9).
       // A dry run must not use up the interrupted state: the next real run recovers.
-      const interrupted = dryRun ? false : await this.markInterrupted();
+      // The recovery (leftover cleanup, adoption) stays pending until a run gets through planning.
+      const recoverKey = `sync:${this.id}:recover`;
+      let interrupted = false;
+      if (!dryRun) {
+        if (await this.markInterrupted()) await store.settings.set(recoverKey, true);
+        interrupted = (await store.settings.get<boolean>(recoverKey)) === true;
+      }
       await store.runs.insert(record);
       this.safeEmit('run:start', { runId, jobId: this.id, trigger, dryRun });
       this.log.info('Sync run started', { jobId: this.id, runId, trigger, dryRun });
@@ -332,6 +339,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         }
       }
       record.filesSkipped = plan.skipped;
+      if (interrupted) await store.settings.delete(recoverKey);
       const { ops: _ops, ...planSummary } = plan;
       this.safeEmit('plan', { runId, jobId: this.id, plan: planSummary });
 
@@ -359,8 +367,16 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             elapsedMs: now - startedAt,
           };
         };
+        let lastSaved = this.clock.now();
         const tick = () => {
           this.safeEmit('progress', snapshot());
+          // Every few seconds the run record shows the counts so far (status of a running job).
+          if (this.clock.now() - lastSaved >= 5000) {
+            lastSaved = this.clock.now();
+            interimSave = interimSave
+              .then(() => store.runs.update({ ...record, errors: [...record.errors] }))
+              .catch(() => undefined);
+          }
           progressTimer = this.clock.setTimeout(tick, 250);
         };
         progressTimer = this.clock.setTimeout(tick, 250);
@@ -479,6 +495,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     else if (record.errorCount === 0) record.status = 'success';
     else record.status = succeeded > 0 ? 'partial' : 'failed';
     try {
+      await interimSave;
       await store.runs.update(record);
       await store.audit.append({
         at: finishedAt,
