@@ -57,6 +57,7 @@ describe('medsync with an ftps:// destination', () => {
       ['sync', src, url, '--state', state, '--json', '--password-env', 'FTP_PASSWORD', '--ca', ca],
       env,
     );
+    expect(r1.stdout + r1.stderr).toContain('"status":"success"');
     expect(r1.code).toBe(0);
     expect(r1.json).toMatchObject({ status: 'success', filesSynced: 3 });
     expect(readTree(join(ftps.dir, 'archive'))).toEqual(readTree(src));

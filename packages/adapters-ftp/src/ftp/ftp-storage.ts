@@ -180,7 +180,13 @@ export class FtpStorage implements Storage {
       return client;
     } catch (e) {
       client.close();
-      throw toFtpError(e, step, undefined, this.kind);
+      const me = toFtpError(e, step, undefined, this.kind);
+      // A handshake that already worked with this server is not a configuration problem: a server
+      // (ftp-srv, seen here with several connections opening at once) may garble one upgrade.
+      if (me.code === 'E_CONFIG' && step === 'tls' && this.features) {
+        throw new MedsyncError('E_TRANSIENT', me.message, { adapter: this.kind, cause: e, retryable: true });
+      }
+      throw me;
     }
   }
 
