@@ -1,14 +1,12 @@
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readTree, writeTree } from '@medsync/core/testing';
+import { runCli } from './run-cli.js';
 import { startFtpServer, type TestFtpServer } from '../../adapters-ftp/test/ftp-server.js';
 
-const BIN = fileURLToPath(new URL('../dist/bin.js', import.meta.url));
 let base: string;
 let ftps: TestFtpServer;
 
@@ -22,22 +20,7 @@ afterAll(async () => {
 });
 
 function medsync(args: string[], env: Record<string, string> = {}) {
-  return new Promise<{ code: number | null; stdout: string; stderr: string; json: any }>((resolve) => {
-    const child = spawn(process.execPath, [BIN, ...args], { cwd: base, env: { ...process.env, ...env } });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
-    child.stderr.on('data', (d) => (stderr += d));
-    child.on('close', (code) => {
-      let json: any;
-      try {
-        json = JSON.parse(stdout);
-      } catch {
-        json = undefined;
-      }
-      resolve({ code, stdout, stderr, json });
-    });
-  });
+  return runCli(args, { cwd: base, env: { ...process.env, ...env } });
 }
 
 describe('medsync with an ftps:// destination', () => {

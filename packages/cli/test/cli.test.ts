@@ -12,12 +12,11 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openSqliteStore } from '@medsync/adapters-db';
 import { readTree, writeTree } from '@medsync/core/testing';
+import { BIN, runCli, type CliRun } from './run-cli.js';
 
-const BIN = fileURLToPath(new URL('../dist/bin.js', import.meta.url));
 const isRoot = process.getuid?.() === 0;
 let base: string;
 
@@ -36,35 +35,13 @@ function dir(name: string): string {
   return d;
 }
 
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-  json: any;
-}
-
-function medsync(args: string[], opts: SpawnOptions & { asNobody?: boolean } = {}): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], {
-      cwd: base,
-      env: { ...process.env, NO_COLOR: '1' },
-      ...(opts.asNobody && isRoot ? { uid: 65534, gid: 65534 } : {}),
-      ...opts,
-    });
-    let stdout = '';
-    let stderr = '';
-    child.stdout!.on('data', (d) => (stdout += d));
-    child.stderr!.on('data', (d) => (stderr += d));
-    child.on('error', reject);
-    child.on('close', (code) => {
-      let json: any;
-      try {
-        json = JSON.parse(stdout);
-      } catch {
-        json = undefined;
-      }
-      resolve({ code, stdout, stderr, json });
-    });
+function medsync(args: string[], opts: SpawnOptions & { asNobody?: boolean } = {}): Promise<CliRun> {
+  const { asNobody, ...rest } = opts;
+  return runCli(args, {
+    cwd: base,
+    env: { ...process.env, NO_COLOR: '1' },
+    ...(asNobody && isRoot ? { uid: 65534, gid: 65534 } : {}),
+    ...rest,
   });
 }
 
