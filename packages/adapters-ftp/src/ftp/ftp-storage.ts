@@ -724,16 +724,39 @@ export class FtpStorage implements Storage {
   private async ensureDir(c: Client, absDir: string): Promise<void> {
     if (absDir === '/' || this.madeDirs.has(absDir)) return;
     const made = await c.sendIgnoringError(`MKD ${absDir}`);
+    if (made.code < 400) await this.checkMadeName(c, absDir, made);
     if (made.code < 400 || (await c.sendIgnoringError(`CWD ${absDir}`)).code < 400) {
       this.madeDirs.add(absDir);
       return;
     }
     await this.ensureDir(c, dirnameAbs(absDir));
     const again = await c.sendIgnoringError(`MKD ${absDir}`);
+    if (again.code < 400) await this.checkMadeName(c, absDir, again);
     if (again.code >= 400 && (await c.sendIgnoringError(`CWD ${absDir}`)).code >= 400) {
       throw replyError(again);
     }
     this.madeDirs.add(absDir);
+  }
+
+  /**
+   * A server may store a folder under another name than asked: pure-ftpd replaces a trailing space
+   * with "_" by design (jedisct1/pure-ftpd#130), and writes into the asked-for name then fail with
+   * 553 forever. The 257 reply names the folder made (RFC 959 quoting); when its last segment
+   * differs, the odd folder is removed again and the name is refused (not retryable).
+   */
+  private async checkMadeName(c: Client, absDir: string, res: FTPResponse): Promise<void> {
+    const m = /^257 "((?:[^"]|"")*)"/.exec(res.message);
+    if (!m) return;
+    const madePath = m[1]!.replace(/""/g, '"').replace(/\/+$/, '');
+    const made = madePath.slice(madePath.lastIndexOf('/') + 1);
+    const asked = absDir.slice(absDir.lastIndexOf('/') + 1);
+    if (made === '' || made === asked) return;
+    await c.sendIgnoringError(`RMD ${madePath}`);
+    throw new MedsyncError(
+      'E_UNSUPPORTED',
+      `Creating folder "${absDir}": the server made "${madePath}" instead (it renames such names, e.g. pure-ftpd replaces a trailing space with "_"), so this name cannot be stored there.`,
+      { adapter: this.kind, path: absDir, retryable: false },
+    );
   }
 
   /** Forgets cached folders at and below `absDir`'s branch, after a failure that hints they went. */

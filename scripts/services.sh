@@ -1,0 +1,343 @@
+#!/usr/bin/env bash
+# Starts and stops throwaway test servers on loopback, for medsync's test suites.
+#
+#   scripts/services.sh start pure-ftpd|pure-ftpd-tls|vsftpd <statedir>
+#   scripts/services.sh stop <statedir>
+#
+# `start` installs the Debian package if it is missing (needs root and apt), creates a throwaway
+# user and a root folder inside <statedir>, starts the server on 127.0.0.1 and a free port, waits
+# until it accepts connections and writes <statedir>/<name>.json:
+#   {host, port, user, password, root, pid, tls, cert, uid, gid, systemUser, log}
+# `root` is the local folder the FTP user sees as `/`; new folders in it should be owned by uid:gid.
+# `stop` kills every server started in <statedir> and removes the system users it created.
+#
+# pure-ftpd and vsftpd conflict in Debian (both provide ftp-server): whichever is not installed
+# is unpacked (apt-get download + dpkg-deb -x) into $MEDSYNC_SERVICES_CACHE instead, with its
+# other dependencies installed by apt-get (apt-get runs with --no-remove, so it never swaps one
+# for the other). Nothing is enabled as a system service.
+set -euo pipefail
+
+CACHE=${MEDSYNC_SERVICES_CACHE:-/var/cache/medsync-services}
+export DEBIAN_FRONTEND=noninteractive
+APT_OPTS=(-y -q --no-install-recommends --no-remove -o DPkg::Lock::Timeout=600)
+
+die() {
+  echo "services.sh: $*" >&2
+  exit 1
+}
+
+usage() {
+  echo "usage: $0 start pure-ftpd|pure-ftpd-tls|vsftpd <statedir>" >&2
+  echo "       $0 stop <statedir>" >&2
+  exit 2
+}
+
+# ---------------------------------------------------------------------------------------------
+# Installing
+
+APT_UPDATED=0
+apt_install() {
+  [ "$(id -u)" = 0 ] || die "installing $* needs root"
+  command -v apt-get >/dev/null || die "installing $* needs apt-get"
+  # Never let a package start its own service (on port 21) while installing.
+  local made_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  local rc=0
+  apt-get install "${APT_OPTS[@]}" "$@" >&2 || rc=$?
+  if [ "$rc" != 0 ] && [ "$APT_UPDATED" = 0 ]; then
+    APT_UPDATED=1
+    apt-get update -q >&2 || true
+    rc=0
+    apt-get install "${APT_OPTS[@]}" "$@" >&2 || rc=$?
+  fi
+  [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  return "$rc"
+}
+
+# Unpacks a package into $CACHE/<pkg> without running its scripts, and apt-installs its
+# dependencies (first alternative of each).
+unpack_pkg() {
+  local pkg=$1 work deb deps=() d
+  work=$(mktemp -d)
+  (cd "$work" && apt-get download "$pkg" >&2) || {
+    apt-get update -q >&2 || true
+    (cd "$work" && apt-get download "$pkg" >&2)
+  }
+  deb=$(ls "$work"/*.deb)
+  while IFS= read -r d; do
+    d=${d%%|*}
+    d=${d%%(*}
+    d=${d//[[:space:]]/}
+    d=${d%%:any}
+    [ -n "$d" ] || continue
+    dpkg-query -W -f='${Status}' "$d" 2>/dev/null | grep -q 'install ok installed' || deps+=("$d")
+  done < <(dpkg-deb -f "$deb" Pre-Depends Depends | sed 's/^[A-Za-z-]*: //' | tr ',' '\n')
+  if [ "${#deps[@]}" -gt 0 ]; then apt_install "${deps[@]}"; fi
+  rm -rf "${CACHE:?}/$pkg.tmp"
+  mkdir -p "$CACHE"
+  dpkg-deb -x "$deb" "$CACHE/$pkg.tmp"
+  rm -rf "${CACHE:?}/$pkg"
+  mv "$CACHE/$pkg.tmp" "$CACHE/$pkg"
+  rm -rf "$work"
+}
+
+# Prints the path of program <bin> from package <pkg>, installing the package if needed.
+need() {
+  local pkg=$1 bin=$2 dir p
+  for dir in /usr/sbin /usr/bin /sbin /bin; do
+    [ -x "$dir/$bin" ] && { echo "$dir/$bin"; return; }
+  done
+  for p in "$CACHE/$pkg/usr/sbin/$bin" "$CACHE/$pkg/usr/bin/$bin"; do
+    [ -x "$p" ] && { echo "$p"; return; }
+  done
+  if ! apt_install "$pkg"; then
+    echo "services.sh: apt-get install $pkg failed (conflict?); unpacking it into $CACHE/$pkg" >&2
+    unpack_pkg "$pkg"
+  fi
+  for p in "/usr/sbin/$bin" "/usr/bin/$bin" "$CACHE/$pkg/usr/sbin/$bin" "$CACHE/$pkg/usr/bin/$bin"; do
+    [ -x "$p" ] && { echo "$p"; return; }
+  done
+  die "no $bin after installing $pkg"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+free_port() {
+  if command -v python3 >/dev/null; then
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+  else
+    node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+  fi
+}
+
+# A random 200-port passive range between 30000 and 40000 whose first and last ports are free.
+pasv_range() {
+  local lo i
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    lo=$((30000 + (RANDOM % 49) * 200))
+    if ! port_open "$lo" && ! port_open $((lo + 199)); then break; fi
+  done
+  echo "$lo $((lo + 199))"
+}
+
+port_open() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+wait_port() {
+  local port=$1 pid=$2 log=$3 i
+  for i in $(seq 1 100); do
+    port_open "$port" && return 0
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2 || true; die "server exited before listening (log: $log)"; }
+    sleep 0.1
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  cat "$log" >&2 || true
+  die "nothing listens on 127.0.0.1:$port after 10 s (log: $log)"
+}
+
+rand() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+
+json_str() {
+  local s=$1
+  s=${s//\\/\\\\}
+  s=${s//\"/\\\"}
+  s=${s//$'\n'/\\n}
+  printf '"%s"' "$s"
+}
+
+write_json() {
+  # name host port user password root pid tls cert uid gid systemUser log
+  local f="$STATEDIR/$1.json"
+  {
+    printf '{"host":%s,"port":%s,"user":%s,"password":%s,"root":%s,"pid":%s,"tls":%s,' \
+      "$(json_str "$2")" "$3" "$(json_str "$4")" "$(json_str "$5")" "$(json_str "$6")" "$7" "$8"
+    printf '"cert":%s,"uid":%s,"gid":%s,"systemUser":%s,"log":%s}\n' \
+      "$([ -n "$9" ] && json_str "$9" || echo null)" "${10}" "${11}" \
+      "$([ -n "${12}" ] && json_str "${12}" || echo null)" "$(json_str "${13}")"
+  } >"$f.tmp"
+  mv "$f.tmp" "$f"
+  echo "$f"
+}
+
+make_cert() {
+  command -v openssl >/dev/null || apt_install openssl
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
+    -addext subjectAltName=IP:127.0.0.1,DNS:localhost \
+    -addext basicConstraints=critical,CA:FALSE -addext extendedKeyUsage=serverAuth \
+    -keyout "$1.key" -out "$1.crt" 2>/dev/null
+  cat "$1.key" "$1.crt" >"$1.pem"
+  chmod 600 "$1.key" "$1.pem"
+}
+
+# Starts a program detached (own session, no inherited stdio) and prints its pid.
+spawn() {
+  local log=$1
+  shift
+  setsid "$@" </dev/null >"$log" 2>&1 &
+  echo $!
+}
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+start_pure_ftpd() {
+  local name=$1 tls=$2 bin pw dir uid=65534 gid=65534 port lo hi pid log args cert=""
+  bin=$(need pure-ftpd pure-ftpd)
+  pw=$(dirname "$bin")/../bin/pure-pw
+  [ -x "$pw" ] || pw=$(command -v pure-pw)
+  dir="$STATEDIR/$name"
+  mkdir -p "$dir/root"
+  chown "$uid:$gid" "$dir/root"
+  local user="ms_$(rand 4)" pass="pw-$(rand 12)"
+  rm -f "$dir/passwd" "$dir/passwd.pdb"
+  # The line `pure-pw useradd USER -u UID -g GID -d ROOT -f PASSWD` writes, but with a SHA-512
+  # crypt hash: pure-pw's argon2id hash (t=1023) makes every login take ~4 s on a busy 2-core box.
+  command -v openssl >/dev/null || apt_install openssl
+  printf '%s:%s:%s:%s::%s/./::::::::::::\n' "$user" "$(printf %s "$pass" | openssl passwd -6 -stdin)" "$uid" "$gid" \
+    "$dir/root" >"$dir/passwd"
+  chmod 600 "$dir/passwd"
+  "$pw" mkdb "$dir/passwd.pdb" -f "$dir/passwd" >/dev/null
+  port=$(free_port)
+  read -r lo hi < <(pasv_range)
+  log="$dir/server.log"
+  # -E no anonymous, -A chroot everyone, -H no DNS, -P passive address, -u 1 allows uid 65534,
+  # -z show dot files (the adapter's hidden .medsync-part files) in listings, -c/-C connection caps.
+  args=(-l "puredb:$dir/passwd.pdb" -S "127.0.0.1,$port" -p "$lo:$hi" -P 127.0.0.1 -E -A -H -z
+    -u 1 -c 100 -C 100 -U 133:022)
+  if [ "$tls" = 1 ]; then
+    make_cert "$dir/cert"
+    cert=$(cat "$dir/cert.crt")
+    args+=(-Y 1 -2 "$dir/cert.pem")
+  fi
+  pid=$(spawn "$log" "$bin" "${args[@]}")
+  wait_port "$port" "$pid" "$log"
+  write_json "$name" 127.0.0.1 "$port" "$user" "$pass" "$dir/root" "$pid" \
+    "$([ "$tls" = 1 ] && echo true || echo false)" "$cert" "$uid" "$gid" "" "$log"
+}
+
+start_vsftpd() {
+  local name=$1 bin dir port lo hi pid log user pass uid gid pamsvc=vsftpd
+  bin=$(need vsftpd vsftpd)
+  # The package's PAM file; an unpacked package has not installed it.
+  if [ ! -e /etc/pam.d/vsftpd ]; then
+    if [ -e "$CACHE/vsftpd/etc/pam.d/vsftpd" ]; then
+      cp "$CACHE/vsftpd/etc/pam.d/vsftpd" /etc/pam.d/vsftpd
+    else
+      pamsvc=other
+    fi
+  fi
+  dir="$STATEDIR/$name"
+  mkdir -p "$dir/root" "$dir/empty"
+  chmod 755 "$dir/empty"
+  user="msftp_$(rand 4)"
+  pass="pw-$(rand 12)"
+  useradd -M -d "$dir/root" -s /bin/sh "$user"
+  printf '%s:%s\n' "$user" "$pass" | chpasswd
+  echo "$user" >"$dir/system-user"
+  uid=$(id -u "$user")
+  gid=$(id -g "$user")
+  chown "$uid:$gid" "$dir/root"
+  port=$(free_port)
+  read -r lo hi < <(pasv_range)
+  log="$dir/server.log"
+  cat >"$dir/vsftpd.conf" <<EOF
+listen=YES
+listen_ipv6=NO
+listen_address=127.0.0.1
+listen_port=$port
+background=NO
+anonymous_enable=NO
+local_enable=YES
+write_enable=YES
+local_umask=022
+local_root=$dir/root
+chroot_local_user=YES
+allow_writeable_chroot=YES
+secure_chroot_dir=$dir/empty
+pam_service_name=$pamsvc
+userlist_enable=NO
+tcp_wrappers=NO
+pasv_enable=YES
+pasv_address=127.0.0.1
+pasv_min_port=$lo
+pasv_max_port=$hi
+pasv_promiscuous=NO
+port_enable=YES
+force_dot_files=YES
+hide_ids=NO
+seccomp_sandbox=NO
+isolate=NO
+isolate_network=NO
+max_clients=100
+max_per_ip=100
+xferlog_enable=NO
+dual_log_enable=NO
+vsftpd_log_file=$dir/vsftpd.log
+utf8_filesystem=YES
+EOF
+  pid=$(spawn "$log" "$bin" "$dir/vsftpd.conf")
+  wait_port "$port" "$pid" "$log"
+  write_json "$name" 127.0.0.1 "$port" "$user" "$pass" "$dir/root" "$pid" false "" \
+    "$uid" "$gid" "$user" "$log"
+}
+
+stop_all() {
+  local f pid user d i
+  shopt -s nullglob
+  for f in "$STATEDIR"/*.json; do
+    pid=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$f")
+    [ -n "$pid" ] || continue
+    # spawn() made the server a session and process-group leader: its group is what we started
+    # (the server and its per-connection processes).
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  done
+  for d in "$STATEDIR"/*/; do
+    if [ -f "$d/system-user" ]; then
+      user=$(cat "$d/system-user")
+      if id "$user" >/dev/null 2>&1; then
+        for i in $(seq 1 20); do
+          userdel "$user" 2>/dev/null && break
+          sleep 0.2
+        done
+        id "$user" >/dev/null 2>&1 && userdel -f "$user" 2>/dev/null || true
+      fi
+      rm -f "$d/system-user"
+    fi
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+
+[ $# -ge 1 ] || usage
+case "$1" in
+  start)
+    [ $# -eq 3 ] || usage
+    STATEDIR=$(mkdir -p "$3" && cd "$3" && pwd)
+    # The servers' users must be able to reach their root folder inside STATEDIR.
+    chmod 755 "$STATEDIR"
+    case "$2" in
+      pure-ftpd) start_pure_ftpd pure-ftpd 0 ;;
+      pure-ftpd-tls) start_pure_ftpd pure-ftpd-tls 1 ;;
+      vsftpd) start_vsftpd vsftpd ;;
+      *) usage ;;
+    esac
+    ;;
+  stop)
+    [ $# -eq 2 ] || usage
+    [ -d "$2" ] || exit 0
+    STATEDIR=$(cd "$2" && pwd)
+    stop_all
+    ;;
+  *) usage ;;
+esac
