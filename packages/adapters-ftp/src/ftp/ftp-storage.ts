@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { PassThrough, Readable, Writable } from 'node:stream';
 import {
+  failedReport,
   MedsyncError,
   isMedsyncError,
   isPartialName,
@@ -359,15 +360,7 @@ export class FtpStorage implements Storage {
       });
     } catch (e) {
       const me = this.err(e, 'test');
-      return {
-        ...base,
-        ok: false,
-        latencyMs: Math.round(performance.now() - started),
-        writable: false,
-        details: { tls: o.secure === 'explicit' },
-        error: { code: me.code, message: me.message },
-        advice: this.advice(me),
-      };
+      return failedReport(this, started, me, this.advice(me), { tls: o.secure === 'explicit' });
     }
   }
 

@@ -19,6 +19,7 @@ import type {
   WriteBody,
   WriteOptions,
 } from './types.js';
+import { failedReport } from './types.js';
 
 export interface LocalStorageOptions {
   /** Absolute or relative path of the root folder. */
@@ -155,19 +156,16 @@ export class LocalStorage implements Storage {
       };
     } catch (e) {
       const me = this.err(e, 'Opening the root folder');
-      return {
-        ...base,
-        ok: false,
-        latencyMs: Math.round(performance.now() - started),
-        writable: false,
-        error: { code: me.code, message: me.message },
-        advice:
-          me.code === 'E_NOT_FOUND'
-            ? 'The folder does not exist: check the path, and that the share is mounted.'
-            : me.code === 'E_PERMISSION'
-              ? 'This user may not read the folder: check its owner and mode.'
-              : 'Check that the path is a readable folder.',
-      };
+      return failedReport(
+        this,
+        started,
+        me,
+        me.code === 'E_NOT_FOUND'
+          ? 'The folder does not exist: check the path, and that the share is mounted.'
+          : me.code === 'E_PERMISSION'
+            ? 'This user may not read the folder: check its owner and mode.'
+            : 'Check that the path is a readable folder.',
+      );
     }
   }
 

@@ -13,6 +13,7 @@ import type {
   WriteBody,
   WriteOptions,
 } from './types.js';
+import { failedReport } from './types.js';
 import type { Clock } from '../util/clock.js';
 import { systemClock } from '../util/clock.js';
 
@@ -177,15 +178,7 @@ export class MemoryStorage implements Storage {
       };
     } catch (e) {
       const me = toMedsyncError(e, 'Testing the memory storage', { adapter: 'memory' });
-      return {
-        ok: false,
-        kind: this.kind,
-        id: this.id,
-        latencyMs: Math.round(performance.now() - t0),
-        writable: false,
-        error: { code: me.code, message: me.message },
-        advice: 'An injected fault is active.',
-      };
+      return failedReport(this, t0, me, 'An injected fault is active.');
     }
   }
 

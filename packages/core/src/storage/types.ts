@@ -159,3 +159,26 @@ export interface Storage {
   /** Releases connections. Further calls reject. */
   close(): Promise<void>;
 }
+
+/**
+ * The report of a failed connection test: every adapter's `test()` returns this from its catch,
+ * so failures look the same whatever the backend.
+ */
+export function failedReport(
+  storage: Pick<Storage, 'kind' | 'id'>,
+  startedMs: number,
+  error: { code: string; message: string },
+  advice: string,
+  details?: Record<string, unknown>,
+): ConnectionReport {
+  return {
+    ok: false,
+    kind: storage.kind,
+    id: storage.id,
+    latencyMs: Math.round(performance.now() - startedMs),
+    writable: false,
+    ...(details ? { details } : {}),
+    error: { code: error.code, message: error.message },
+    advice,
+  };
+}
