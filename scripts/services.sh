@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts and stops throwaway test servers on loopback, for medsync's test suites.
 #
-#   scripts/services.sh start pure-ftpd|pure-ftpd-tls|vsftpd <statedir>
+#   scripts/services.sh start pure-ftpd|pure-ftpd-tls|pure-ftpd-quota|vsftpd <statedir>
+#   scripts/services.sh restart <statedir> <name> [seconds-down]
 #   scripts/services.sh stop <statedir>
 #
 # `start` installs the Debian package if it is missing (needs root and apt), creates a throwaway
@@ -9,6 +10,10 @@
 # until it accepts connections and writes <statedir>/<name>.json:
 #   {host, port, user, password, root, pid, tls, cert, uid, gid, systemUser, log}
 # `root` is the local folder the FTP user sees as `/`; new folders in it should be owned by uid:gid.
+# `restart` kills one server started in <statedir> (its whole process group: sessions in flight
+# are cut), waits [seconds-down] (default 0) and starts it again on the same port, as a server
+# crash and restart would look to a client. pure-ftpd-quota is pure-ftpd with a virtual quota of
+# $MEDSYNC_FTP_QUOTA (files:megabytes, default 1000:1): uploads past it get 552.
 # `stop` kills every server started in <statedir> and removes the system users it created.
 #
 # pure-ftpd and vsftpd conflict in Debian (both provide ftp-server): whichever is not installed
@@ -27,7 +32,8 @@ die() {
 }
 
 usage() {
-  echo "usage: $0 start pure-ftpd|pure-ftpd-tls|vsftpd <statedir>" >&2
+  echo "usage: $0 start pure-ftpd|pure-ftpd-tls|pure-ftpd-quota|vsftpd <statedir>" >&2
+  echo "       $0 restart <statedir> <name> [seconds-down]" >&2
   echo "       $0 stop <statedir>" >&2
   exit 2
 }
@@ -187,7 +193,7 @@ spawn() {
 # Servers
 
 start_pure_ftpd() {
-  local name=$1 tls=$2 bin pw dir uid=65534 gid=65534 port lo hi pid log args cert=""
+  local name=$1 tls=$2 quota=${3:-} bin pw dir uid=65534 gid=65534 port lo hi pid log args cert=""
   bin=$(need pure-ftpd pure-ftpd)
   pw=$(dirname "$bin")/../bin/pure-pw
   [ -x "$pw" ] || pw=$(command -v pure-pw)
@@ -215,6 +221,8 @@ start_pure_ftpd() {
     cert=$(cat "$dir/cert.crt")
     args+=(-Y 1 -2 "$dir/cert.pem")
   fi
+  [ -n "$quota" ] && args+=(-n "$quota")
+  printf '%q ' "$bin" "${args[@]}" >"$dir/cmd"
   pid=$(spawn "$log" "$bin" "${args[@]}")
   wait_port "$port" "$pid" "$log"
   write_json "$name" 127.0.0.1 "$port" "$user" "$pass" "$dir/root" "$pid" \
@@ -287,6 +295,33 @@ EOF
     "$uid" "$gid" "$user" "$log"
 }
 
+# Kills the process group of server <name>, waits until it is gone, sleeps <down> seconds, then
+# starts the command saved in <name>/cmd again and records the new pid.
+restart_one() {
+  local name=$1 down=${2:-0} f pid port log i
+  local -a cmd
+  f="$STATEDIR/$name.json"
+  [ -f "$f" ] && [ -f "$STATEDIR/$name/cmd" ] || die "no server $name in $STATEDIR"
+  pid=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' "$f")
+  port=$(sed -n 's/.*"port":\([0-9]*\).*/\1/p' "$f")
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  for i in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  sleep "$down"
+  eval "cmd=($(cat "$STATEDIR/$name/cmd"))"
+  log="$STATEDIR/$name/server.log"
+  # The listening port may linger for a moment after the kill: retry the start for a few seconds.
+  for i in $(seq 1 30); do
+    pid=$(spawn "$log" "${cmd[@]}")
+    sleep 0.2
+    kill -0 "$pid" 2>/dev/null && break
+  done
+  wait_port "$port" "$pid" "$log"
+  sed -i "s/\"pid\":[0-9]*/\"pid\":$pid/" "$f"
+}
+
 stop_all() {
   local f pid user d i
   shopt -s nullglob
@@ -329,9 +364,15 @@ case "$1" in
     case "$2" in
       pure-ftpd) start_pure_ftpd pure-ftpd 0 ;;
       pure-ftpd-tls) start_pure_ftpd pure-ftpd-tls 1 ;;
+      pure-ftpd-quota) start_pure_ftpd pure-ftpd-quota 0 "${MEDSYNC_FTP_QUOTA:-1000:1}" ;;
       vsftpd) start_vsftpd vsftpd ;;
       *) usage ;;
     esac
+    ;;
+  restart)
+    [ $# -ge 3 ] && [ $# -le 4 ] || usage
+    STATEDIR=$(cd "$2" && pwd)
+    restart_one "$3" "${4:-0}"
     ;;
   stop)
     [ $# -eq 2 ] || usage

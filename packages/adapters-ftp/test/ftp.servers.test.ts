@@ -4,85 +4,20 @@
  * Under CI=true a server that cannot be started fails the run; elsewhere its suite is skipped
  * with one line saying how to enable it.
  */
-import { execFileSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { chownSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { Readable } from 'node:stream';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { describeStorageConformance } from '@medsync/core/testing';
 import { createFtpStorage, type FtpStorage, type FtpStorageOptions } from '@medsync/adapters-ftp';
-
-const SCRIPT = fileURLToPath(new URL('../../../scripts/services.sh', import.meta.url));
-const CI = process.env.CI === 'true';
-
-/** What scripts/services.sh writes to `<statedir>/<name>.json`. */
-interface ServerInfo {
-  host: string;
-  port: number;
-  user: string;
-  password: string;
-  /** The local folder the FTP user sees as `/`. */
-  root: string;
-  pid: number;
-  tls: boolean;
-  cert: string | null;
-  uid: number;
-  gid: number;
-}
-
-type ServerName = 'pure-ftpd' | 'pure-ftpd-tls' | 'vsftpd';
-
-const stateDirs: string[] = [];
-
-function start(name: ServerName): ServerInfo | undefined {
-  const dir = mkdtempSync(join(tmpdir(), `medsync-${name}-`));
-  stateDirs.push(dir);
-  try {
-    execFileSync('bash', [SCRIPT, 'start', name, dir], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-      timeout: 300_000,
-    });
-    return JSON.parse(readFileSync(join(dir, `${name}.json`), 'utf8')) as ServerInfo;
-  } catch (e) {
-    if (CI) {
-      const stderr = (e as { stderr?: Buffer }).stderr?.toString() ?? '';
-      throw new Error(`scripts/services.sh start ${name} failed under CI=true:\n${stderr}`, { cause: e });
-    }
-    console.log(
-      `[medsync] ${name} not available: run scripts/services.sh start ${name} DIR (needs root and apt) to enable`,
-    );
-    return undefined;
-  }
-}
+import { freshRoot, startServer, type ServerInfo, type ServerName } from './services.js';
 
 // Started (synchronously, one after the other: apt-get takes a lock) before the suites are defined.
-const servers: Record<ServerName, ServerInfo | undefined> = {
-  'pure-ftpd': start('pure-ftpd'),
-  'pure-ftpd-tls': start('pure-ftpd-tls'),
-  vsftpd: start('vsftpd'),
+const servers: Partial<Record<ServerName, ServerInfo | undefined>> = {
+  'pure-ftpd': startServer('pure-ftpd'),
+  'pure-ftpd-tls': startServer('pure-ftpd-tls'),
+  vsftpd: startServer('vsftpd'),
 };
-
-afterAll(() => {
-  for (const dir of stateDirs) {
-    try {
-      execFileSync('bash', [SCRIPT, 'stop', dir], { stdio: 'ignore', timeout: 60_000 });
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
-  }
-});
-
-/** A fresh, empty folder on the server for one test, owned by the server's user. */
-function freshRoot(server: ServerInfo): string {
-  const name = `t-${randomBytes(6).toString('hex')}`;
-  const local = join(server.root, name);
-  mkdirSync(local);
-  chownSync(local, server.uid, server.gid);
-  return `/${name}`;
-}
 
 function storageOn(server: ServerInfo, extra: Partial<FtpStorageOptions> = {}): FtpStorage {
   return createFtpStorage({

@@ -158,6 +158,53 @@ describe('SyncJob copy', () => {
     expect(dst.size).toBe(3);
   });
 
+  it('stops sending to a destination that refused the login (E_AUTH), other destinations go on', async () => {
+    const src = new MemoryStorage();
+    const names = Array.from({ length: 12 }, (_, i) => `f${i}.dcm`);
+    for (const p of names) await src.write(p, Readable.from([Buffer.from(p)]));
+    const refused = new MemoryStorage();
+    refused.faults.failNext('write', 1000, () => new MedsyncError('E_AUTH', 'Login refused.'));
+    const fine = new MemoryStorage();
+    const j = job({ source: src, destinations: [refused, fine], concurrency: 2 });
+    const r = await j.run();
+    expect(r.status).toBe('partial');
+    expect(r.filesSynced).toBe(12);
+    expect(r.filesFailed).toBe(12);
+    // One login refused per transfer already in flight, not one per file.
+    expect(refused.calls.write).toBeLessThanOrEqual(2);
+    expect(fine.size).toBe(12);
+    expect(
+      r.errors
+        .filter((e) => e.destination === refused.id)
+        .map((e) => e.path)
+        .sort(),
+    ).toEqual([...names].sort());
+    expect(r.errors.every((e) => e.code === 'E_AUTH')).toBe(true);
+    expect(r.errors.filter((e) => e.message.startsWith('Not attempted')).length).toBeGreaterThanOrEqual(10);
+    // Once the login works again, retryFailed() sends exactly the files that were not delivered.
+    refused.faults.clear();
+    const again = await j.retryFailed();
+    expect(again).toMatchObject({ status: 'success', filesSynced: 12 });
+    expect(refused.calls.write).toBeLessThanOrEqual(2 + 12);
+    expect(refused.size).toBe(12);
+  });
+
+  it('a destination that cannot even be listed is skipped; the other destinations get their files', async () => {
+    const src = new MemoryStorage();
+    for (const p of ['a.dcm', 'b.dcm']) await src.write(p, Readable.from([Buffer.from(p)]));
+    const down = new MemoryStorage();
+    down.faults.failNext('list', 1, new MedsyncError('E_AUTH', 'Login refused.'));
+    const fine = new MemoryStorage();
+    const r = await job({ source: src, destinations: [down, fine] }).run();
+    expect(r).toMatchObject({ status: 'partial', filesSynced: 2, filesFailed: 0, errorCount: 1 });
+    expect(r.errors).toEqual([{ destination: down.id, code: 'E_AUTH', message: 'Login refused.' }]);
+    expect(fine.size).toBe(2);
+    expect(down.size).toBe(0);
+    const alone = await job({ source: src, destinations: [down] }, new MemoryStore()).run();
+    expect(alone.status).toBe('success');
+    expect(down.size).toBe(2);
+  });
+
   it('is failed when every file fails, and retries run out', async () => {
     const src = new MemoryStorage();
     await src.write('a.dcm', Readable.from([Buffer.from('a')]));

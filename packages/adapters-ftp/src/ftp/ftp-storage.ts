@@ -21,6 +21,7 @@ import {
   type WriteOptions,
 } from '@medsync/core';
 import { Client, FileType, FTPError, type FileInfo, type FTPResponse } from 'basic-ftp';
+import type { Socket } from 'node:net';
 import type { ConnectionOptions } from 'node:tls';
 import { isFtpReply, toFtpError, type FtpOp } from './errors.js';
 import { parseFtpOptions, type FtpStorageOptions, type ResolvedFtpStorageOptions } from './options.js';
@@ -29,6 +30,12 @@ import { ClientPool, type Lease } from './pool.js';
 /** Temporary names: a per-process random prefix and a counter. */
 const TMP_PREFIX = randomBytes(4).toString('hex');
 let tmpCounter = 0;
+
+/** A STOR answered 425 (no data connection) before any byte was sent is tried again this often. */
+const MAX_425_RETRIES = 2;
+
+/** Storage ids whose disabled certificate verification was already reported in this process. */
+const warnedInsecure = new Set<string>();
 
 /** A range read stops the transfer (closing that connection) once this much past `end` was skipped. */
 const RANGE_DRAIN_LIMIT = 1024 * 1024;
@@ -91,6 +98,33 @@ async function sizeOf(c: Client, abs: string): Promise<number | undefined> {
   return Number.isNaN(n) ? undefined : n;
 }
 
+/**
+ * basic-ftp 6 closes the whole session when the data connection fails (the default error handler
+ * it puts on every data socket). Servers often reset the data connection and say why on the
+ * control connection: pure-ftpd answers an upload over quota with 552 and a reset. This keeps the
+ * session open on a data-socket error, so the adapter can read that reply
+ * ({@link FtpStorage.transferVerdict}); the transfer itself still fails with the socket error,
+ * through basic-ftp's own stream pipeline. Timeouts still close the session. Relies on a private
+ * method of basic-ftp (pinned at 6.2.6); on a version without it, nothing changes.
+ */
+function keepSessionOnDataErrors(client: Client): void {
+  type Ctx = { _setupDefaultErrorHandlers?: (socket: Socket, identifier: string) => void };
+  const ctx = client.ftp as unknown as Ctx;
+  const original = ctx._setupDefaultErrorHandlers;
+  if (typeof original !== 'function') return;
+  ctx._setupDefaultErrorHandlers = function (this: unknown, socket: Socket, identifier: string) {
+    if (identifier !== 'data socket') {
+      original.call(this, socket, identifier);
+      return;
+    }
+    socket.on('error', noop);
+    socket.once('timeout', () => {
+      socket.destroy();
+      client.ftp.closeWithError(new Error('Timeout (data socket)'));
+    });
+  };
+}
+
 /** Internal: a pooled connection was found dead before a read got its first byte. */
 class StaleConnection extends Error {}
 
@@ -139,6 +173,13 @@ export class FtpStorage implements Storage {
       caseInsensitive: false,
       maxConcurrency: o.maxConnections,
     };
+    if (o.secure === 'explicit' && !o.tls.rejectUnauthorized && !warnedInsecure.has(this.id)) {
+      warnedInsecure.add(this.id);
+      process.emitWarning(
+        `TLS certificate verification is off for ${this.id} (tls.rejectUnauthorized: false): the connection is encrypted but the server is not authenticated. Pass the server's certificate or CA as tls.ca instead.`,
+        { code: 'MEDSYNC_TLS_UNVERIFIED' },
+      );
+    }
     // The password lives only in this closure: not on the instance, not in `options`.
     const connect = () => this.connectClient(password);
     this.pool = new ClientPool(
@@ -160,6 +201,7 @@ export class FtpStorage implements Storage {
   private async connectClient(password: string): Promise<Client> {
     const o = this.options;
     const client = new Client(o.timeoutMs);
+    keepSessionOnDataErrors(client);
     let step: FtpOp = 'connect';
     try {
       await client.connect(o.host, o.port);
@@ -291,6 +333,23 @@ export class FtpStorage implements Storage {
     }
   }
 
+  /**
+   * After a transfer's data connection failed with the session still open: sends NOOP and reads
+   * the first reply, which is the server's verdict on the transfer when it sent one (replies come
+   * in order). Returns that reply as an error when it is one. The client is closed afterwards
+   * either way, since a NOOP reply may still be on its way.
+   */
+  private static async transferVerdict(c: Client): Promise<FTPError | undefined> {
+    try {
+      const res = await c.sendIgnoringError('NOOP');
+      return res.code >= 400 ? replyError(res) : undefined;
+    } catch {
+      return undefined;
+    } finally {
+      c.close();
+    }
+  }
+
   private async feats(c: Client): Promise<ServerFeatures> {
     if (!this.features) this.learnFeatures(await c.features());
     return this.features!;
@@ -345,6 +404,7 @@ export class FtpStorage implements Storage {
           entries,
           details: {
             tls: o.secure === 'explicit',
+            ...(o.secure === 'explicit' ? { tlsVerified: o.tls.rejectUnauthorized } : {}),
             ...(socket.getProtocol
               ? { tlsProtocol: socket.getProtocol(), cipher: socket.getCipher?.().name }
               : {}),
@@ -865,6 +925,7 @@ export class FtpStorage implements Storage {
     };
     let lease: Lease | undefined;
     let tempMayExist = false;
+    let dataRetries = 0;
     const onAbort = () => {
       source.destroy();
       lease?.client.close();
@@ -880,10 +941,24 @@ export class FtpStorage implements Storage {
           tempMayExist = true;
           await c.uploadFrom(uploadBody(), tmpAbs);
           break;
-        } catch (e) {
-          const stale =
-            attempt === 0 && lease.reused && !pulled && !signal?.aborted && FtpStorage.stale(e, c);
-          if (!stale || streamError !== undefined) throw e;
+        } catch (failure) {
+          let e = failure;
+          // The data connection failed but the session is open: the server's reply says why
+          // (552 over quota, 426 aborted, 451 local error). Read it, then retire the session.
+          if (!isFtpReply(e) && !c.closed && streamError === undefined && !signal?.aborted) {
+            e = (await FtpStorage.transferVerdict(c)) ?? e;
+          }
+          if (streamError !== undefined || pulled || signal?.aborted) throw e;
+          // No byte has left the body yet, so this file can be tried again at once: on a fresh
+          // connection when the pooled one was already dead, and on the same one after a 425
+          // (the server could not open the data connection for this transfer).
+          if (isFtpReply(e) && e.code === 425 && dataRetries < MAX_425_RETRIES && !c.closed) {
+            dataRetries++;
+            this.pool.release(c);
+            lease = undefined;
+            continue;
+          }
+          if (!(attempt === 0 && lease.reused && FtpStorage.stale(e, c))) throw e;
           this.pool.release(c, true);
           lease = undefined;
           tempMayExist = false;

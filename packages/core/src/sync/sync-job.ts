@@ -24,6 +24,12 @@ import type { PlanOp, SyncJobEvents, SyncPlan, SyncProgress, SyncResult } from '
 
 export type SyncMode = 'copy' | 'mirror';
 
+/**
+ * Errors that say a whole destination is unusable: refused credentials. (E_CONFIG is not among
+ * them: some adapters raise it for one file, e.g. a folder where the file should go.)
+ */
+const DESTINATION_FATAL: ReadonlySet<string> = new Set(['E_AUTH']);
+
 export interface SyncJobOptions {
   /** Stable job id: the manifest, runs and lease are keyed by it. */
   id: string;
@@ -304,13 +310,24 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const deletes: Task[] = [];
       for (const dest of this.o.destinations) {
         const scope = { jobId: this.id, destination: dest.id };
-        const r = await this.planDestination(dest, scope, sources, {
-          interrupted,
-          dryRun,
-          runStart: startedAt,
-          only: opts.only,
-          signal: inner.signal,
-        });
+        let r: Awaited<ReturnType<SyncJob['planDestination']>>;
+        try {
+          r = await this.planDestination(dest, scope, sources, {
+            interrupted,
+            dryRun,
+            runStart: startedAt,
+            only: opts.only,
+            signal: inner.signal,
+          });
+        } catch (e) {
+          // One destination that cannot be planned (login refused, unmounted, unreachable) does
+          // not hold back the others; it gets nothing this run and the run says why.
+          const me = toMedsyncError(e, 'Planning a destination');
+          if (me.code === 'E_ABORTED' || inner.signal.aborted) throw me;
+          addError(me, undefined, dest.id);
+          this.log.error('A destination was skipped this run', { jobId: this.id, code: me.code });
+          continue;
+        }
         plan.skipped += r.skipped;
         for (const t of r.tasks) {
           tasks.push(t);
@@ -392,10 +409,22 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         const writer = new ManifestWriter(store, this.clock, this.o.destinations);
         const stopped = () => inner.signal.aborted || !!opts.stopSignal?.aborted || writer.failed;
 
+        // A destination that refused the login fails every file the same way: once one file got
+        // such an error, the rest are not attempted (no login storm that
+        // locks the account), and are recorded as failed so retryFailed() picks them up.
+        const deadDestinations = new Map<string, MedsyncError>();
         const exec = async (t: Task) => {
           if (stopped()) return;
           const ref = this.ref(t.op.path);
           try {
+            const dead = deadDestinations.get(t.dest.id);
+            if (dead) {
+              throw new MedsyncError(
+                dead.code,
+                `Not attempted: an earlier file at this destination failed with ${dead.code}, which every file would. ${dead.message}`,
+                { retryable: false },
+              );
+            }
             await retry.run(
               async () => {
                 throwIfAborted(inner.signal);
@@ -437,6 +466,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             // lease) is the cancellation, not a failure of that file.
             if (inner.signal.aborted) return;
             const me = toMedsyncError(e, undefined, { path: t.op.path });
+            if (DESTINATION_FATAL.has(me.code) && !deadDestinations.has(t.dest.id)) {
+              deadDestinations.set(t.dest.id, me);
+              this.log.error('A destination refused the connection; its other files are not attempted', {
+                jobId: this.id,
+                code: me.code,
+              });
+            }
             record.filesFailed++;
             addError(me, t.op.path, t.dest.id);
             this.safeEmit('file:failed', {

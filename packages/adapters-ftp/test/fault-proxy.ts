@@ -1,0 +1,141 @@
+/**
+ * A TCP proxy in front of a real FTP server (plain FTP only) that injects the network faults the
+ * adapter must survive. It forwards the control connection, rewrites the server's passive replies
+ * (227 PASV, 229 EPSV) to a data listener of its own, and forwards each data connection to the
+ * server's passive port. Faults are armed one at a time:
+ *
+ * - `cutNextUpload(n)`: the next data connection that carries more than `n` bytes from the client
+ *   is reset on both sides (TCP RST) in the middle of the upload, as a dropped link would.
+ * - `refuseNextStor()`: the next STOR is answered with `425 Can't open data connection` by the
+ *   proxy itself, the way a server that could not open the data connection answers.
+ */
+import { createServer, connect, type Server, type Socket } from 'node:net';
+
+export interface FaultProxy {
+  host: string;
+  port: number;
+  stats: { controlConnections: number; dataConnections: number; cuts: number; refused: number };
+  cutNextUpload(afterBytes: number): void;
+  refuseNextStor(): void;
+  close(): Promise<void>;
+}
+
+function listen(server: Server): Promise<number> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve((server.address() as { port: number }).port));
+  });
+}
+
+export async function startFaultProxy(target: { host: string; port: number }): Promise<FaultProxy> {
+  const sockets = new Set<Socket>();
+  const servers = new Set<Server>();
+  const track = (s: Socket) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+    s.on('error', () => undefined);
+    return s;
+  };
+  const stats = { controlConnections: 0, dataConnections: 0, cuts: 0, refused: 0 };
+  let cutAfter: number | undefined;
+  let refuseStor = false;
+
+  /** A one-shot data listener forwarding to the server's passive port `upstreamPort`. */
+  const dataListener = async (upstreamPort: number, session: { data?: Socket }): Promise<number> => {
+    const srv = createServer((client) => {
+      srv.close();
+      servers.delete(srv);
+      stats.dataConnections++;
+      track(client);
+      session.data = client;
+      const up = track(connect(upstreamPort, target.host));
+      let fromClient = 0;
+      const armed = cutAfter;
+      client.on('data', (chunk: Buffer) => {
+        fromClient += chunk.length;
+        if (armed !== undefined && cutAfter === armed && fromClient > armed) {
+          cutAfter = undefined;
+          stats.cuts++;
+          client.resetAndDestroy();
+          up.resetAndDestroy();
+          return;
+        }
+        if (!up.write(chunk)) client.pause();
+      });
+      up.on('drain', () => client.resume());
+      up.pipe(client);
+      client.on('end', () => up.end());
+      client.on('close', () => up.destroyed || up.destroy());
+      up.on('close', () => client.destroyed || client.destroy());
+    });
+    servers.add(srv);
+    return listen(srv);
+  };
+
+  const control = createServer((client) => {
+    stats.controlConnections++;
+    track(client);
+    const up = track(connect(target.port, target.host));
+    const session: { data?: Socket } = {};
+    let fromServer = '';
+    let fromClient = '';
+    // Replies are rewritten line by line, in order; passive replies get the proxy's own data port.
+    let chain = Promise.resolve();
+    up.on('data', (chunk: Buffer) => {
+      fromServer += chunk.toString('latin1');
+      chain = chain.then(async () => {
+        let i: number;
+        while ((i = fromServer.indexOf('\n')) >= 0) {
+          let line = fromServer.slice(0, i + 1);
+          fromServer = fromServer.slice(i + 1);
+          const pasv = /^227 .*?\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)/.exec(line);
+          const epsv = /^229 .*?\(\|\|\|(\d+)\|\)/.exec(line);
+          if (pasv) {
+            const port = await dataListener(Number(pasv[5]) * 256 + Number(pasv[6]), session);
+            line = `227 Entering Passive Mode (127,0,0,1,${port >> 8},${port & 255}).\r\n`;
+          } else if (epsv) {
+            const port = await dataListener(Number(epsv[1]), session);
+            line = `229 Extended Passive mode OK (|||${port}|)\r\n`;
+          }
+          client.write(line, 'latin1');
+        }
+      });
+    });
+    client.on('data', (chunk: Buffer) => {
+      fromClient += chunk.toString('latin1');
+      let i: number;
+      while ((i = fromClient.indexOf('\n')) >= 0) {
+        const line = fromClient.slice(0, i + 1);
+        fromClient = fromClient.slice(i + 1);
+        if (refuseStor && /^STOR /i.test(line)) {
+          refuseStor = false;
+          stats.refused++;
+          session.data?.destroy();
+          client.write("425 Can't open data connection.\r\n");
+          continue;
+        }
+        up.write(line, 'latin1');
+      }
+    });
+    client.on('close', () => up.destroy());
+    up.on('close', () => client.destroy());
+  });
+  servers.add(control);
+  const port = await listen(control);
+
+  return {
+    host: '127.0.0.1',
+    port,
+    stats,
+    cutNextUpload(afterBytes) {
+      cutAfter = afterBytes;
+    },
+    refuseNextStor() {
+      refuseStor = true;
+    },
+    async close() {
+      for (const s of sockets) s.destroy();
+      await Promise.all([...servers].map((s) => new Promise((r) => s.close(r))));
+    },
+  };
+}

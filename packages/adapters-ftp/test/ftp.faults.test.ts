@@ -1,0 +1,251 @@
+/**
+ * Fault tests against a real pure-ftpd (started by scripts/services.sh): a data connection cut in
+ * the middle of an upload, a 425 for one transfer, the server killed and restarted in the middle
+ * of a sync, an exceeded quota (552), and a wrong password. Faults on the wire come from a TCP
+ * proxy in front of the server (fault-proxy.ts); the rest is the server itself.
+ */
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { afterEach, describe, expect, it } from 'vitest';
+import { LocalStorage, MemoryStore, SyncJob, isMedsyncError, type ManifestEntry } from '@medsync/core';
+import { readTree, writeTree } from '@medsync/core/testing';
+import { createFtpStorage, type FtpStorage, type FtpStorageOptions } from '@medsync/adapters-ftp';
+import { startFaultProxy, type FaultProxy } from './fault-proxy.js';
+import { freshRoot, restartServer, startServer, type ServerInfo } from './services.js';
+
+const plain = startServer('pure-ftpd');
+// 1 MB for the whole account: three 300 KB files fit, a fourth does not.
+const quota = startServer('pure-ftpd-quota', { MEDSYNC_FTP_QUOTA: '1000:1' });
+
+const cleanups: Array<() => Promise<void> | void> = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+function tmp(): string {
+  const d = mkdtempSync(join(tmpdir(), 'medsync-faults-'));
+  cleanups.push(() => rmSync(d, { recursive: true, force: true }));
+  return d;
+}
+
+/** FtpStorage on a fresh folder of `server`, optionally reached through `via` (a fault proxy). */
+function storageOn(
+  server: ServerInfo,
+  via?: FaultProxy,
+  extra: Partial<FtpStorageOptions> = {},
+): { storage: FtpStorage; local: string } {
+  const root = freshRoot(server);
+  const storage = createFtpStorage({
+    host: via?.host ?? server.host,
+    port: via?.port ?? server.port,
+    user: server.user,
+    password: server.password,
+    root,
+    ...extra,
+  });
+  cleanups.push(() => storage.close());
+  return { storage, local: join(server.root, root) };
+}
+
+async function proxyFor(server: ServerInfo): Promise<FaultProxy> {
+  const p = await startFaultProxy(server);
+  cleanups.push(() => p.close());
+  return p;
+}
+
+/** Every file under a local folder, temporary ones included. */
+function allFiles(dir: string): string[] {
+  return Object.keys(readTree(dir)).sort();
+}
+
+async function manifestOf(job: SyncJob, store: MemoryStore, dest: FtpStorage): Promise<ManifestEntry[]> {
+  const out: ManifestEntry[] = [];
+  for await (const e of store.manifest.list({ jobId: job.id, destination: dest.id })) out.push(e);
+  return out;
+}
+
+const fastRetry = { retries: 3, initialDelayMs: 100, multiplier: 2, jitter: 0 };
+
+const suite = plain && quota ? describe : describe.skip;
+
+suite('FTP faults (pure-ftpd)', () => {
+  it('a data connection cut mid-upload: the write fails retryable and leaves nothing behind', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy);
+    const body = randomBytes(3 * 1024 * 1024);
+    proxy.cutNextUpload(1024 * 1024);
+    const err = await storage.write('study/big.dcm', Readable.from([body]), { size: body.length }).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(proxy.stats.cuts).toBe(1);
+    expect(isMedsyncError(err)).toBe(true);
+    expect(err).toMatchObject({ code: 'E_TRANSIENT', retryable: true, path: 'study/big.dcm' });
+    // Nothing under the final name, and the temporary file was removed.
+    expect(existsSync(join(local, 'study/big.dcm'))).toBe(false);
+    expect(readdirSync(join(local, 'study'))).toEqual([]);
+    // The storage is still usable: the same write now succeeds, byte-identical.
+    await storage.write('study/big.dcm', Readable.from([body]), { size: body.length });
+    expect((await storage.readBuffer('study/big.dcm')).equals(body)).toBe(true);
+  });
+
+  it('a sync whose upload is cut mid-transfer retries that file and ends byte-identical', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy);
+    const src = tmp();
+    writeTree(src, {
+      'PAT1/CT/IM1.dcm': randomBytes(2 * 1024 * 1024),
+      'PAT1/CT/IM2.dcm': randomBytes(200_000),
+      'PAT1/MR/IM1.dcm': randomBytes(300_000),
+      'PAT2/CR/IM1.dcm': randomBytes(50_000),
+    });
+    proxy.cutNextUpload(1024 * 1024); // only the 2 MB file carries that much
+    const job = new SyncJob({
+      id: 'cut',
+      source: new LocalStorage({ root: src }),
+      destinations: [storage],
+      store: new MemoryStore(),
+      retry: fastRetry,
+      eventPaths: true,
+    });
+    const retried: Array<{ path: string; code: string; retryable: boolean }> = [];
+    job.on('file:retry', (e) =>
+      retried.push({ path: e.path, code: e.error.code, retryable: e.error.retryable }),
+    );
+    const r = await job.run();
+    expect(proxy.stats.cuts).toBe(1);
+    expect(r.status).toBe('success');
+    expect(r.filesSynced).toBe(4);
+    expect(retried).toEqual([{ path: 'PAT1/CT/IM1.dcm', code: 'E_TRANSIENT', retryable: true }]);
+    // Byte-identical, and no temporary file left anywhere.
+    expect(readTree(local)).toEqual(readTree(src));
+  });
+
+  it('a 425 for one transfer is retried at once for that file; the write succeeds', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy);
+    const body = randomBytes(100_000);
+    proxy.refuseNextStor();
+    await storage.write('a/b.dcm', Readable.from([body]), { size: body.length });
+    expect(proxy.stats.refused).toBe(1);
+    expect((await storage.readBuffer('a/b.dcm')).equals(body)).toBe(true);
+    expect(allFiles(local)).toEqual(['a/b.dcm']);
+  });
+
+  it('the server killed and restarted mid-sync: partial or success, exact manifest, re-run sends the rest', async () => {
+    const { storage, local } = storageOn(plain!);
+    const src = tmp();
+    const tree: Record<string, Buffer> = {};
+    for (let i = 0; i < 48; i++) tree[`S${i % 4}/IM${i}.dcm`] = randomBytes(256 * 1024);
+    writeTree(src, tree);
+    const store = new MemoryStore();
+    const job = new SyncJob({
+      id: 'restart',
+      source: new LocalStorage({ root: src }),
+      destinations: [storage],
+      store,
+      concurrency: 4,
+      // Down for 1.5 s: the later retries (after 0.3 s, 0.6 s, 1.2 s) may find it back.
+      retry: { retries: 3, initialDelayMs: 300, multiplier: 2, jitter: 0 },
+      eventPaths: true,
+    });
+    let done = 0;
+    let retried = 0;
+    job.on('file:retry', () => retried++);
+    let restart: Promise<void> | undefined;
+    job.on('file:done', () => {
+      if (++done === 10) restart = restartServer(plain!, 1.5);
+    });
+    const r1 = await job.run();
+    await restart;
+    expect(restart).toBeDefined();
+    expect(['success', 'partial']).toContain(r1.status);
+    // The kill hit transfers in flight: they were retried (and may have run out of retries).
+    expect(retried).toBeGreaterThan(0);
+    expect(r1.filesSynced + r1.filesFailed).toBe(48);
+    // The manifest lists exactly the files that are at the destination, each byte-identical.
+    const delivered = (await manifestOf(job, store, storage)).map((e) => e.path).sort();
+    const there = Object.keys(readTree(local))
+      .filter((p) => !p.split('/').pop()!.startsWith('.'))
+      .sort();
+    expect(delivered).toEqual(there);
+    expect(delivered.length).toBe(r1.filesSynced);
+    const srcTree = readTree(src);
+    const dstTree = readTree(local);
+    for (const p of delivered) expect(dstTree[p]).toBe(srcTree[p]);
+    // A re-run sends only what is missing, and then everything is there.
+    const r2 = await job.run();
+    expect(r2.status).toBe('success');
+    expect(r2.filesSynced).toBe(48 - delivered.length);
+    const final = readTree(local);
+    for (const [p, b64] of Object.entries(srcTree)) expect(final[p]).toBe(b64);
+  });
+
+  it('quota exceeded (552) is E_QUOTA, not retried; the run is partial and names the files', async () => {
+    const { storage, local } = storageOn(quota!);
+    const src = tmp();
+    const tree: Record<string, Buffer> = {};
+    for (let i = 0; i < 5; i++) tree[`IM${i}.dcm`] = randomBytes(300_000);
+    writeTree(src, tree);
+    const job = new SyncJob({
+      id: 'quota',
+      source: new LocalStorage({ root: src }),
+      destinations: [storage],
+      store: new MemoryStore(),
+      concurrency: 1,
+      retry: fastRetry,
+      eventPaths: true,
+    });
+    let retries = 0;
+    job.on('file:retry', () => retries++);
+    const r = await job.run();
+    expect(r.status).toBe('partial');
+    expect(r.filesSynced).toBe(3);
+    expect(r.filesFailed).toBe(2);
+    expect(retries).toBe(0);
+    expect(r.errors.map((e) => e.code)).toEqual(['E_QUOTA', 'E_QUOTA']);
+    expect(r.errors[0]!.message).toMatch(/out of space or over quota \(552\)/);
+    // The refused files left nothing behind: three whole files, no temporary ones.
+    const there = allFiles(local);
+    expect(there).toHaveLength(3);
+    for (const p of there) expect(readTree(local)[p]).toBe(readTree(src)[p]);
+  });
+
+  it('a wrong password is E_AUTH: one login, no retries, the run fails and says why', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage } = storageOn(plain!, proxy, { password: 'not-the-password' });
+    const src = tmp();
+    const tree: Record<string, string> = {};
+    for (let i = 0; i < 20; i++) tree[`IM${i}.dcm`] = `file ${i}`;
+    writeTree(src, tree);
+    const job = new SyncJob({
+      id: 'auth',
+      source: new LocalStorage({ root: src }),
+      destinations: [storage],
+      store: new MemoryStore(),
+      concurrency: 4,
+      retry: fastRetry,
+      eventPaths: true,
+    });
+    let retries = 0;
+    job.on('file:retry', () => retries++);
+    const r = await job.run();
+    expect(r.status).toBe('failed');
+    expect(r.filesSynced).toBe(0);
+    expect(retries).toBe(0);
+    // The first look at the destination (its listing, to adopt files already there) is refused:
+    // the destination is skipped with one error that says why, and nothing else tries to log in.
+    expect(r.errors).toEqual([
+      {
+        destination: storage.id,
+        code: 'E_AUTH',
+        message: expect.stringMatching(/refused the user name or password \(530\)/),
+      },
+    ]);
+    expect(JSON.stringify(r.errors)).not.toContain('not-the-password');
+    expect(proxy.stats.controlConnections).toBe(1);
+  });
+});
