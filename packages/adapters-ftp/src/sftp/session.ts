@@ -1,0 +1,370 @@
+import { MedsyncError } from '@medsync/core';
+import {
+  Client,
+  type Attributes,
+  type ConnectConfig,
+  type FileEntry,
+  type SFTPWrapper,
+  type Stats,
+} from 'ssh2';
+import { SftpStatusError, toSftpError } from './errors.js';
+import {
+  checkHostKey,
+  fingerprintOf,
+  keyTypeOf,
+  preferredHostKeyAlgorithms,
+  type HostKeyCheck,
+  type HostKeyPolicy,
+} from './host-keys.js';
+
+/** What the handshake showed about the server, for the connection report (no secrets). */
+export interface ServerInfo {
+  /** The server's identification string, e.g. `SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3`. */
+  ident?: string;
+  /** The login banner, when the server sends one (first 1,000 characters). */
+  banner?: string;
+  hostKey: { algorithm: string; fingerprint: string; verified: string };
+  kex?: string;
+  cipher?: string;
+  /** SFTP protocol extensions the server announced (`posix-rename@openssh.com` …). */
+  extensions: string[];
+}
+
+export interface SessionParams {
+  host: string;
+  port: number;
+  user: string;
+  password?: string | undefined;
+  privateKey?: string | undefined;
+  passphrase?: string | undefined;
+  hostKeys: HostKeyPolicy;
+  timeoutMs: number;
+  keepaliveMs: number;
+  /** Told the server's host key (and whether it was accepted) before any login. */
+  onHostKey?: (key: ServerInfo['hostKey']) => void;
+}
+
+/** statvfs@openssh.com, reduced to what the adapter reports. */
+export interface FsStats {
+  freeBytes: number;
+  totalBytes: number;
+}
+
+type Cb<T> = (err: Error | undefined | null, value?: T) => void;
+
+/** A connection-level failure of a request (the session is gone), not a server STATUS reply. */
+function connectionLost(): Error {
+  return Object.assign(new Error('Not connected: the SSH session was closed.'), { level: 'client-socket' });
+}
+
+/**
+ * One SSH connection with one SFTP channel, with promise methods. A request never hangs: it
+ * fails when the session closes, and after `timeoutMs` without an answer (which closes the
+ * session: a server that stops answering one request answers no other either). SFTP STATUS
+ * replies become {@link SftpStatusError}; everything else means the session is broken.
+ */
+export class SftpSession {
+  private isClosed = false;
+  private readonly pending = new Set<(e: Error) => void>();
+  private readonly closeHooks: (() => void)[] = [];
+
+  constructor(
+    private readonly client: Client,
+    private readonly sftp: SFTPWrapper,
+    readonly info: ServerInfo,
+    private readonly timeoutMs: number,
+  ) {
+    const onGone = () => this.markClosed();
+    client.on('close', onGone);
+    client.on('end', onGone);
+    client.on('error', onGone);
+    sftp.on('close', onGone);
+    sftp.on('end', onGone);
+  }
+
+  get closed(): boolean {
+    return this.isClosed;
+  }
+
+  /** True when the server announced this SFTP extension. */
+  has(extension: string): boolean {
+    return this.info.extensions.includes(extension);
+  }
+
+  /** Closes the connection; pending requests fail. Never throws. */
+  close(): void {
+    this.markClosed();
+  }
+
+  /** Runs `fn` once the session closes (at once when closed already). */
+  onClose(fn: () => void): void {
+    if (this.isClosed) fn();
+    else this.closeHooks.push(fn);
+  }
+
+  private markClosed(): void {
+    if (this.isClosed) return;
+    this.isClosed = true;
+    const err = connectionLost();
+    for (const reject of [...this.pending]) reject(err);
+    this.pending.clear();
+    try {
+      this.client.end();
+    } catch {
+      // already gone
+    }
+    // end() waits for the server; a dead peer would keep the socket: destroy it soon after.
+    setTimeout(() => {
+      try {
+        this.client.destroy();
+      } catch {
+        // already gone
+      }
+    }, 1000).unref();
+    for (const fn of this.closeHooks.splice(0)) fn();
+  }
+
+  /** One request: resolves with its answer, rejects with a STATUS or a connection error. */
+  private call<T>(start: (cb: Cb<T>) => void): Promise<T> {
+    if (this.isClosed) return Promise.reject(connectionLost());
+    return new Promise<T>((resolve, reject) => {
+      let done = false;
+      const fail = (e: Error) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        this.pending.delete(fail);
+        reject(e);
+      };
+      const timer = setTimeout(() => {
+        fail(Object.assign(new Error('The SFTP request timed out.'), { level: 'client-timeout' }));
+        this.markClosed();
+      }, this.timeoutMs);
+      timer.unref();
+      this.pending.add(fail);
+      try {
+        start((err, value) => {
+          if (done) return;
+          if (err) {
+            const code = (err as { code?: unknown }).code;
+            fail(typeof code === 'number' && !this.isClosed ? new SftpStatusError(code, err.message) : err);
+            return;
+          }
+          done = true;
+          clearTimeout(timer);
+          this.pending.delete(fail);
+          resolve(value as T);
+        });
+      } catch (e) {
+        fail(e as Error);
+      }
+    });
+  }
+
+  stat(path: string): Promise<Stats> {
+    return this.call((cb) => this.sftp.stat(path, cb));
+  }
+
+  lstat(path: string): Promise<Stats> {
+    return this.call((cb) => this.sftp.lstat(path, cb));
+  }
+
+  readdir(path: string): Promise<FileEntry[]> {
+    return this.call((cb) => this.sftp.readdir(path, cb));
+  }
+
+  mkdir(path: string): Promise<void> {
+    return this.call((cb) => this.sftp.mkdir(path, (e) => cb(e)));
+  }
+
+  unlink(path: string): Promise<void> {
+    return this.call((cb) => this.sftp.unlink(path, (e) => cb(e)));
+  }
+
+  /** Plain SFTP v3 rename: fails when the target exists (on OpenSSH). */
+  rename(from: string, to: string): Promise<void> {
+    return this.call((cb) => this.sftp.rename(from, to, (e) => cb(e)));
+  }
+
+  /** posix-rename@openssh.com: rename(2), replacing the target atomically. */
+  posixRename(from: string, to: string): Promise<void> {
+    return this.call((cb) => this.sftp.ext_openssh_rename(from, to, (e) => cb(e)));
+  }
+
+  open(path: string, flags: 'r' | 'wx'): Promise<Buffer> {
+    return this.call((cb) => this.sftp.open(path, flags, cb));
+  }
+
+  closeHandle(handle: Buffer): Promise<void> {
+    return this.call((cb) => this.sftp.close(handle, (e) => cb(e)));
+  }
+
+  fstat(handle: Buffer): Promise<Stats> {
+    return this.call((cb) => this.sftp.fstat(handle, cb));
+  }
+
+  write(handle: Buffer, data: Buffer, position: number): Promise<void> {
+    return this.call((cb) => this.sftp.write(handle, data, 0, data.length, position, (e) => cb(e)));
+  }
+
+  /** Reads up to `length` bytes at `position`; resolves with fewer at the end, empty past it. */
+  read(handle: Buffer, length: number, position: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(length);
+    return this.call<Buffer>((cb) =>
+      this.sftp.read(handle, buf, 0, length, position, (e, n) => {
+        if (e && (e as { code?: unknown }).code === 1)
+          cb(undefined, buf.subarray(0, 0)); // EOF
+        else if (e) cb(e);
+        else cb(undefined, buf.subarray(0, n));
+      }),
+    );
+  }
+
+  futimes(handle: Buffer, atimeS: number, mtimeS: number): Promise<void> {
+    return this.call((cb) => this.sftp.futimes(handle, atimeS, mtimeS, (e) => cb(e)));
+  }
+
+  /** fsync@openssh.com. */
+  fsync(handle: Buffer): Promise<void> {
+    return this.call((cb) => this.sftp.ext_openssh_fsync(handle, (e) => cb(e)));
+  }
+
+  /** statvfs@openssh.com. */
+  statvfs(path: string): Promise<FsStats> {
+    return this.call<FsStats>((cb) =>
+      this.sftp.ext_openssh_statvfs(path, (e, st: Record<string, number> | undefined) => {
+        if (e || !st) cb(e ?? new Error('statvfs returned nothing'));
+        else
+          cb(undefined, {
+            freeBytes: Number(st.f_bavail) * Number(st.f_frsize || st.f_bsize),
+            totalBytes: Number(st.f_blocks) * Number(st.f_frsize || st.f_bsize),
+          });
+      }),
+    );
+  }
+
+  /** SSH_FXP_SETSTAT with times only. */
+  utimes(path: string, atimeS: number, mtimeS: number): Promise<void> {
+    const attrs: Partial<Attributes> = { atime: atimeS, mtime: mtimeS };
+    return this.call((cb) => this.sftp.setstat(path, attrs, (e) => cb(e)));
+  }
+}
+
+/** Thrown by {@link openSession} when the host key is not the one configured. */
+export function hostKeyError(
+  check: Extract<HostKeyCheck, { ok: false }>,
+  fingerprint: string,
+  algorithm: string,
+  host: string,
+  port: number,
+): MedsyncError {
+  const pin = `To trust it, check the fingerprint with the server's administrator (ssh-keygen -lf on its host key), then set \`hostFingerprint: "${fingerprint}"\` (CLI: --host-fingerprint ${fingerprint}) or add the key to \`knownHosts\`.`;
+  const what =
+    check.reason === 'revoked'
+      ? `the server's host key (${algorithm} ${fingerprint}) is marked @revoked in knownHosts: refusing to connect.`
+      : check.reason === 'mismatch'
+        ? `HOST KEY MISMATCH: the server at ${host}:${port} shows host key ${algorithm} ${fingerprint}, which is not the one configured. Someone may be intercepting the connection, or the server was reinstalled. ${pin}`
+        : `the server's host key is not known: ${host}:${port} shows ${algorithm} ${fingerprint}, and neither \`hostFingerprint\` nor \`knownHosts\` lists it. ${pin}`;
+  return new MedsyncError('E_CONFIG', `Connecting to the SFTP server: ${what}`, {
+    adapter: 'sftp',
+    retryable: false,
+  });
+}
+
+/**
+ * Opens one SSH connection (verifying the host key, logging in with the key first, then the
+ * password; no `none` probe and no keyboard-interactive) and starts its SFTP subsystem. Rejects
+ * with a MedsyncError: E_CONFIG for a host key that does not check out (the message shows the
+ * server's SHA256 fingerprint), E_AUTH for a refused login, E_TRANSIENT for network trouble.
+ */
+export function openSession(p: SessionParams): Promise<SftpSession> {
+  return new Promise<SftpSession>((resolve, reject) => {
+    const client = new Client();
+    let hostKey: ServerInfo['hostKey'] | undefined;
+    let refused: MedsyncError | undefined;
+    let kex: string | undefined;
+    let cipher: string | undefined;
+    let banner: string | undefined;
+    let settled = false;
+    const fail = (e: unknown) => {
+      if (settled) return;
+      settled = true;
+      client.removeAllListeners('ready');
+      try {
+        client.destroy();
+      } catch {
+        // already gone
+      }
+      reject(refused ?? toSftpError(e, 'connect'));
+    };
+    client.on('error', fail);
+    client.on('close', () => fail(connectionLost()));
+    client.on('banner', (msg: string) => {
+      banner = msg.slice(0, 1000);
+    });
+    client.on('handshake', (n) => {
+      kex = n.kex;
+      cipher = n.cs.cipher;
+      if (hostKey) hostKey.algorithm = n.serverHostKey;
+    });
+    client.on('ready', () => {
+      client.sftp((err, sftp) => {
+        if (err) {
+          fail(err);
+          return;
+        }
+        if (settled) {
+          client.end();
+          return;
+        }
+        settled = true;
+        client.removeListener('error', fail);
+        const raw = client as unknown as { _protocol?: { _remoteIdentRaw?: Buffer } };
+        const ext = (sftp as unknown as { _extensions?: Record<string, string> })._extensions ?? {};
+        const info: ServerInfo = {
+          ...(raw._protocol?._remoteIdentRaw
+            ? { ident: raw._protocol._remoteIdentRaw.toString('latin1') }
+            : {}),
+          ...(banner ? { banner } : {}),
+          hostKey: hostKey!,
+          ...(kex ? { kex } : {}),
+          ...(cipher ? { cipher } : {}),
+          extensions: Object.keys(ext).sort(),
+        };
+        // Errors after this point close the session (see SftpSession); keep one listener so an
+        // 'error' event is never unhandled.
+        client.on('error', () => undefined);
+        resolve(new SftpSession(client, sftp, info, p.timeoutMs));
+      });
+    });
+    const methods: ('publickey' | 'password')[] = [];
+    if (p.privateKey !== undefined) methods.push('publickey');
+    if (p.password !== undefined) methods.push('password');
+    const algorithms = preferredHostKeyAlgorithms(p.hostKeys.knownHosts, p.host, p.port);
+    const config: ConnectConfig = {
+      host: p.host,
+      port: p.port,
+      username: p.user,
+      ...(p.password !== undefined ? { password: p.password } : {}),
+      ...(p.privateKey !== undefined ? { privateKey: p.privateKey } : {}),
+      ...(p.passphrase !== undefined ? { passphrase: p.passphrase } : {}),
+      authHandler: methods,
+      readyTimeout: p.timeoutMs,
+      ...(p.keepaliveMs > 0 ? { keepaliveInterval: p.keepaliveMs, keepaliveCountMax: 3 } : {}),
+      ...(algorithms ? { algorithms: { serverHostKey: algorithms } } : {}),
+      hostVerifier: (key: Buffer) => {
+        const fingerprint = fingerprintOf(key);
+        const check = checkHostKey(p.hostKeys, p.host, p.port, key);
+        hostKey = { algorithm: keyTypeOf(key), fingerprint, verified: check.ok ? check.via : 'refused' };
+        p.onHostKey?.({ ...hostKey });
+        if (!check.ok) refused = hostKeyError(check, fingerprint, keyTypeOf(key), p.host, p.port);
+        return check.ok;
+      },
+    };
+    try {
+      client.connect(config);
+    } catch (e) {
+      fail(e);
+    }
+  });
+}

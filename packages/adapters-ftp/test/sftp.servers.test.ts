@@ -1,0 +1,500 @@
+/**
+ * SFTP against a real OpenSSH sshd (Debian's openssh-server, sftp-server subsystem), started on
+ * loopback by scripts/services.sh. Under CI=true the server must start; elsewhere the suite is
+ * skipped with one line saying how to enable it.
+ */
+import { execFileSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import {
+  chownSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, relative } from 'node:path';
+import { Readable } from 'node:stream';
+import { describe, expect, it } from 'vitest';
+import { describeStorageConformance, digestOf, generatedStream } from '@medsync/core/testing';
+import { createSftpStorage, type SftpStorage, type SftpStorageOptions } from '@medsync/adapters-ftp';
+import { freshSftpRoot, startSshd, type SshdInfo } from './sshd.js';
+
+const server = startSshd();
+
+function keyOf(s: SshdInfo): string {
+  return readFileSync(s.privateKey, 'utf8');
+}
+
+/** A storage rooted in a fresh folder; password login and the pinned fingerprint by default. */
+function storageOn(s: SshdInfo, extra: Partial<SftpStorageOptions> = {}): SftpStorage {
+  return createSftpStorage({
+    host: s.host,
+    port: s.port,
+    user: s.user,
+    password: s.password,
+    hostFingerprint: s.hostFingerprint,
+    root: freshSftpRoot(s),
+    ...extra,
+  });
+}
+
+const removeRoot = (s: SftpStorage) => rmSync(s.options.root, { recursive: true, force: true });
+
+/** Every file below a local folder (relative paths), temporary files included. */
+function filesUnder(dir: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string) => {
+    for (const e of readdirSync(d, { withFileTypes: true })) {
+      const p = join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else out.push(relative(dir, p));
+    }
+  };
+  walk(dir);
+  return out.sort();
+}
+
+const put = (s: SftpStorage, p: string, data: string | Buffer, mtimeMs?: number) =>
+  s.write(p, Readable.from([Buffer.from(data)]), {
+    size: Buffer.byteLength(data),
+    ...(mtimeMs !== undefined ? { mtimeMs } : {}),
+  });
+
+/** Lines of sshd's log from `offset` on. */
+function logSince(s: SshdInfo, offset: number): string {
+  return readFileSync(s.log).subarray(offset).toString();
+}
+
+const logSize = (s: SshdInfo) => statSync(s.log).size;
+
+function define(s: SshdInfo): void {
+  describeStorageConformance({
+    name: 'sftp (OpenSSH, password)',
+    create: async () => storageOn(s),
+    cleanup: async (st) => removeRoot(st as SftpStorage),
+    largeFileBytes: 16 * 1024 * 1024,
+  });
+
+  describeStorageConformance({
+    name: 'sftp (OpenSSH, key + known_hosts, two connections)',
+    create: async () =>
+      storageOn(s, {
+        password: undefined,
+        privateKey: keyOf(s),
+        hostFingerprint: undefined,
+        knownHosts: `${s.knownHostsLine}\n`,
+        maxConnections: 2,
+      }),
+    cleanup: async (st) => removeRoot(st as SftpStorage),
+    largeFileBytes: 8 * 1024 * 1024,
+  });
+
+  describe('sftp (OpenSSH) behaviour', () => {
+    it('logs in with a password, and with a key (no password given)', async () => {
+      for (const extra of [{}, { password: undefined, privateKey: keyOf(s) }]) {
+        const st = storageOn(s, extra);
+        try {
+          await put(st, 'a/b.dcm', 'hello');
+          expect(readFileSync(join(st.options.root, 'a/b.dcm'), 'utf8')).toBe('hello');
+          expect((await st.readBuffer('a/b.dcm')).toString()).toBe('hello');
+        } finally {
+          await st.close();
+          removeRoot(st);
+        }
+      }
+    });
+
+    it('a wrong password is E_AUTH, not retryable, and the server sees one login attempt for many calls', async () => {
+      const st = storageOn(s, { password: 'wrong-password-xyz' });
+      const before = logSize(s);
+      try {
+        const calls = [
+          put(st, 'x.dcm', 'x'),
+          put(st, 'y.dcm', 'y'),
+          st.stat('x.dcm'),
+          st.readBuffer('x.dcm'),
+          st.remove('x.dcm'),
+        ];
+        const results = await Promise.allSettled(calls);
+        for (const r of results) {
+          expect(r.status).toBe('rejected');
+          expect((r as PromiseRejectedResult).reason).toMatchObject({ code: 'E_AUTH', retryable: false });
+          expect(String((r as PromiseRejectedResult).reason.message)).not.toContain('wrong-password-xyz');
+        }
+        // A later call does not log in again right away (accounts get locked by fail2ban & co).
+        await expect(st.stat('x.dcm')).rejects.toMatchObject({ code: 'E_AUTH' });
+        const report = await st.test();
+        expect(report).toMatchObject({ ok: false, error: { code: 'E_AUTH' } });
+        expect(report.advice).toMatch(/password|privateKey/);
+        await new Promise((r) => setTimeout(r, 300)); // sshd writes its log line after the reply
+        const failed = logSince(s, before).match(/Failed password for/g) ?? [];
+        expect(failed.length).toBe(1);
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('refuses an unknown or mismatching host key; the message shows the real SHA256 fingerprint', async () => {
+      const other = `SHA256:${randomBytes(32).toString('base64').replace(/=+$/, '')}`;
+      const cases: Partial<SftpStorageOptions>[] = [
+        { hostFingerprint: other },
+        {
+          hostFingerprint: undefined,
+          knownHosts: `otherhost.example ssh-ed25519 ${s.knownHostsLine.split(' ')[2]}\n`,
+        },
+        {
+          hostFingerprint: undefined,
+          // The right name with another key: a mismatch.
+          knownHosts: `[${s.host}]:${s.port} ${readFileSync(s.privateKey + '.pub', 'utf8')
+            .split(' ')
+            .slice(0, 2)
+            .join(' ')}\n`,
+        },
+      ];
+      for (const extra of cases) {
+        const st = storageOn(s, extra);
+        const before = logSize(s);
+        try {
+          const e = await st.stat('a.dcm').catch((x: unknown) => x);
+          expect(e).toMatchObject({ code: 'E_CONFIG', retryable: false });
+          expect((e as Error).message).toContain(s.hostFingerprint);
+          const r = await st.test();
+          expect(r.ok).toBe(false);
+          expect(r.error?.message).toContain(s.hostFingerprint);
+          expect(r.details?.hostKey).toMatchObject({
+            fingerprint: s.hostFingerprint,
+            algorithm: 'ssh-ed25519',
+          });
+          // Never logged in: no password was sent to an unverified server.
+          expect(logSince(s, before)).not.toMatch(/Accepted|Failed password/);
+        } finally {
+          await st.close();
+          removeRoot(st);
+        }
+      }
+      const e1 = (() => {
+        try {
+          createSftpStorage({ host: s.host, port: s.port, user: s.user, password: s.password });
+        } catch (e) {
+          return e;
+        }
+      })();
+      expect(e1).toMatchObject({ code: 'E_CONFIG' });
+      expect((e1 as Error).message).toMatch(/hostFingerprint.*knownHosts/s);
+    });
+
+    it('accepts known_hosts lines: plain [host]:port, hashed (ssh-keygen -H), and with comments', async () => {
+      const dir = join(tmpdir(), `medsync-kh-${randomBytes(4).toString('hex')}`);
+      mkdirSync(dir);
+      try {
+        const kh = join(dir, 'known_hosts');
+        writeFileSync(kh, `# comment\nsomeone.example ssh-rsa AAAAB3NzaC1yc2E=\n${s.knownHostsLine}\n`);
+        execFileSync('ssh-keygen', ['-H', '-f', kh], { stdio: 'ignore' });
+        const hashed = readFileSync(kh, 'utf8');
+        expect(hashed).toContain('|1|');
+        expect(hashed).not.toContain(`[${s.host}]:${s.port}`);
+        for (const knownHosts of [`${s.knownHostsLine}\n`, hashed]) {
+          const st = storageOn(s, { hostFingerprint: undefined, knownHosts });
+          try {
+            const r = await st.test();
+            expect(r.ok).toBe(true);
+            expect(r.details?.hostKey).toMatchObject({ verified: 'known_hosts', check: 'known_hosts' });
+          } finally {
+            await st.close();
+            removeRoot(st);
+          }
+        }
+        // @revoked wins even over a pinned fingerprint.
+        const st = storageOn(s, { knownHosts: `@revoked ${s.knownHostsLine}\n` });
+        try {
+          await expect(st.stat('a')).rejects.toMatchObject({
+            code: 'E_CONFIG',
+            message: expect.stringMatching(/revoked/),
+          });
+        } finally {
+          await st.close();
+          removeRoot(st);
+        }
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+
+    it('insecureSkipHostKeyCheck connects and says so in the report', async () => {
+      const st = storageOn(s, { hostFingerprint: undefined, insecureSkipHostKeyCheck: true });
+      try {
+        const r = await st.test();
+        expect(r.ok).toBe(true);
+        expect(r.details).toMatchObject({
+          hostKey: { fingerprint: s.hostFingerprint, check: 'off (insecureSkipHostKeyCheck)' },
+          warning: expect.stringMatching(/not verified/),
+        });
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('test() reports the server, host key, extensions, entries and free space', async () => {
+      const st = storageOn(s);
+      try {
+        await put(st, 'one.dcm', '1');
+        await put(st, 'sub/two.dcm', '2');
+        const r = await st.test();
+        expect(r).toMatchObject({ ok: true, kind: 'sftp', writable: true, entries: 2 });
+        expect(r.id).toBe(`sftp://${s.user}@${s.host}:${s.port}${st.options.root}`);
+        expect(r.freeBytes).toBeGreaterThan(0);
+        expect(r.details).toMatchObject({
+          server: expect.stringMatching(/^SSH-2\.0-OpenSSH_/),
+          hostKey: { algorithm: 'ssh-ed25519', fingerprint: s.hostFingerprint, verified: 'fingerprint' },
+          atomicRename: true,
+          fsync: true,
+        });
+        expect(r.details?.extensions).toEqual(
+          expect.arrayContaining(['posix-rename@openssh.com', 'statvfs@openssh.com', 'fsync@openssh.com']),
+        );
+        expect(JSON.stringify(r)).not.toContain(s.password);
+        expect(filesUnder(st.options.root)).toEqual(['one.dcm', 'sub/two.dcm']); // the probe is gone
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('test() advice: missing root, nothing listening', async () => {
+      const st = storageOn(s, { root: `${s.root}/no/such/folder` });
+      const free = createSftpStorage({
+        host: s.host,
+        port: 1,
+        user: s.user,
+        password: s.password,
+        hostFingerprint: s.hostFingerprint,
+        root: '/',
+      });
+      try {
+        const r = await st.test();
+        expect(r).toMatchObject({ ok: false, error: { code: 'E_NOT_FOUND' } });
+        expect(r.advice).toMatch(/root/);
+        const r2 = await free.test();
+        expect(r2).toMatchObject({ ok: false, error: { code: 'E_TRANSIENT' } });
+        expect(r2.advice).toMatch(/Nothing accepts connections/);
+      } finally {
+        await st.close();
+        await free.close();
+      }
+    });
+
+    it('an abort mid-upload leaves nothing under the final name and no temporary file', async () => {
+      const st = storageOn(s);
+      try {
+        const ac = new AbortController();
+        let n = 0;
+        const body = generatedStream(32 * 1024 * 1024, 5, 64 * 1024);
+        body.on('data', () => {
+          if (++n === 20) ac.abort();
+        });
+        await expect(
+          st.write('ab/big.bin', body, { size: 32 * 1024 * 1024, signal: ac.signal }),
+        ).rejects.toMatchObject({ code: 'E_ABORTED' });
+        await new Promise((r) => setTimeout(r, 200));
+        expect(filesUnder(st.options.root)).toEqual([]);
+        // The storage still works afterwards.
+        await put(st, 'ab/after.dcm', 'ok');
+        expect(filesUnder(st.options.root)).toEqual(['ab/after.dcm']);
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('a body that errors leaves no temporary file; the error is the source’s, the session stays', async () => {
+      const st = storageOn(s, { maxConnections: 1 });
+      try {
+        let sent = 0;
+        const broken = new Readable({
+          read() {
+            if (sent++ < 10) this.push(randomBytes(64 * 1024));
+            else this.destroy(Object.assign(new Error('disk read failed'), { code: 'EIO' }));
+          },
+        });
+        await expect(st.write('br/file.bin', broken, { size: 10_000_000 })).rejects.toMatchObject({
+          name: 'MedsyncError',
+          code: 'E_IO',
+          path: 'br/file.bin',
+        });
+        expect(filesUnder(st.options.root)).toEqual([]);
+        await put(st, 'br/ok.dcm', 'fine');
+        expect(filesUnder(st.options.root)).toEqual(['br/ok.dcm']);
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('keeps mtimes to the second, in stat, list and on disk', async () => {
+      const st = storageOn(s);
+      try {
+        const mtime = Date.UTC(2023, 0, 2, 3, 4, 5, 678);
+        const w = await put(st, 'm/t.dcm', 'time', mtime);
+        expect(w.mtimeMs).toBe(Date.UTC(2023, 0, 2, 3, 4, 5));
+        expect((await st.stat('m/t.dcm')).mtimeMs).toBe(Date.UTC(2023, 0, 2, 3, 4, 5));
+        const listed: { path: string; mtimeMs?: number }[] = [];
+        for await (const e of st.list('')) listed.push(e);
+        expect(listed).toEqual([{ path: 'm/t.dcm', size: 4, mtimeMs: Date.UTC(2023, 0, 2, 3, 4, 5) }]);
+        expect(statSync(join(st.options.root, 'm/t.dcm')).mtimeMs).toBe(Date.UTC(2023, 0, 2, 3, 4, 5));
+        expect(st.capabilities).toMatchObject({
+          preservesMtime: true,
+          mtimePrecisionMs: 1000,
+          atomicRename: true,
+        });
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('a 20 MB stream arrives byte-identical, and reads back by range', async () => {
+      const st = storageOn(s);
+      try {
+        const size = 20 * 1024 * 1024 + 12_345;
+        const expected = await digestOf(generatedStream(size, 11, 50_000));
+        const w = await st.write('big/20mb.bin', generatedStream(size, 11, 50_000), { size });
+        expect(w.size).toBe(size);
+        const onDisk = createHash('sha256')
+          .update(readFileSync(join(st.options.root, 'big/20mb.bin')))
+          .digest('hex');
+        expect(onDisk).toBe(expected.sha256);
+        expect(await digestOf(await st.read('big/20mb.bin'))).toEqual(expected);
+        const whole = readFileSync(join(st.options.root, 'big/20mb.bin'));
+        for (const [a, b] of [
+          [0, 0],
+          [65_535, 65_536],
+          [70_000, 1_500_000],
+          [size - 10, size + 1000],
+        ] as const) {
+          const parts: Buffer[] = [];
+          for await (const c of await st.read('big/20mb.bin', { start: a, end: b })) parts.push(c as Buffer);
+          expect(Buffer.concat(parts).equals(whole.subarray(a, b + 1))).toBe(true);
+        }
+        // A reader that stops early gives its session back.
+        const early = await st.read('big/20mb.bin');
+        for await (const _ of early) break;
+        await expect(st.stat('big/20mb.bin')).resolves.toMatchObject({ size });
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('overwrites with posix-rename: an existing file is replaced, never missing in between', async () => {
+      const st = storageOn(s);
+      try {
+        await put(st, 'o/f.dcm', 'version one');
+        const inode = statSync(join(st.options.root, 'o/f.dcm')).ino;
+        await put(st, 'o/f.dcm', 'version two!');
+        expect(readFileSync(join(st.options.root, 'o/f.dcm'), 'utf8')).toBe('version two!');
+        expect(statSync(join(st.options.root, 'o/f.dcm')).ino).not.toBe(inode);
+        await put(st, 'o/g.dcm', 'other');
+        await st.rename('o/g.dcm', 'o/f.dcm');
+        expect(readFileSync(join(st.options.root, 'o/f.dcm'), 'utf8')).toBe('other');
+        expect(filesUnder(st.options.root)).toEqual(['o/f.dcm']);
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('lists symlinks to files, not symlinked folders, and hides temporary files; cleanupPartials removes old ones', async () => {
+      const st = storageOn(s);
+      try {
+        await put(st, 'real/a.dcm', 'aaa');
+        const root = st.options.root;
+        symlinkSync(join(root, 'real/a.dcm'), join(root, 'link.dcm'));
+        symlinkSync(join(root, 'real'), join(root, 'linkdir'));
+        const part = join(root, 'real/.b.dcm.1234.medsync-part');
+        writeFileSync(part, 'half');
+        const fresh = join(root, 'real/.c.dcm.5678.medsync-part');
+        writeFileSync(fresh, 'writing');
+        const old = new Date(Date.now() - 3_600_000);
+        utimesSync(part, old, old);
+        for (const p of [part, fresh]) chownSync(p, s.uid, s.gid);
+        const listed: string[] = [];
+        for await (const e of st.list('')) listed.push(e.path);
+        expect(listed.sort()).toEqual(['link.dcm', 'real/a.dcm']);
+        expect(await st.cleanupPartials('', { olderThanMs: Date.now() - 60_000 })).toBe(1);
+        expect(existsSync(part)).toBe(false);
+        expect(existsSync(fresh)).toBe(true);
+        expect(await st.cleanupPartials('')).toBe(1);
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('a folder the account may not write is E_PERMISSION, not retried', async () => {
+      const st = storageOn(s);
+      try {
+        const locked = join(st.options.root, 'locked');
+        mkdirSync(locked, { mode: 0o755 }); // owned by root
+        await expect(put(st, 'locked/x.dcm', 'x')).rejects.toMatchObject({
+          code: 'E_PERMISSION',
+          retryable: false,
+          path: 'locked/x.dcm',
+        });
+        await expect(st.rename('nothere.dcm', 'locked/y.dcm')).rejects.toMatchObject({ code: 'E_NOT_FOUND' });
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('rejects bad options with E_CONFIG naming the field; never echoes secrets', () => {
+      const base = { host: s.host, user: s.user, hostFingerprint: s.hostFingerprint };
+      const bad: [unknown, RegExp][] = [
+        [{ ...base }, /password.*privateKey/],
+        [{ ...base, password: 'p', root: 'relative' }, /root/],
+        [{ ...base, password: 'p', hostFingerprint: 'MD5:aa:bb' }, /hostFingerprint/],
+        [{ ...base, privateKey: 'not a key at all, secret-ish' }, /privateKey/],
+        [{ ...base, password: 'p', port: 70000 }, /port/],
+        [{ ...base, password: 'p', nope: 1 }, /nope/],
+        [{ ...base, password: 'p', insecureSkipHostKeyCheck: true }, /insecureSkipHostKeyCheck/],
+      ];
+      for (const [opts, re] of bad) {
+        let err: unknown;
+        try {
+          createSftpStorage(opts as SftpStorageOptions);
+        } catch (e) {
+          err = e;
+        }
+        expect(err).toMatchObject({ code: 'E_CONFIG' });
+        expect((err as Error).message).toMatch(re);
+        expect((err as Error).message).not.toContain('secret-ish');
+      }
+      const enc = join(tmpdir(), `medsync-enc-${randomBytes(4).toString('hex')}`);
+      execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', 'pass-phrase-1', '-f', enc]);
+      try {
+        const key = readFileSync(enc, 'utf8');
+        expect(() => createSftpStorage({ ...base, privateKey: key })).toThrow(/passphrase/);
+        expect(() => createSftpStorage({ ...base, privateKey: key, passphrase: 'wrong-one' })).toThrow(
+          /passphrase/,
+        );
+        expect(() =>
+          createSftpStorage({ ...base, privateKey: key, passphrase: 'pass-phrase-1' }),
+        ).not.toThrow();
+      } finally {
+        rmSync(enc, { force: true });
+        rmSync(`${enc}.pub`, { force: true });
+      }
+    });
+  });
+}
+
+if (server) define(server);
+else describe.skip('sftp (OpenSSH)', () => define(undefined as unknown as SshdInfo));
