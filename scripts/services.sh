@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts and stops throwaway test servers on loopback, for medsync's test suites.
 #
-#   scripts/services.sh start pure-ftpd|pure-ftpd-tls|pure-ftpd-quota|vsftpd <statedir>
+#   scripts/services.sh start pure-ftpd|pure-ftpd-tls|pure-ftpd-quota|proftpd|vsftpd|sshd <statedir>
 #   scripts/services.sh restart <statedir> <name> [seconds-down]
 #   scripts/services.sh stop <statedir>
 #
@@ -14,6 +14,7 @@
 # are cut), waits [seconds-down] (default 0) and starts it again on the same port, as a server
 # crash and restart would look to a client. pure-ftpd-quota is pure-ftpd with a virtual quota of
 # $MEDSYNC_FTP_QUOTA (files:megabytes, default 1000:1): uploads past it get 552.
+# `start sshd` starts OpenSSH (SFTP) instead and writes <statedir>/sshd.json (see start_sshd).
 # `stop` kills every server started in <statedir> and removes the system users it created.
 #
 # pure-ftpd and vsftpd conflict in Debian (both provide ftp-server): whichever is not installed
@@ -32,7 +33,7 @@ die() {
 }
 
 usage() {
-  echo "usage: $0 start pure-ftpd|pure-ftpd-tls|pure-ftpd-quota|vsftpd <statedir>" >&2
+  echo "usage: $0 start pure-ftpd|pure-ftpd-tls|pure-ftpd-quota|proftpd|vsftpd|sshd <statedir>" >&2
   echo "       $0 restart <statedir> <name> [seconds-down]" >&2
   echo "       $0 stop <statedir>" >&2
   exit 2
@@ -295,6 +296,64 @@ EOF
     "$uid" "$gid" "$user" "$log"
 }
 
+# ProFTPD with mod_digest, the server that offers digests (HASH, XSHA256, XMD5: the adapter
+# checks uploads with them), MLSD and MFMT. Virtual user in an AuthUserFile (SHA-512 crypt).
+start_proftpd() {
+  local name=proftpd bin moddir dir port lo hi pid log user pass uid=65534 gid=65534
+  bin=$(need proftpd-core proftpd)
+  moddir=$(cd "$(dirname "$bin")/../lib/proftpd" 2>/dev/null && pwd) || moddir=/usr/lib/proftpd
+  [ -f "$moddir/mod_digest.so" ] || die "no mod_digest.so in $moddir"
+  dir="$STATEDIR/$name"
+  mkdir -p "$dir/root"
+  chown "$uid:$gid" "$dir/root"
+  user="ms_$(rand 4)"
+  pass="pw-$(rand 12)"
+  command -v openssl >/dev/null || apt_install openssl
+  printf '%s:%s:%s:%s::%s:/bin/sh\n' "$user" "$(printf %s "$pass" | openssl passwd -6 -stdin)" "$uid" "$gid" \
+    "$dir/root" >"$dir/passwd"
+  printf 'msgroup:x:%s:\n' "$gid" >"$dir/group"
+  chmod 600 "$dir/passwd" "$dir/group"
+  port=$(free_port)
+  read -r lo hi < <(pasv_range)
+  log="$dir/server.log"
+  cat >"$dir/proftpd.conf" <<EOF
+ServerName "medsync test"
+ServerType standalone
+DefaultServer on
+Port $port
+DefaultAddress 127.0.0.1
+SocketBindTight on
+UseIPv6 off
+User nobody
+Group nogroup
+Umask 022
+PidFile $dir/proftpd.pid
+ScoreboardFile $dir/scoreboard
+WtmpLog off
+UseReverseDNS off
+RequireValidShell off
+AuthOrder mod_auth_file.c
+AuthUserFile $dir/passwd
+AuthGroupFile $dir/group
+DefaultRoot ~
+AllowOverwrite on
+AllowStoreRestart on
+PassivePorts $lo $hi
+MaxInstances 100
+ListOptions "-a"
+SystemLog $dir/proftpd.log
+TransferLog none
+ModulePath $moddir
+LoadModule mod_digest.c
+DigestEngine on
+DigestAlgorithms all
+EOF
+  printf '%q ' "$bin" -n -c "$dir/proftpd.conf" >"$dir/cmd"
+  pid=$(spawn "$log" "$bin" -n -c "$dir/proftpd.conf")
+  wait_port "$port" "$pid" "$log"
+  write_json "$name" 127.0.0.1 "$port" "$user" "$pass" "$dir/root" "$pid" false "" "$uid" "$gid" "" "$log"
+}
+
 # Kills the process group of server <name>, waits until it is gone, sleeps <down> seconds, then
 # starts the command saved in <name>/cmd again and records the new pid.
 restart_one() {
@@ -320,6 +379,82 @@ restart_one() {
   done
   wait_port "$port" "$pid" "$log"
   sed -i "s/\"pid\":[0-9]*/\"pid\":$pid/" "$f"
+}
+
+# OpenSSH's sshd on 127.0.0.1 and a free port, SFTP through the packaged sftp-server, its own
+# config and ed25519 host key in <statedir>/sshd, and a throwaway user that logs in with a
+# password or an ed25519 key (OpenSSH format). Writes <statedir>/sshd.json:
+#   {host, port, user, password, privateKey (path), publicKey, root (the user's home, where SFTP
+#    sessions start), hostFingerprint (SHA256:…), knownHostsLine, pid, uid, gid, systemUser, log}
+start_sshd() {
+  local bin sftp=/usr/lib/openssh/sftp-server dir port pid log user pass uid gid fp hostpub f
+  command -v ssh-keygen >/dev/null || apt_install openssh-client
+  bin=$(need openssh-server sshd)
+  [ -x "$sftp" ] || apt_install openssh-sftp-server
+  [ -x "$sftp" ] || die "no $sftp after installing openssh-sftp-server"
+  # Privilege separation: sshd wants this folder (the package's service would create it).
+  mkdir -p /run/sshd
+  chmod 755 /run/sshd
+  dir="$STATEDIR/sshd"
+  mkdir -p "$dir/home"
+  user="mssftp_$(rand 4)"
+  pass="pw-$(rand 12)"
+  useradd -M -d "$dir/home" -s /bin/sh "$user"
+  printf '%s:%s\n' "$user" "$pass" | chpasswd
+  echo "$user" >"$dir/system-user"
+  uid=$(id -u "$user")
+  gid=$(id -g "$user")
+  chown "$uid:$gid" "$dir/home"
+  chmod 755 "$dir/home"
+  ssh-keygen -q -t ed25519 -N '' -C medsync-test-host -f "$dir/host_ed25519"
+  ssh-keygen -q -t ed25519 -N '' -C "$user@medsync-test" -f "$dir/client_ed25519"
+  cp "$dir/client_ed25519.pub" "$dir/authorized_keys"
+  chmod 644 "$dir/authorized_keys"
+  port=$(free_port)
+  log="$dir/server.log"
+  cat >"$dir/sshd_config" <<EOF
+ListenAddress 127.0.0.1:$port
+HostKey $dir/host_ed25519
+PidFile $dir/sshd.pid
+UsePAM no
+PasswordAuthentication yes
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+AuthorizedKeysFile $dir/authorized_keys
+StrictModes no
+PermitRootLogin no
+AllowUsers $user
+MaxStartups 100:30:200
+MaxSessions 64
+UseDNS no
+PrintMotd no
+X11Forwarding no
+AllowTcpForwarding no
+AllowAgentForwarding no
+LogLevel VERBOSE
+Subsystem sftp $sftp
+EOF
+  "$bin" -t -f "$dir/sshd_config" >&2 || die "sshd rejects $dir/sshd_config"
+  # -D: stay in the foreground (spawn() detaches it); -e: log to stderr, i.e. the log file.
+  # sshd re-executes itself, so it is started by its absolute path (need prints one).
+  printf '%q ' "$bin" -D -e -f "$dir/sshd_config" >"$dir/cmd"
+  pid=$(spawn "$log" "$bin" -D -e -f "$dir/sshd_config")
+  wait_port "$port" "$pid" "$log"
+  fp=$(ssh-keygen -l -E sha256 -f "$dir/host_ed25519.pub" | awk '{print $2}')
+  hostpub=$(awk '{print $1" "$2}' "$dir/host_ed25519.pub")
+  f="$STATEDIR/sshd.json"
+  {
+    printf '{"host":"127.0.0.1","port":%s,"user":%s,"password":%s,' "$port" "$(json_str "$user")" \
+      "$(json_str "$pass")"
+    printf '"privateKey":%s,"publicKey":%s,"root":%s,' "$(json_str "$dir/client_ed25519")" \
+      "$(json_str "$(cat "$dir/client_ed25519.pub")")" "$(json_str "$dir/home")"
+    printf '"hostFingerprint":%s,"knownHostsLine":%s,' "$(json_str "$fp")" \
+      "$(json_str "[127.0.0.1]:$port $hostpub")"
+    printf '"pid":%s,"uid":%s,"gid":%s,"systemUser":%s,"log":%s}\n' "$pid" "$uid" "$gid" \
+      "$(json_str "$user")" "$(json_str "$log")"
+  } >"$f.tmp"
+  mv "$f.tmp" "$f"
+  echo "$f"
 }
 
 stop_all() {
@@ -365,7 +500,9 @@ case "$1" in
       pure-ftpd) start_pure_ftpd pure-ftpd 0 ;;
       pure-ftpd-tls) start_pure_ftpd pure-ftpd-tls 1 ;;
       pure-ftpd-quota) start_pure_ftpd pure-ftpd-quota 0 "${MEDSYNC_FTP_QUOTA:-1000:1}" ;;
+      proftpd) start_proftpd ;;
       vsftpd) start_vsftpd vsftpd ;;
+      sshd) start_sshd ;;
       *) usage ;;
     esac
     ;;

@@ -4,11 +4,14 @@
  * Under CI=true a server that cannot be started fails the run; elsewhere its suite is skipped
  * with one line saying how to enable it.
  */
-import { readdirSync, rmSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { describeStorageConformance } from '@medsync/core/testing';
+import { LocalStorage, MemoryStore, SyncJob } from '@medsync/core';
+import { describeStorageConformance, readTree, writeTree } from '@medsync/core/testing';
 import { createFtpStorage, type FtpStorage, type FtpStorageOptions } from '@medsync/adapters-ftp';
 import { freshRoot, startServer, type ServerInfo, type ServerName } from './services.js';
 
@@ -17,6 +20,7 @@ const servers: Partial<Record<ServerName, ServerInfo | undefined>> = {
   'pure-ftpd': startServer('pure-ftpd'),
   'pure-ftpd-tls': startServer('pure-ftpd-tls'),
   vsftpd: startServer('vsftpd'),
+  proftpd: startServer('proftpd'),
 };
 
 function storageOn(server: ServerInfo, extra: Partial<FtpStorageOptions> = {}): FtpStorage {
@@ -96,3 +100,81 @@ function suite(name: ServerName, title: string): void {
 suite('pure-ftpd', 'ftp (pure-ftpd)');
 suite('pure-ftpd-tls', 'ftps explicit (pure-ftpd)');
 suite('vsftpd', 'ftp (vsftpd)');
+suite('proftpd', 'ftp (proftpd, HASH)');
+
+const proftpd = servers.proftpd;
+(proftpd ? describe : describe.skip)('ftp (proftpd) server digests', () => {
+  it("checks each upload against the server's SHA-256 (HASH) before the rename; the manifest says so", async () => {
+    const src = mkdtempSync(join(tmpdir(), 'medsync-digest-'));
+    const s = storageOn(proftpd!);
+    try {
+      const tree = {
+        'PAT 1/CT 1/IM 1.dcm': randomBytes(300_000),
+        'b.dcm': randomBytes(20_000_000),
+        'e.dcm': '',
+      };
+      writeTree(src, tree);
+      const store = new MemoryStore();
+      const job = new SyncJob({
+        id: 'digest',
+        source: new LocalStorage({ root: src }),
+        destinations: [s],
+        store,
+      });
+      const r = await job.run();
+      expect(r).toMatchObject({ status: 'success', filesSynced: 3 });
+      expect(s.capabilities.hashes).toEqual(['sha256']);
+      const by: Record<string, string> = {};
+      for await (const m of store.manifest.list({ jobId: 'digest', destination: s.id })) {
+        by[m.path] = m.verifiedBy;
+        expect(m.sha256).toBe(
+          createHash('sha256')
+            .update(readFileSync(join(src, m.path)))
+            .digest('hex'),
+        );
+      }
+      expect(by).toEqual({ 'PAT 1/CT 1/IM 1.dcm': 'sha256', 'b.dcm': 'sha256', 'e.dcm': 'sha256' });
+      expect(readTree(join(proftpd!.root, s.options.root))).toEqual(readTree(src));
+      const report = await s.test();
+      expect(report.details).toMatchObject({ serverDigest: 'HASH (sha256)' });
+    } finally {
+      await s.close();
+      removeRoot(proftpd!)(s);
+      rmSync(src, { recursive: true, force: true });
+    }
+  });
+
+  it('a digest that does not match the bytes sent is E_INTEGRITY, and nothing is left on the server', async () => {
+    const s = storageOn(proftpd!);
+    try {
+      const body = randomBytes(50_000);
+      const err = await s
+        .write('x/y.dcm', body, { size: body.length, expectedHashes: () => ({ sha256: '0'.repeat(64) }) })
+        .then(
+          () => undefined,
+          (e: unknown) => e,
+        );
+      expect(err).toMatchObject({ code: 'E_INTEGRITY', retryable: true, path: 'x/y.dcm' });
+      expect(readTree(join(proftpd!.root, s.options.root))).toEqual({});
+      // With the right digest the same write succeeds and returns the server's digest.
+      const sha256 = createHash('sha256').update(body).digest('hex');
+      const ok = await s.write('x/y.dcm', body, { size: body.length, expectedHashes: () => ({ sha256 }) });
+      expect(ok.hashes).toEqual({ sha256 });
+    } finally {
+      await s.close();
+      removeRoot(proftpd!)(s);
+    }
+  });
+
+  it('serverDigest: false skips the digest; uploads are verified by size', async () => {
+    const s = storageOn(proftpd!, { serverDigest: false });
+    try {
+      const ok = await s.write('a.dcm', Buffer.from('abc'), { size: 3 });
+      expect(ok.hashes).toBeUndefined();
+      expect(s.capabilities.hashes).toEqual([]);
+    } finally {
+      await s.close();
+      removeRoot(proftpd!)(s);
+    }
+  });
+});

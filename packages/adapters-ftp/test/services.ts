@@ -14,7 +14,7 @@ import { afterAll } from 'vitest';
 const SCRIPT = fileURLToPath(new URL('../../../scripts/services.sh', import.meta.url));
 const CI = process.env.CI === 'true';
 
-export type ServerName = 'pure-ftpd' | 'pure-ftpd-tls' | 'pure-ftpd-quota' | 'vsftpd';
+export type ServerName = 'pure-ftpd' | 'pure-ftpd-tls' | 'pure-ftpd-quota' | 'proftpd' | 'vsftpd';
 
 /** What scripts/services.sh writes to `<statedir>/<name>.json`. */
 export interface ServerInfo {

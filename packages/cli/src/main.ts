@@ -32,6 +32,17 @@ function intArg(name: string, min: number, max: number) {
   };
 }
 
+/** A share from 0 to 1, given as a fraction (0.05) or a percentage (5%). */
+function shareArg(name: string) {
+  return (v: string) => {
+    const pct = /^\s*([\d.]+)\s*%\s*$/.exec(v);
+    const n = pct ? Number(pct[1]) / 100 : Number(v);
+    if (!Number.isFinite(n) || n < 0 || n > 1)
+      throw new MedsyncError('E_CONFIG', `${name} must be a share from 0 to 1, or a percentage such as 5%.`);
+    return n;
+  };
+}
+
 /** Default job id for `medsync sync`: derived from the source and destinations, so re-runs resume. */
 export function defaultJobId(source: Storage, dests: readonly Storage[]): string {
   const h = createHash('sha256')
@@ -53,6 +64,7 @@ interface SyncFlags {
   json?: boolean;
   passwordEnv?: string;
   retries?: number;
+  readBack?: number;
   progress?: boolean;
   fsync?: boolean;
   ca?: string;
@@ -105,6 +117,11 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
     .option('--include <glob>', 'only sync matching files (repeatable)', collect)
     .option('--exclude <glob>', 'skip matching files (repeatable)', collect)
     .option('--retries <n>', 'retries per file (default 3)', intArg('--retries', 0, 20))
+    .option(
+      '--read-back <share>',
+      'read back this share of delivered files and compare their SHA-256 (e.g. 5% or 1)',
+      shareArg('--read-back'),
+    )
     .option('--dry-run', 'print the plan, write nothing')
     .option('--json', 'print one JSON object on stdout')
     .option('--no-progress', 'no progress bar')
@@ -226,6 +243,7 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
     ...(f.include ? { include: f.include } : {}),
     ...(f.exclude ? { exclude: f.exclude } : {}),
     ...(f.retries !== undefined ? { retry: { retries: f.retries } } : {}),
+    ...(f.readBack !== undefined ? { readBack: f.readBack } : {}),
     eventPaths: true,
   });
   const bar =
@@ -361,6 +379,7 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
         ...(j.bwlimit !== undefined ? { bwlimit: j.bwlimit } : {}),
         retry: { retries: j.retries },
         scheduledRetry: { retries: j.retries },
+        ...(j.readBack !== undefined ? { readBack: j.readBack } : {}),
         logger,
       });
       job.on('run:done', ({ result }) =>

@@ -12,6 +12,7 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openSqliteStore } from '@medsync/adapters-db';
 import { readTree, writeTree } from '@medsync/core/testing';
@@ -198,6 +199,35 @@ describe('medsync sync', () => {
     expect(r4.json.errors[0]).toMatchObject({ code: 'E_SAFETY' });
     expect(Object.keys(readTree(dst))).toHaveLength(6);
   }, 60_000);
+
+  it('--read-back reads back the given share of files and records it in the manifest', async () => {
+    const src = dir('src');
+    const dst = dir('dst');
+    const files: Record<string, Buffer> = {};
+    for (let i = 0; i < 8; i++) files[`S/IM${i}.dcm`] = randomBytes(5000);
+    writeTree(src, files);
+    const state = join(base, `rb${n}.db`);
+    const r = await medsync(['sync', src, dst, '--state', state, '--read-back', '25%', '--json']);
+    expect(r.json).toMatchObject({ status: 'success', filesSynced: 8 });
+    const store = await openSqliteStore({ path: state });
+    try {
+      const [run] = await store.runs.list({ limit: 1 });
+      const by: string[] = [];
+      for await (const m of store.manifest.list({
+        jobId: run!.jobId,
+        destination: pathToFileURL(dst).href,
+      })) {
+        by.push(m.verifiedBy);
+      }
+      expect(by).toHaveLength(8);
+      expect(by.filter((v) => v === 'readback')).toHaveLength(2);
+    } finally {
+      await store.close();
+    }
+    const bad = await medsync(['sync', src, dst, '--state', state, '--read-back', '150%']);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/--read-back must be a share from 0 to 1/);
+  }, 30_000);
 
   it('dry run prints the plan and writes nothing', async () => {
     const src = dir('src');

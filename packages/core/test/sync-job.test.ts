@@ -23,6 +23,7 @@ import {
   MemoryStore,
   SyncJob,
   type Storage,
+  type StorageEntry,
   type SyncJobOptions,
 } from '@medsync/core';
 
@@ -203,6 +204,56 @@ describe('SyncJob copy', () => {
     const alone = await job({ source: src, destinations: [down] }, new MemoryStore()).run();
     expect(alone.status).toBe('success');
     expect(down.size).toBe(2);
+  });
+
+  it('reads back the chosen share of files and resends one that arrived corrupted', async () => {
+    const src = new MemoryStorage();
+    const names = Array.from({ length: 8 }, (_, i) => `s/IM${i}.dcm`);
+    for (const p of names) await src.write(p, Readable.from([randomBytes(2000)]));
+    // A destination that reports no digests (like FTP without HASH) and flips one byte of the
+    // first file it stores (bad RAM, a broken proxy): only reading it back can tell.
+    class Corrupting extends MemoryStorage {
+      corrupted = 0;
+      override readonly capabilities = { ...new MemoryStorage().capabilities, hashes: [] };
+      override async write(
+        path: string,
+        body: Readable | Uint8Array,
+        o?: Parameters<MemoryStorage['write']>[2],
+      ): Promise<StorageEntry> {
+        let bytes = body;
+        if (this.corrupted === 0 && body instanceof Uint8Array) {
+          this.corrupted++;
+          const bad = Buffer.from(body);
+          bad[7] = bad[7]! ^ 0xff;
+          bytes = bad;
+        }
+        const { hashes: _, ...entry } = await super.write(path, bytes, o);
+        return entry;
+      }
+    }
+    const dst = new Corrupting();
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], concurrency: 1, readBack: 1 }, store);
+    const retries: string[] = [];
+    j.on('file:retry', (e) => retries.push(e.error.code));
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 8 });
+    expect(retries).toEqual(['E_INTEGRITY']);
+    expect(dst.calls.read).toBe(9);
+    for (const p of names) expect((await dst.readBuffer(p)).equals(await src.readBuffer(p))).toBe(true);
+    const scope = { jobId: 'job-1', destination: dst.id };
+    for await (const m of store.manifest.list(scope)) expect(m.verifiedBy).toBe('readback');
+
+    // A share of 0.25 reads back exactly two of eight files; the rest are verified by size.
+    const dst2 = new MemoryStorage();
+    const store2 = new MemoryStore();
+    await job({ source: src, destinations: [dst2], readBack: 0.25 }, store2).run();
+    expect(dst2.calls.read).toBe(2);
+    const by: string[] = [];
+    for await (const m of store2.manifest.list({ jobId: 'job-1', destination: dst2.id }))
+      by.push(m.verifiedBy);
+    expect(by.filter((v) => v === 'readback')).toHaveLength(2);
+    expect(() => job({ source: src, destinations: [dst2], readBack: 2 })).toThrow(/readBack/);
   });
 
   it('is failed when every file fails, and retries run out', async () => {

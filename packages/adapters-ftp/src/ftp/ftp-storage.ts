@@ -10,6 +10,7 @@ import {
   partialNameFor,
   throwIfAborted,
   type CleanupOptions,
+  type HashKind,
   type ConnectionReport,
   type ListOptions,
   type OpOptions,
@@ -47,6 +48,8 @@ interface ServerFeatures {
   mfmt: boolean;
   size: boolean;
   mdtm: boolean;
+  /** The digest command the server offers, best first: HASH (RFC draft), then XSHA256, XMD5. */
+  digest: { via: 'HASH' | 'XSHA256' | 'XMD5'; kind: HashKind } | undefined;
 }
 
 const noop = () => undefined;
@@ -236,7 +239,19 @@ export class FtpStorage implements Storage {
   private learnFeatures(feat: Map<string, string>): void {
     const names = [...feat.keys()].map((k) => k.toUpperCase());
     const has = (n: string) => names.includes(n);
+    const hashAlgos = ([...feat.entries()].find(([k]) => k.toUpperCase() === 'HASH')?.[1] ?? '')
+      .toUpperCase()
+      .split(';')
+      .map((a) => a.replace(/\*$/, '').trim());
+    const digest: ServerFeatures['digest'] = hashAlgos.includes('SHA-256')
+      ? { via: 'HASH', kind: 'sha256' }
+      : has('XSHA256')
+        ? { via: 'XSHA256', kind: 'sha256' }
+        : has('XMD5')
+          ? { via: 'XMD5', kind: 'md5' }
+          : undefined;
     this.features = {
+      digest,
       names: [...feat.entries()].map(([k, v]) => (v ? `${k} ${v}` : k)).sort(),
       mlst: has('MLST'),
       mfmt: has('MFMT'),
@@ -244,7 +259,12 @@ export class FtpStorage implements Storage {
       mdtm: has('MDTM'),
     };
     const keeps = this.features.mfmt && this.features.mlst;
-    this.caps = { ...this.caps, preservesMtime: keeps, mtimePrecisionMs: keeps ? 1000 : null };
+    this.caps = {
+      ...this.caps,
+      preservesMtime: keeps,
+      mtimePrecisionMs: keeps ? 1000 : null,
+      hashes: digest && this.options.serverDigest ? [digest.kind] : [],
+    };
   }
 
   private abs(rel: string): string {
@@ -350,6 +370,35 @@ export class FtpStorage implements Storage {
     }
   }
 
+  private readonly hashSelected = new WeakSet<Client>();
+
+  /**
+   * The server's digest of a file, lower-case hex, or undefined when it gave none (a refusal is
+   * not an error: the upload is then verified by size only). XSHA256/XMD5 take optional byte
+   * ranges after the name, so they are not used for names with white space.
+   */
+  private async digestOf(
+    c: Client,
+    abs: string,
+    dg: NonNullable<ServerFeatures['digest']>,
+  ): Promise<string | undefined> {
+    if (dg.via === 'HASH') {
+      if (!this.hashSelected.has(c)) {
+        const opt = await c.sendIgnoringError('OPTS HASH SHA-256');
+        if (opt.code >= 400) return undefined;
+        this.hashSelected.add(c);
+      }
+      const res = await c.sendIgnoringError(`HASH ${abs}`);
+      const m = /^213 SHA-256 \d+-\d+ ([0-9a-f]{64}) /im.exec(res.message);
+      return m ? m[1]!.toLowerCase() : undefined;
+    }
+    if (/\s/.test(abs)) return undefined;
+    const res = await c.sendIgnoringError(`${dg.via} ${abs}`);
+    const len = dg.kind === 'sha256' ? 64 : 32;
+    const m = new RegExp(`^2\\d\\d ([0-9a-f]{${len}})\\s*$`, 'im').exec(res.message);
+    return m ? m[1]!.toLowerCase() : undefined;
+  }
+
   private async feats(c: Client): Promise<ServerFeatures> {
     if (!this.features) this.learnFeatures(await c.features());
     return this.features!;
@@ -409,6 +458,8 @@ export class FtpStorage implements Storage {
               ? { tlsProtocol: socket.getProtocol(), cipher: socket.getCipher?.().name }
               : {}),
             features: feats.names,
+            serverDigest:
+              feats.digest && o.serverDigest ? `${feats.digest.via} (${feats.digest.kind})` : 'none',
             preservesMtime: this.caps.preservesMtime,
           },
           ...(writable
@@ -987,6 +1038,20 @@ export class FtpStorage implements Storage {
           );
         }
       }
+      let hashes: Partial<Record<HashKind, string>> | undefined;
+      const dg = this.options.serverDigest ? feats.digest : undefined;
+      const remote = dg ? await this.digestOf(c, tmpAbs, dg) : undefined;
+      if (dg && remote) {
+        const expected = opts.expectedHashes?.()[dg.kind];
+        if (expected !== undefined && expected.toLowerCase() !== remote) {
+          throw new MedsyncError(
+            'E_INTEGRITY',
+            `The server's ${dg.kind} of the uploaded file does not match the bytes sent; resending.`,
+            { adapter: this.kind, path: rel },
+          );
+        }
+        hashes = { [dg.kind]: remote };
+      }
       let mtimeMs: number | undefined;
       if (opts.mtimeMs !== undefined && feats.mfmt) {
         const t = Math.floor(opts.mtimeMs / 1000) * 1000;
@@ -1001,7 +1066,12 @@ export class FtpStorage implements Storage {
       throwIfAborted(signal);
       await this.renameAbs(c, tmpAbs, finalAbs, rel, rel);
       tempMayExist = false;
-      return { path: rel, size: sent, ...(mtimeMs !== undefined ? { mtimeMs } : {}) };
+      return {
+        path: rel,
+        size: sent,
+        ...(mtimeMs !== undefined ? { mtimeMs } : {}),
+        ...(hashes ? { hashes } : {}),
+      };
     } catch (e) {
       source.destroy();
       let me: MedsyncError;

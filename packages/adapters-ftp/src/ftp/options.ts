@@ -46,6 +46,11 @@ export const FtpStorageOptionsSchema = z
       .prefault({}),
     maxConnections: z.number().int().min(1).max(64).default(4),
     timeoutMs: z.number().int().min(1000).max(3_600_000).default(30_000),
+    /**
+     * Ask the server for a digest of each uploaded file (HASH, XSHA256 or XMD5, where FEAT offers
+     * one) and compare it with the one computed while sending, before the rename into place.
+     */
+    serverDigest: z.boolean().default(true),
   })
   .strict();
 

@@ -48,6 +48,8 @@ export const SyncJobConfigSchema = z
     maxDelete: z.number().int().min(0).optional(),
     bwlimit: Rate.optional(),
     retries: z.number().int().min(0).max(20).default(3),
+    /** Share of delivered files read back and compared with the SHA-256 sent (0 to 1). */
+    readBack: z.number().min(0).max(1).optional(),
     /** fsync each delivered file before renaming it into place (local destinations). */
     fsync: z.boolean().default(true),
   })

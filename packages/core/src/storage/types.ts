@@ -86,6 +86,13 @@ export interface WriteOptions extends OpOptions {
   size?: number;
   /** Modification time to keep, in ms since the epoch (honoured where capabilities.preservesMtime). */
   mtimeMs?: number;
+  /**
+   * Digests of the bytes sent, for adapters that can get a digest from the backend before the
+   * file is renamed into place (an FTP server's HASH, say). Called once the body has ended (the
+   * engine hashes while sending). On a mismatch the write rejects with E_INTEGRITY and nothing
+   * appears under the final name. Adapters without backend digests ignore it.
+   */
+  expectedHashes?: () => Partial<Record<HashKind, string>>;
 }
 
 export interface CleanupOptions extends OpOptions {
