@@ -14,7 +14,14 @@ import { createServer, connect, type Server, type Socket } from 'node:net';
 export interface FaultProxy {
   host: string;
   port: number;
-  stats: { controlConnections: number; dataConnections: number; cuts: number; refused: number };
+  stats: {
+    controlConnections: number;
+    dataConnections: number;
+    cuts: number;
+    refused: number;
+    /** Bytes clients sent on data connections (uploads). */
+    bytesUp: number;
+  };
   cutNextUpload(afterBytes: number): void;
   refuseNextStor(): void;
   close(): Promise<void>;
@@ -36,7 +43,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     s.on('error', () => undefined);
     return s;
   };
-  const stats = { controlConnections: 0, dataConnections: 0, cuts: 0, refused: 0 };
+  const stats = { controlConnections: 0, dataConnections: 0, cuts: 0, refused: 0, bytesUp: 0 };
   let cutAfter: number | undefined;
   let refuseStor = false;
 
@@ -53,6 +60,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       const armed = cutAfter;
       client.on('data', (chunk: Buffer) => {
         fromClient += chunk.length;
+        stats.bytesUp += chunk.length;
         if (armed !== undefined && cutAfter === armed && fromClient > armed) {
           cutAfter = undefined;
           stats.cuts++;

@@ -4,8 +4,8 @@
  * of a sync, an exceeded quota (552), and a wrong password. Faults on the wire come from a TCP
  * proxy in front of the server (fault-proxy.ts); the rest is the server itself.
  */
-import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -122,6 +122,38 @@ suite('FTP faults (pure-ftpd)', () => {
     expect(retried).toEqual([{ path: 'PAT1/CT/IM1.dcm', code: 'E_TRANSIENT', retryable: true }]);
     // Byte-identical, and no temporary file left anywhere.
     expect(readTree(local)).toEqual(readTree(src));
+  });
+
+  it('a large upload cut midway resumes on the retry (APPE) instead of starting over', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy);
+    const src = tmp();
+    const MiB = 1024 * 1024;
+    writeTree(src, { 'CT/series.bin': randomBytes(24 * MiB) });
+    proxy.cutNextUpload(10 * MiB);
+    const store = new MemoryStore();
+    const job = new SyncJob({
+      id: 'resume',
+      source: new LocalStorage({ root: src }),
+      destinations: [storage],
+      store,
+      retry: fastRetry,
+      smallFileBytes: MiB,
+      eventPaths: true,
+    });
+    const r = await job.run();
+    expect(proxy.stats.cuts).toBe(1);
+    expect(r).toMatchObject({ status: 'success', filesSynced: 1, bytes: 24 * MiB });
+    // About 10 MiB before the cut, then the remaining 14 MiB: not 10 + 24.
+    expect(proxy.stats.bytesUp).toBeGreaterThanOrEqual(24 * MiB);
+    expect(proxy.stats.bytesUp).toBeLessThan(27 * MiB);
+    expect(readTree(local)).toEqual(readTree(src));
+    const [entry] = await manifestOf(job, store, storage);
+    expect(entry!.sha256).toBe(
+      createHash('sha256')
+        .update(readFileSync(join(src, 'CT/series.bin')))
+        .digest('hex'),
+    );
   });
 
   it('a 425 for one transfer is retried at once for that file; the write succeeds', async () => {

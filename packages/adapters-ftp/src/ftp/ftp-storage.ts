@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { PassThrough, Readable, Writable } from 'node:stream';
 import {
   failedReport,
@@ -34,6 +34,9 @@ let tmpCounter = 0;
 
 /** A STOR answered 425 (no data connection) before any byte was sent is tried again this often. */
 const MAX_425_RETRIES = 2;
+
+/** Uploads of at least this size resume after a dropped connection (see the `resume` option). */
+const RESUME_MIN_BYTES = 8 * 1024 * 1024;
 
 /** Storage ids whose disabled certificate verification was already reported in this process. */
 const warnedInsecure = new Set<string>();
@@ -155,6 +158,7 @@ export class FtpStorage implements Storage {
   private readonly madeDirs = new Set<string>();
   private features: ServerFeatures | undefined;
   private restSupported = true;
+  private appendSupported = true;
   private closed = false;
   private caps: StorageCapabilities;
 
@@ -943,19 +947,31 @@ export class FtpStorage implements Storage {
     // Errors of the body surface through the upload; never as an uncaught event.
     source.on('error', noop);
     const finalAbs = this.abs(rel);
-    const tmpAbs = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
+    // A large upload gets a temporary name derived from what it uploads (path, size, mtime), so
+    // the attempt after a dropped connection finds the part already sent and appends the rest.
+    const resumable = this.options.resume && isStream && size !== undefined && size >= RESUME_MIN_BYTES;
+    const unique = resumable
+      ? `r${createHash('sha256')
+          .update(`${rel}\0${size}\0${opts.mtimeMs ?? ''}`)
+          .digest('hex')
+          .slice(0, 16)}`
+      : `${TMP_PREFIX}${(++tmpCounter).toString(36)}`;
+    const tmpAbs = this.abs(partialNameFor(rel, unique));
     const kind = this.kind;
     // The upload pulls from the body only once the data connection is open, so a connection that
     // turns out dead before that can be swapped for another without losing a byte.
     let sent = 0;
     let pulled = false;
     let streamError: unknown;
-    const uploadBody = () => {
+    // `skip` bytes (already on the server) are read from the body but not sent: they still pass
+    // through the caller's hashing, so its digests cover the whole file.
+    const uploadBody = (skip = 0) => {
       const r = Readable.from(
         (async function* () {
           pulled = true;
+          let toSkip = skip;
           for await (const chunk of source as AsyncIterable<Buffer | string>) {
-            const buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
+            let buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
             sent += buf.length;
             if (size !== undefined && sent > size) {
               throw new MedsyncError(
@@ -963,6 +979,14 @@ export class FtpStorage implements Storage {
                 `Received more than the ${size} bytes expected: the source changed while it was sent.`,
                 { adapter: kind, path: rel },
               );
+            }
+            if (toSkip > 0) {
+              if (buf.length <= toSkip) {
+                toSkip -= buf.length;
+                continue;
+              }
+              buf = buf.subarray(toSkip);
+              toSkip = 0;
             }
             yield buf;
           }
@@ -989,8 +1013,21 @@ export class FtpStorage implements Storage {
         const c = lease.client;
         try {
           await this.ensureDir(c, dirnameAbs(finalAbs));
+          let offset = 0;
+          if (resumable && this.appendSupported) {
+            const res = await c.sendIgnoringError(`SIZE ${tmpAbs}`);
+            const have = res.code === 213 ? parseInt(res.message.slice(4), 10) : NaN;
+            if (size !== undefined && have > 0 && have <= size) offset = have;
+          }
           tempMayExist = true;
-          await c.uploadFrom(uploadBody(), tmpAbs);
+          if (offset > 0 && offset === size) {
+            // Sent completely before; only the checks and the rename were left.
+            for await (const _ of uploadBody(offset)) void _;
+          } else if (offset > 0) {
+            await c.appendFrom(uploadBody(offset), tmpAbs);
+          } else {
+            await c.uploadFrom(uploadBody(), tmpAbs);
+          }
           break;
         } catch (failure) {
           let e = failure;
@@ -1000,6 +1037,13 @@ export class FtpStorage implements Storage {
             e = (await FtpStorage.transferVerdict(c)) ?? e;
           }
           if (streamError !== undefined || pulled || signal?.aborted) throw e;
+          // A server without APPE refuses it before any byte moves: upload the whole file.
+          if (isFtpReply(e) && e.code >= 500 && e.code <= 504 && resumable && this.appendSupported) {
+            this.appendSupported = false;
+            this.pool.release(c);
+            lease = undefined;
+            continue;
+          }
           // No byte has left the body yet, so this file can be tried again at once: on a fresh
           // connection when the pooled one was already dead, and on the same one after a 425
           // (the server could not open the data connection for this transfer).
@@ -1080,6 +1124,8 @@ export class FtpStorage implements Storage {
         me = new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: this.kind });
       else me = this.err(streamError ?? e, 'write', rel);
       if (isFtpReply(e)) this.forgetDirs(dirnameAbs(finalAbs));
+      // The part of a large upload that reached the server stays (hidden) for the retry to resume.
+      if (resumable && me.code === 'E_TRANSIENT' && this.appendSupported) tempMayExist = false;
       if (lease) {
         const l = lease;
         lease = undefined;

@@ -51,6 +51,11 @@ export const FtpStorageOptionsSchema = z
      * one) and compare it with the one computed while sending, before the rename into place.
      */
     serverDigest: z.boolean().default(true),
+    /**
+     * Resume a large upload (8 MiB or more) whose connection dropped: the partial temporary file
+     * is kept and the retry appends the rest (APPE) instead of sending it all again.
+     */
+    resume: z.boolean().default(true),
   })
   .strict();
 
