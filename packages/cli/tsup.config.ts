@@ -11,14 +11,15 @@ export default defineConfig([
     silent: true,
   },
   {
-    // The `medsync` command is one bundled file (better-sqlite3, a native addon, stays outside):
+    // The `medsync` command is one bundled file (better-sqlite3, a native addon, stays outside, and
+    // so does ssh2: its optional native and wasm crypto find their files next to its own):
     // start-up reads one module instead of a few hundred.
     entry: { bin: 'src/bin.ts' },
     format: ['esm'],
     sourcemap: true,
     target: 'node20',
     silent: true,
-    noExternal: [/^(?!better-sqlite3$).*/],
+    noExternal: [/^(?!(?:better-sqlite3|ssh2)$).*/],
     splitting: true,
     minify: true,
     // Libraries read constructor names (basic-ftp's FTPError sets name from it).

@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { homedir } from 'node:os';
+import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LocalStorage, MedsyncError, SecretBox, type Storage } from '@medsync/core';
 import type { Endpoint } from '@medsync/core/config';
@@ -16,16 +17,37 @@ export interface EndpointOptions {
   caFile?: string | undefined;
   /** fsync each file before renaming it into place (local destinations). Default true. */
   fsync?: boolean | undefined;
+  /** SFTP: private key file (OpenSSH or PEM) to log in with. */
+  identityFile?: string | undefined;
+  /** SFTP: environment variable holding the passphrase of `identityFile`. */
+  passphraseEnv?: string | undefined;
+  /** SFTP: the server's host key fingerprint (`SHA256:…`). */
+  hostFingerprint?: string | undefined;
+  /** SFTP: known_hosts file to check the host key against (default: ~/.ssh/known_hosts). */
+  knownHostsFile?: string | undefined;
   env?: NodeJS.ProcessEnv;
 }
 
 const PLANNED: Record<string, string> = {
-  'sftp:': '@medsync/adapters-ftp',
   'smb:': '@medsync/adapters-smb',
   'azure:': '@medsync/adapters-cloud',
   'dropbox:': '@medsync/adapters-cloud',
   'gdrive:': '@medsync/adapters-cloud',
 };
+
+/** The SFTP fields of a config-file endpoint (identityFile, passphraseEnv, hostFingerprint, knownHostsFile). */
+function sftpFields(
+  spec: Exclude<Endpoint, string>,
+): Pick<EndpointOptions, 'identityFile' | 'passphraseEnv' | 'hostFingerprint' | 'knownHostsFile'> {
+  const f = spec as Record<string, unknown>;
+  const str = (k: string) => (typeof f[k] === 'string' ? (f[k] as string) : undefined);
+  return {
+    identityFile: str('identityFile'),
+    passphraseEnv: str('passphraseEnv'),
+    hostFingerprint: str('hostFingerprint'),
+    knownHostsFile: str('knownHostsFile'),
+  };
+}
 
 /** True when a string looks like a URL (scheme://…) rather than a path. */
 function isUrl(s: string): boolean {
@@ -45,6 +67,10 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
           ...opts,
           passwordEnv: spec.passwordEnv ?? opts.passwordEnv,
           password: spec.password ?? opts.password,
+          identityFile: sftpFields(spec).identityFile ?? opts.identityFile,
+          passphraseEnv: sftpFields(spec).passphraseEnv ?? opts.passphraseEnv,
+          hostFingerprint: sftpFields(spec).hostFingerprint ?? opts.hostFingerprint,
+          knownHostsFile: sftpFields(spec).knownHostsFile ?? opts.knownHostsFile,
         };
   const local = (root: string) => new LocalStorage({ root, fsync: o.fsync ?? true });
   if (!isUrl(url)) return local(resolve(opts.baseDir ?? process.cwd(), url));
@@ -85,6 +111,7 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
       ...(u.protocol === 'ftps:' ? { secure: 'explicit' as const, tls: ca ? { ca } : {} } : {}),
     });
   }
+  if (u.protocol === 'sftp:') return openSftp(u, o);
   const pkg = PLANNED[u.protocol];
   if (pkg) {
     // Resolve the secret now so a missing variable or key is reported before any work starts.
@@ -98,6 +125,70 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
     'E_CONFIG',
     `Unknown URL scheme ${u.protocol}: use a path, file:, ftp:, ftps:, sftp:, smb:, azure:, dropbox: or gdrive:.`,
   );
+}
+
+/** Reads a file the user named; a failure names the flag, never the path (it may be private). */
+function readUserFile(o: EndpointOptions, file: string, flag: string): string {
+  try {
+    return readFileSync(resolve(o.baseDir ?? process.cwd(), file), 'utf8');
+  } catch {
+    throw new MedsyncError('E_CONFIG', `The ${flag} file could not be read.`);
+  }
+}
+
+/**
+ * `sftp://user@host:port/path`: the path is absolute on the server (`sftp://u@h/srv/pacs` is
+ * /srv/pacs). Login with --identity FILE (passphrase from --passphrase-env VAR) and/or a password
+ * from --password-env VAR. The host key is checked against --host-fingerprint, --known-hosts FILE,
+ * or else ~/.ssh/known_hosts, as OpenSSH does: a host it does not list is refused, and the
+ * message shows the fingerprint to pin.
+ */
+async function openSftp(u: URL, o: EndpointOptions): Promise<Storage> {
+  const user = decodeURIComponent(u.username);
+  if (!user) {
+    throw new MedsyncError('E_CONFIG', 'An sftp:// URL needs a user name: sftp://user@host/path.');
+  }
+  const password = await resolvePassword(o);
+  const privateKey = o.identityFile ? readUserFile(o, o.identityFile, '--identity') : undefined;
+  let passphrase: string | undefined;
+  if (o.passphraseEnv) {
+    passphrase = (o.env ?? process.env)[o.passphraseEnv];
+    if (!passphrase) {
+      throw new MedsyncError(
+        'E_CONFIG',
+        `The environment variable ${o.passphraseEnv} (named by --passphrase-env) is not set.`,
+      );
+    }
+  }
+  if (password === undefined && privateKey === undefined) {
+    throw new MedsyncError(
+      'E_CONFIG',
+      'This SFTP destination needs a login: pass --identity FILE (a private key) or --password-env VAR.',
+    );
+  }
+  let knownHosts: string | undefined;
+  if (o.knownHostsFile) knownHosts = readUserFile(o, o.knownHostsFile, '--known-hosts');
+  else if (!o.hostFingerprint) {
+    const env = o.env ?? process.env;
+    try {
+      knownHosts = readFileSync(join(env.HOME || homedir(), '.ssh', 'known_hosts'), 'utf8');
+    } catch {
+      // No known_hosts: every host is unknown, and the refusal shows the fingerprint to pin.
+      knownHosts = '';
+    }
+  }
+  const { createSftpStorage } = await import('@medsync/adapters-ftp');
+  return createSftpStorage({
+    host: u.hostname.replace(/^\[(.*)\]$/, '$1'),
+    ...(u.port ? { port: Number(u.port) } : {}),
+    user,
+    ...(password !== undefined ? { password } : {}),
+    ...(privateKey !== undefined ? { privateKey } : {}),
+    ...(passphrase !== undefined ? { passphrase } : {}),
+    ...(o.hostFingerprint ? { hostFingerprint: o.hostFingerprint } : {}),
+    ...(knownHosts !== undefined ? { knownHosts } : {}),
+    root: decodeURIComponent(u.pathname) || '/',
+  });
 }
 
 /** Reads the password from the named environment variable or decrypts the config's value. */
