@@ -68,6 +68,36 @@ interface SyncFlags {
   progress?: boolean;
   fsync?: boolean;
   ca?: string;
+  identity?: string;
+  passphraseEnv?: string;
+  hostFingerprint?: string;
+  knownHosts?: string;
+}
+
+/** The SFTP flags `sync` and `test` take. */
+type SftpFlags = Pick<SyncFlags, 'identity' | 'passphraseEnv' | 'hostFingerprint' | 'knownHosts'>;
+
+function addSftpOptions(cmd: Command): Command {
+  return cmd
+    .option('--identity <file>', 'private key file an SFTP destination is logged in with')
+    .option('--passphrase-env <var>', 'environment variable holding the passphrase of --identity')
+    .option(
+      '--host-fingerprint <fp>',
+      "the SFTP server's host key fingerprint (SHA256:…, from ssh-keygen -lf on the server)",
+    )
+    .option(
+      '--known-hosts <file>',
+      'known_hosts file to check the SFTP host key with (default: ~/.ssh/known_hosts)',
+    );
+}
+
+function sftpEndpointOptions(f: SftpFlags) {
+  return {
+    identityFile: f.identity,
+    passphraseEnv: f.passphraseEnv,
+    hostFingerprint: f.hostFingerprint,
+    knownHostsFile: f.knownHosts,
+  };
 }
 
 function writeError(io: CliIO, e: MedsyncError, json: boolean | undefined): void {
@@ -90,7 +120,7 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
     .configureOutput({ writeOut: (s) => io.stdout.write(s), writeErr: (s) => io.stderr.write(s) })
     .showHelpAfterError('(run medsync --help for usage)');
 
-  program
+  const sync = program
     .command('sync')
     .description(
       'Copy or mirror SOURCE to one or more DESTINATIONS (paths or URLs); only new or changed files are sent.',
@@ -130,10 +160,10 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       'do not fsync each file before renaming it into place (faster; a power cut may lose recent files)',
     )
     .option('--password-env <var>', 'environment variable holding the destination password')
-    .option('--ca <file>', 'PEM certificate or CA an FTPS destination is trusted with')
-    .action(async (source: string, destinations: string[], f: SyncFlags) => {
-      code = await syncCommand(source, destinations, f, io);
-    });
+    .option('--ca <file>', 'PEM certificate or CA an FTPS destination is trusted with');
+  addSftpOptions(sync).action(async (source: string, destinations: string[], f: SyncFlags) => {
+    code = await syncCommand(source, destinations, f, io);
+  });
 
   program
     .command('status')
@@ -146,16 +176,18 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       code = await statusCommand(f, io);
     });
 
-  program
+  const test = program
     .command('test')
     .description('Test a destination: reachable, writable, latency, files in the folder.')
     .argument('<destination>', 'folder or URL')
     .option('--json', 'print JSON')
     .option('--password-env <var>', 'environment variable holding the password')
-    .option('--ca <file>', 'PEM certificate or CA an FTPS server is trusted with')
-    .action(async (dest: string, f: { json?: boolean; passwordEnv?: string; ca?: string }) => {
+    .option('--ca <file>', 'PEM certificate or CA an FTPS server is trusted with');
+  addSftpOptions(test).action(
+    async (dest: string, f: { json?: boolean; passwordEnv?: string; ca?: string } & SftpFlags) => {
       code = await testCommand(dest, f, io);
-    });
+    },
+  );
 
   program
     .command('run')
@@ -228,6 +260,7 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
         env: io.env,
         fsync: f.fsync,
         caFile: f.ca,
+        ...sftpEndpointOptions(f),
       }),
     );
   const store = await openSqliteStore({ path: resolve(io.cwd, f.state ?? 'medsync-state.db') });
@@ -305,7 +338,7 @@ async function statusCommand(
 
 async function testCommand(
   dest: string,
-  f: { json?: boolean; passwordEnv?: string; ca?: string },
+  f: { json?: boolean; passwordEnv?: string; ca?: string } & SftpFlags,
   io: CliIO,
 ): Promise<number> {
   const s = await openEndpoint(dest, {
@@ -313,6 +346,7 @@ async function testCommand(
     passwordEnv: f.passwordEnv,
     env: io.env,
     caFile: f.ca,
+    ...sftpEndpointOptions(f),
   });
   try {
     const r = await s.test();

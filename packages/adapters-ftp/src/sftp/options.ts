@@ -1,5 +1,5 @@
 import { MedsyncError, registerSecret } from '@medsync/core';
-import { utils } from 'ssh2';
+import ssh2 from 'ssh2';
 import { z } from 'zod';
 
 const CONTROL = /[\0\r\n]/;
@@ -111,7 +111,8 @@ export function parseSftpOptions(input: unknown): ResolvedSftpStorageOptions {
     throw fail('`passphrase` is set but `privateKey` is not.');
   }
   if (o.privateKey !== undefined) {
-    const parsed = utils.parseKey(o.privateKey, o.passphrase);
+    // A default import: Node's ESM loader does not see ssh2's `utils` as a named export.
+    const parsed = ssh2.utils.parseKey(o.privateKey, o.passphrase);
     const err = parsed instanceof Error ? parsed : undefined;
     if (err) {
       const text = err.message;

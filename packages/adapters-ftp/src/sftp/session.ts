@@ -1,6 +1,6 @@
 import { MedsyncError } from '@medsync/core';
-import {
-  Client,
+import ssh2, {
+  type Client,
   type Attributes,
   type ConnectConfig,
   type FileEntry,
@@ -279,7 +279,8 @@ export function hostKeyError(
  */
 export function openSession(p: SessionParams): Promise<SftpSession> {
   return new Promise<SftpSession>((resolve, reject) => {
-    const client = new Client();
+    // ssh2 is CommonJS: its default export works from both builds (ESM and CJS).
+    const client = new ssh2.Client();
     let hostKey: ServerInfo['hostKey'] | undefined;
     let refused: MedsyncError | undefined;
     let kex: string | undefined;

@@ -25,6 +25,14 @@ export const EndpointSchema = z.union([
       .optional()
       .meta({ sensitive: true }),
     options: z.record(z.string(), z.unknown()).optional(),
+    /** SFTP: private key file to log in with (relative to the config file). */
+    identityFile: z.string().min(1).optional(),
+    /** SFTP: name of an environment variable holding the passphrase of `identityFile`. */
+    passphraseEnv: z.string().min(1).optional(),
+    /** SFTP: the server's host key fingerprint, `SHA256:…` as `ssh-keygen -lf` prints it. */
+    hostFingerprint: z.string().min(1).optional(),
+    /** SFTP: known_hosts file to check the host key with (default: ~/.ssh/known_hosts). */
+    knownHostsFile: z.string().min(1).optional(),
   }),
 ]);
 
