@@ -24,6 +24,8 @@ export interface FaultProxy {
   };
   cutNextUpload(afterBytes: number): void;
   refuseNextStor(): void;
+  /** Answers every command matching `command` with `reply` (e.g. `502 Not implemented.`) itself. */
+  refuseAlways(command: RegExp, reply: string): void;
   close(): Promise<void>;
 }
 
@@ -46,6 +48,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
   const stats = { controlConnections: 0, dataConnections: 0, cuts: 0, refused: 0, bytesUp: 0 };
   let cutAfter: number | undefined;
   let refuseStor = false;
+  const refusals: Array<[RegExp, string]> = [];
 
   /** A one-shot data listener forwarding to the server's passive port `upstreamPort`. */
   const dataListener = async (upstreamPort: number, session: { data?: Socket }): Promise<number> => {
@@ -122,6 +125,12 @@ export async function startFaultProxy(target: { host: string; port: number }): P
           client.write("425 Can't open data connection.\r\n");
           continue;
         }
+        const refusal = refusals.find(([re]) => re.test(line));
+        if (refusal) {
+          stats.refused++;
+          client.write(`${refusal[1]}\r\n`);
+          continue;
+        }
         up.write(line, 'latin1');
       }
     });
@@ -140,6 +149,9 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     },
     refuseNextStor() {
       refuseStor = true;
+    },
+    refuseAlways(command, reply) {
+      refusals.push([command, reply]);
     },
     async close() {
       for (const s of sockets) s.destroy();

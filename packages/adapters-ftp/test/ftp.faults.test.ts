@@ -167,6 +167,24 @@ suite('FTP faults (pure-ftpd)', () => {
     expect(allFiles(local)).toEqual(['a/b.dcm']);
   });
 
+  it('a server that cannot rename: a clear E_UNSUPPORTED, and atomicUpload: false uploads in place', async () => {
+    const proxy = await proxyFor(plain!);
+    proxy.refuseAlways(/^RNFR /i, '502 Command not implemented.');
+    const atomic = storageOn(plain!, proxy);
+    const body = Buffer.from('x'.repeat(1000));
+    await expect(atomic.storage.write('a/b.dcm', body, { size: body.length })).rejects.toMatchObject({
+      code: 'E_UNSUPPORTED',
+      retryable: false,
+      message: expect.stringMatching(/atomicUpload: false/),
+    });
+    expect(allFiles(atomic.local)).toEqual([]);
+    const direct = storageOn(plain!, proxy, { atomicUpload: false });
+    const entry = await direct.storage.write('a/b.dcm', body, { size: body.length });
+    expect(entry.size).toBe(1000);
+    expect(allFiles(direct.local)).toEqual(['a/b.dcm']);
+    expect((await direct.storage.readBuffer('a/b.dcm')).equals(body)).toBe(true);
+  });
+
   it('the server killed and restarted mid-sync: partial or success, exact manifest, re-run sends the rest', async () => {
     const { storage, local } = storageOn(plain!);
     const src = tmp();

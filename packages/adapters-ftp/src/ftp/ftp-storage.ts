@@ -885,6 +885,13 @@ export class FtpStorage implements Storage {
   ): Promise<void> {
     const attempt = async (): Promise<FTPResponse> => {
       const rnfr = await c.sendIgnoringError(`RNFR ${fromAbs}`);
+      if (rnfr.code === 500 || rnfr.code === 502 || rnfr.code === 504) {
+        throw new MedsyncError(
+          'E_UNSUPPORTED',
+          `Renaming the file: the server does not support RNFR/RNTO (${rnfr.code}). Set \`atomicUpload: false\` to upload straight to the final name.`,
+          { adapter: this.kind, path: fromRel, cause: replyError(rnfr), retryable: false },
+        );
+      }
       if (rnfr.code >= 400) throw this.err(replyError(rnfr), 'rename-source', fromRel);
       return c.sendIgnoringError(`RNTO ${toAbs}`);
     };
@@ -949,14 +956,16 @@ export class FtpStorage implements Storage {
     const finalAbs = this.abs(rel);
     // A large upload gets a temporary name derived from what it uploads (path, size, mtime), so
     // the attempt after a dropped connection finds the part already sent and appends the rest.
-    const resumable = this.options.resume && isStream && size !== undefined && size >= RESUME_MIN_BYTES;
+    const atomic = this.options.atomicUpload;
+    const resumable =
+      atomic && this.options.resume && isStream && size !== undefined && size >= RESUME_MIN_BYTES;
     const unique = resumable
       ? `r${createHash('sha256')
           .update(`${rel}\0${size}\0${opts.mtimeMs ?? ''}`)
           .digest('hex')
           .slice(0, 16)}`
       : `${TMP_PREFIX}${(++tmpCounter).toString(36)}`;
-    const tmpAbs = this.abs(partialNameFor(rel, unique));
+    const tmpAbs = atomic ? this.abs(partialNameFor(rel, unique)) : finalAbs;
     const kind = this.kind;
     // The upload pulls from the body only once the data connection is open, so a connection that
     // turns out dead before that can be swapped for another without losing a byte.
@@ -1108,7 +1117,7 @@ export class FtpStorage implements Storage {
         } else throw replyError(res);
       }
       throwIfAborted(signal);
-      await this.renameAbs(c, tmpAbs, finalAbs, rel, rel);
+      if (atomic) await this.renameAbs(c, tmpAbs, finalAbs, rel, rel);
       tempMayExist = false;
       return {
         path: rel,

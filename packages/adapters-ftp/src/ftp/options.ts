@@ -56,6 +56,12 @@ export const FtpStorageOptionsSchema = z
      * is kept and the retry appends the rest (APPE) instead of sending it all again.
      */
     resume: z.boolean().default(true),
+    /**
+     * Upload to a hidden temporary name and rename it into place (default). `false` writes straight
+     * to the final name, for servers that refuse RNFR/RNTO: a reader may then see a file while it
+     * is written, and a failed upload removes the file under that name (old version included).
+     */
+    atomicUpload: z.boolean().default(true),
   })
   .strict();
 
