@@ -3,6 +3,7 @@
 #
 #   scripts/services.sh start pure-ftpd|pure-ftpd-tls|pure-ftpd-quota|proftpd|vsftpd|sshd <statedir>
 #   scripts/services.sh restart <statedir> <name> [seconds-down]
+#   scripts/services.sh install <name>...
 #   scripts/services.sh stop <statedir>
 #
 # `start` installs the Debian package if it is missing (needs root and apt), creates a throwaway
@@ -16,6 +17,8 @@
 # $MEDSYNC_FTP_QUOTA (files:megabytes, default 1000:1): uploads past it get 552.
 # `start sshd` starts OpenSSH (SFTP) instead and writes <statedir>/sshd.json (see start_sshd).
 # `stop` kills every server started in <statedir> and removes the system users it created.
+# `install` only installs what the named servers need (the tests' global setup runs it once, so
+# test files that start servers in parallel never wait on apt's lock).
 #
 # pure-ftpd and vsftpd conflict in Debian (both provide ftp-server): whichever is not installed
 # is unpacked (apt-get download + dpkg-deb -x) into $MEDSYNC_SERVICES_CACHE instead, with its
@@ -35,6 +38,7 @@ die() {
 usage() {
   echo "usage: $0 start pure-ftpd|pure-ftpd-tls|pure-ftpd-quota|proftpd|vsftpd|sshd <statedir>" >&2
   echo "       $0 restart <statedir> <name> [seconds-down]" >&2
+  echo "       $0 install <name>..." >&2
   echo "       $0 stop <statedir>" >&2
   exit 2
 }
@@ -354,6 +358,27 @@ EOF
   write_json "$name" 127.0.0.1 "$port" "$user" "$pass" "$dir/root" "$pid" false "" "$uid" "$gid" "" "$log"
 }
 
+# Installs (or unpacks) what server <name> needs, without starting it.
+install_one() {
+  case "$1" in
+    pure-ftpd | pure-ftpd-tls | pure-ftpd-quota)
+      need pure-ftpd pure-ftpd >/dev/null
+      command -v openssl >/dev/null || apt_install openssl
+      ;;
+    proftpd)
+      need proftpd-core proftpd >/dev/null
+      command -v openssl >/dev/null || apt_install openssl
+      ;;
+    vsftpd) need vsftpd vsftpd >/dev/null ;;
+    sshd)
+      command -v ssh-keygen >/dev/null || apt_install openssh-client
+      need openssh-server sshd >/dev/null
+      [ -x /usr/lib/openssh/sftp-server ] || apt_install openssh-sftp-server
+      ;;
+    *) usage ;;
+  esac
+}
+
 # Kills the process group of server <name>, waits until it is gone, sleeps <down> seconds, then
 # starts the command saved in <name>/cmd again and records the new pid.
 restart_one() {
@@ -505,6 +530,11 @@ case "$1" in
       sshd) start_sshd ;;
       *) usage ;;
     esac
+    ;;
+  install)
+    [ $# -ge 2 ] || usage
+    shift
+    for name in "$@"; do install_one "$name"; done
     ;;
   restart)
     [ $# -ge 3 ] && [ $# -le 4 ] || usage
