@@ -438,6 +438,49 @@ function define(s: SshdInfo): void {
       }
     });
 
+    it('a session cut mid-upload is E_TRANSIENT (retryable) and leaves nothing; idle sessions that died are replaced', async () => {
+      /** Kills the SFTP server processes of this test's throwaway user (by pid), cutting its sessions. */
+      const cutSessions = () => {
+        let out: string;
+        try {
+          out = execFileSync('pgrep', ['-u', s.systemUser, '-f', 'sftp-server'], { encoding: 'utf8' });
+        } catch {
+          return 0;
+        }
+        const pids = out.split('\n').filter((p) => /^\d+$/.test(p));
+        for (const pid of pids) process.kill(Number(pid), 'SIGKILL');
+        return pids.length;
+      };
+      const st = storageOn(s, { maxConnections: 2 });
+      try {
+        await put(st, 'keep.dcm', 'kept');
+        const body = Readable.from(
+          (async function* () {
+            let n = 0;
+            for await (const c of generatedStream(16 * 1024 * 1024, 9, 64 * 1024)) {
+              if (++n === 40) cutSessions();
+              yield c as Buffer;
+            }
+          })(),
+        );
+        const e = await st.write('cut/big.bin', body, { size: 16 * 1024 * 1024 }).catch((x: unknown) => x);
+        expect(e).toMatchObject({ code: 'E_TRANSIENT', retryable: true, path: 'cut/big.bin' });
+        await new Promise((r) => setTimeout(r, 300));
+        // The temporary file was removed over a new session.
+        expect(filesUnder(st.options.root)).toEqual(['keep.dcm']);
+        // Idle pooled sessions die too: the next calls reconnect without an error.
+        expect((await st.readBuffer('keep.dcm')).toString()).toBe('kept');
+        expect(cutSessions()).toBeGreaterThan(0);
+        await new Promise((r) => setTimeout(r, 200));
+        expect((await st.stat('keep.dcm')).size).toBe(4);
+        await put(st, 'cut/after.dcm', 'after');
+        expect(filesUnder(st.options.root)).toEqual(['cut/after.dcm', 'keep.dcm']);
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
     it('a folder the account may not write is E_PERMISSION, not retried', async () => {
       const st = storageOn(s);
       try {
