@@ -7,9 +7,12 @@ import { pathToFileURL } from 'node:url';
 import type { Readable } from 'node:stream';
 import { MedsyncError, throwIfAborted, toMedsyncError } from '../errors/errors.js';
 import { isPartialName, normalizePath, partialNameFor } from './paths.js';
+import { CopyError, sharedCopyPool } from '../util/copy-pool.js';
 import type {
   CleanupOptions,
   ConnectionReport,
+  CopyOptions,
+  CopyResult,
   ListOptions,
   OpOptions,
   ReadOptions,
@@ -432,6 +435,81 @@ export class LocalStorage implements Storage {
       throw this.err(e, 'Writing the file', rel);
     } finally {
       opts.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /**
+   * Copies a file of another LocalStorage on a worker thread (synchronous I/O, hashing on the way),
+   * with the same steps as write(). Undefined for other sources, or when MEDSYNC_COPY_WORKERS=0.
+   */
+  async copyFrom(source: Storage, path: string, opts: CopyOptions = {}): Promise<CopyResult | undefined> {
+    const pool = sharedCopyPool();
+    if (!(source instanceof LocalStorage) || !pool.usable) return undefined;
+    this.check();
+    source.check();
+    const rel = normalizePath(path);
+    throwIfAborted(opts.signal);
+    const dirRel = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/')) : '';
+    const mayMkdir = !(dirRel === '' && !this.opts.createRoot);
+    const mtime = opts.mtimeMs !== undefined ? (Math.floor(opts.mtimeMs) + 0.5) / 1000 : undefined;
+    try {
+      const done = await pool.copy(
+        {
+          src: source.abs(rel),
+          dst: this.abs(rel),
+          tmp: this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`)),
+          dir: this.abs(dirRel),
+          mkdir: mayMkdir && !this.madeDirs.has(dirRel),
+          mayMkdir,
+          expected: opts.size !== undefined && opts.size >= 0 ? opts.size : -1,
+          kinds: opts.hashes ?? [],
+          ...(mtime !== undefined ? { mtime, mtimeMs: Math.floor(opts.mtimeMs!) } : {}),
+          fsync: this.opts.fsync,
+        },
+        opts.signal,
+        opts.onBytes,
+      );
+      this.madeDirs.add(dirRel);
+      if (this.opts.fsync) {
+        this.markMade(done.made, this.abs(dirRel));
+        this.dirty.add(this.abs(dirRel));
+      }
+      return { entry: { path: rel, size: done.size, mtimeMs: done.mtimeMs }, digests: done.digests };
+    } catch (e) {
+      if (!(e instanceof CopyError)) throw this.err(e, 'Copying the file', rel);
+      if (this.opts.fsync) this.markMade(e.made, this.abs(dirRel));
+      if (e.code === 'ENOENT' && e.side === 'dest') this.madeDirs.delete(dirRel);
+      const cause = Object.assign(new Error(e.message), { code: e.code, syscall: e.syscall });
+      if (e.code === 'ABORT_ERR' || opts.signal?.aborted) {
+        throw new MedsyncError('E_ABORTED', 'The copy was cancelled.', {
+          adapter: 'local',
+          path: rel,
+          cause,
+        });
+      }
+      if (e.code === 'ECHANGED') {
+        throw new MedsyncError(
+          'E_INTEGRITY',
+          'The source file changed while it was being copied; it will be copied by the next run.',
+          { adapter: 'local', path: rel, retryable: false },
+        );
+      }
+      if (e.side === 'source') {
+        const me = toMedsyncError(cause, 'Reading the source file', { adapter: 'local', path: rel });
+        throw me.code === 'E_TRANSIENT'
+          ? me
+          : new MedsyncError(me.code, me.message, { adapter: 'local', path: rel, cause, retryable: false });
+      }
+      throw this.err(cause, 'Writing the file', rel);
+    }
+  }
+
+  /** Every folder from `first` (made by a recursive mkdir) down to `target` gained an entry. */
+  private markMade(first: string | undefined, target: string): void {
+    if (first === undefined) return;
+    for (let d = target; ; d = nodePath.dirname(d)) {
+      this.dirty.add(nodePath.dirname(d));
+      if (d === first || d === nodePath.dirname(d)) break;
     }
   }
 

@@ -95,6 +95,19 @@ export interface WriteOptions extends OpOptions {
   expectedHashes?: () => Partial<Record<HashKind, string>>;
 }
 
+export interface CopyOptions extends WriteOptions {
+  /** Digests to compute of the bytes copied. */
+  hashes?: readonly HashKind[];
+  /** Hears the bytes copied so far, as the copy goes. */
+  onBytes?: (n: number) => void;
+}
+
+/** What {@link Storage.copyFrom} copied: the written entry and the digests of its bytes. */
+export interface CopyResult {
+  entry: StorageEntry;
+  digests: Partial<Record<HashKind, string>>;
+}
+
 export interface CleanupOptions extends OpOptions {
   /** Only remove temporary files last modified before this time (ms since the epoch). */
   olderThanMs?: number;
@@ -146,6 +159,15 @@ export interface Storage {
    * (with hashes where the backend reports them).
    */
   write(path: string, body: WriteBody, opts?: WriteOptions): Promise<StorageEntry>;
+
+  /**
+   * Optional fast path: copies `path` of `source` to `path` here with write()'s guarantees
+   * (temporary name, size check, mtime, nothing under the final name on failure), computing the
+   * digests asked for. Resolves to undefined when it cannot copy from that source; the engine then
+   * reads and writes. A source-side failure keeps the source's error code and is not retryable
+   * unless transient; a source that changed size while copied is E_INTEGRITY, not retryable.
+   */
+  copyFrom?(source: Storage, path: string, opts?: CopyOptions): Promise<CopyResult | undefined>;
 
   /** Removes a file. Idempotent: a missing file is not an error. */
   remove(path: string, opts?: OpOptions): Promise<void>;

@@ -923,7 +923,24 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     let digests: Digests;
     let written: StorageEntry;
     try {
-      if (src.size >= 0 && src.size <= this.smallFileBytes && this.o.source.readBuffer) {
+      // A destination that copies from this source itself (local to local, on worker threads).
+      const copied =
+        dest.copyFrom && !bucket
+          ? await dest.copyFrom(this.o.source, op.path, {
+              size: op.size,
+              signal,
+              hashes: kinds,
+              onBytes: (n) => {
+                sent += n;
+                onBytes(n);
+              },
+              ...mtime,
+            })
+          : undefined;
+      if (copied) {
+        written = copied.entry;
+        digests = copied.digests;
+      } else if (src.size >= 0 && src.size <= this.smallFileBytes && this.o.source.readBuffer) {
         // Small files: one buffer, hashed in one call, written in one call.
         const raw = await this.o.source.readBuffer(op.path, { signal }).catch((e: unknown) => {
           throw sourceError(e);

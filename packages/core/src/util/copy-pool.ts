@@ -1,0 +1,226 @@
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+import type { HashKind } from '../storage/types.js';
+import type { Digests } from './streams.js';
+
+// Plain CommonJS evaluated from a string, so it works from the ESM and CJS builds. Each message
+// is one whole file copy done with synchronous calls: no thread-pool hand-off per step.
+const WORKER_SOURCE = `
+const { parentPort } = require('node:worker_threads');
+const fs = require('node:fs');
+const { createHash } = require('node:crypto');
+let buf;
+const fail = (code, message) => Object.assign(new Error(message), { code });
+parentPort.on('message', (m) => {
+  const hashes = m.kinds.map((k) => [k, createHash(k)]);
+  let src, out, side = 'source', made, total = 0, reported = 0, tmpMade = false;
+  const aborted = () => m.abort !== undefined && Atomics.load(m.abort, 0) === 1;
+  try {
+    src = fs.openSync(m.src, 'r');
+    if (!fs.fstatSync(src).isFile()) throw fail('EISDIR', 'not a file');
+    side = 'dest';
+    if (m.mkdir) made = fs.mkdirSync(m.dir, { recursive: true });
+    try {
+      out = fs.openSync(m.tmp, 'wx');
+    } catch (e) {
+      if (e.code !== 'ENOENT' || !m.mayMkdir) throw e;
+      made = fs.mkdirSync(m.dir, { recursive: true }) || made;
+      out = fs.openSync(m.tmp, 'wx');
+    }
+    tmpMade = true;
+    buf = buf || Buffer.allocUnsafe(1024 * 1024);
+    for (;;) {
+      if (aborted()) throw fail('ABORT_ERR', 'aborted');
+      side = 'source';
+      const n = fs.readSync(src, buf, 0, buf.length, null);
+      if (n === 0) break;
+      total += n;
+      if (m.expected >= 0 && total > m.expected) throw fail('ECHANGED', 'grew');
+      side = 'dest';
+      const chunk = buf.subarray(0, n);
+      for (const h of hashes) h[1].update(chunk);
+      let off = 0;
+      while (off < n) off += fs.writeSync(out, chunk, off, n - off);
+      if (total - reported >= 4194304) {
+        parentPort.postMessage({ id: m.id, progress: total - reported });
+        reported = total;
+      }
+    }
+    side = 'source';
+    if (m.expected >= 0 && total !== m.expected) throw fail('ECHANGED', 'shrank');
+    side = 'dest';
+    if (m.mtime !== undefined) fs.futimesSync(out, m.mtime, m.mtime);
+    if (m.fsync) fs.fdatasyncSync(out);
+    const mtimeMs = m.mtimeMs !== undefined ? m.mtimeMs : Math.floor(fs.fstatSync(out).mtimeMs);
+    fs.closeSync(out);
+    out = undefined;
+    fs.closeSync(src);
+    src = undefined;
+    if (aborted()) throw fail('ABORT_ERR', 'aborted');
+    fs.renameSync(m.tmp, m.dst);
+    const digests = {};
+    for (const h of hashes) digests[h[0]] = h[1].digest('hex');
+    parentPort.postMessage({ id: m.id, progress: total - reported, done: { size: total, mtimeMs, digests, made } });
+  } catch (e) {
+    if (out !== undefined) try { fs.closeSync(out); } catch {}
+    if (src !== undefined) try { fs.closeSync(src); } catch {}
+    if (tmpMade) try { fs.unlinkSync(m.tmp); } catch {}
+    parentPort.postMessage({
+      id: m.id,
+      progress: total - reported,
+      error: { code: e && e.code, syscall: e && e.syscall, message: String(e && e.message), side, made },
+    });
+  }
+});
+`;
+
+/** One file copy for {@link CopyPool.copy}; paths are absolute. */
+export interface CopyJob {
+  src: string;
+  dst: string;
+  /** The temporary sibling written first and renamed to `dst`. */
+  tmp: string;
+  /** `dst`'s folder. */
+  dir: string;
+  /** Create `dir` first (it is not known to exist). */
+  mkdir: boolean;
+  /** Create `dir` when opening `tmp` finds it missing. */
+  mayMkdir: boolean;
+  /** Expected size; -1 when unknown. A different size is ECHANGED. */
+  expected: number;
+  kinds: readonly HashKind[];
+  /** Seconds for futimes, and the millisecond value to report. */
+  mtime?: number;
+  mtimeMs?: number;
+  fsync: boolean;
+}
+
+export interface CopyDone {
+  size: number;
+  mtimeMs: number;
+  digests: Digests;
+  /** The first folder mkdir created, if any (the caller fsyncs new folders). */
+  made?: string;
+}
+
+/** A failed copy: `side` tells whether reading the source or writing the destination failed. */
+export class CopyError extends Error {
+  constructor(
+    message: string,
+    readonly code: string | undefined,
+    readonly syscall: string | undefined,
+    readonly side: 'source' | 'dest',
+    readonly made: string | undefined,
+  ) {
+    super(message);
+    this.name = 'CopyError';
+  }
+}
+
+interface Pending {
+  resolve: (d: CopyDone) => void;
+  reject: (e: unknown) => void;
+  onBytes: ((n: number) => void) | undefined;
+}
+
+/**
+ * Copies local files on worker threads with synchronous I/O, hashing on the way. On machines
+ * where each thread-pool hand-off is costly (a VM, two cores), a whole small-file copy in one
+ * worker costs a fraction of the dozen asynchronous steps it takes otherwise. Workers are unref'd
+ * and start on first use.
+ */
+export class CopyPool {
+  private workers: Worker[] = [];
+  private busy = new Map<Worker, number>();
+  private seq = 0;
+  private readonly pending = new Map<number, Pending>();
+  private broken: unknown;
+
+  constructor(private readonly size = defaultSize()) {}
+
+  /** False when the pool cannot copy (no workers allowed, or a worker died): copy another way. */
+  get usable(): boolean {
+    return this.size > 0 && this.broken === undefined;
+  }
+
+  private worker(): Worker {
+    let best: Worker | undefined;
+    for (const w of this.workers) if (!best || this.busy.get(w)! < this.busy.get(best)!) best = w;
+    if (best && (this.busy.get(best) === 0 || this.workers.length >= this.size)) return best;
+    const w = new Worker(WORKER_SOURCE, { eval: true });
+    w.unref();
+    this.busy.set(w, 0);
+    w.on('message', (m: { id: number; progress?: number; done?: CopyDone; error?: CopyErrorData }) => {
+      const p = this.pending.get(m.id);
+      if (!p) return;
+      if (m.progress) p.onBytes?.(m.progress);
+      if (!m.done && !m.error) return;
+      this.pending.delete(m.id);
+      this.release(w);
+      if (m.done) p.resolve(m.done);
+      else {
+        const e = m.error!;
+        p.reject(new CopyError(e.message, e.code ?? undefined, e.syscall ?? undefined, e.side, e.made));
+      }
+    });
+    w.on('error', (e) => {
+      this.broken = e;
+      for (const p of this.pending.values()) p.reject(e);
+      this.pending.clear();
+    });
+    this.workers.push(w);
+    return w;
+  }
+
+  private release(w: Worker): void {
+    const n = this.busy.get(w)! - 1;
+    this.busy.set(w, n);
+    if ([...this.busy.values()].every((b) => b === 0)) for (const x of this.workers) x.unref();
+  }
+
+  /** Copies one file; `onBytes` hears progress (every 4 MiB and at the end). */
+  copy(job: CopyJob, signal?: AbortSignal, onBytes?: (n: number) => void): Promise<CopyDone> {
+    if (this.broken !== undefined) return Promise.reject(this.broken);
+    const id = ++this.seq;
+    const w = this.worker();
+    this.busy.set(w, this.busy.get(w)! + 1);
+    w.ref();
+    let flag: Int32Array | undefined;
+    let onAbort: (() => void) | undefined;
+    if (signal) {
+      flag = new Int32Array(new SharedArrayBuffer(4));
+      const f = flag;
+      onAbort = () => Atomics.store(f, 0, 1);
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+    }
+    return new Promise<CopyDone>((resolve, reject) => {
+      this.pending.set(id, { resolve, reject, onBytes });
+      w.postMessage({ ...job, id, abort: flag });
+    }).finally(() => {
+      if (onAbort) signal?.removeEventListener('abort', onAbort);
+    });
+  }
+}
+
+interface CopyErrorData {
+  code?: string;
+  syscall?: string;
+  message: string;
+  side: 'source' | 'dest';
+  made?: string;
+}
+
+function defaultSize(): number {
+  const env = Number(process.env.MEDSYNC_COPY_WORKERS);
+  if (process.env.MEDSYNC_COPY_WORKERS !== undefined && Number.isInteger(env) && env >= 0)
+    return Math.min(env, 16);
+  // Copies wait on the disk (fsync) as much as on the CPU: twice the cores, 2 to 8.
+  return Math.max(2, Math.min(8, availableParallelism() * 2));
+}
+
+/** One pool per process, shared by every LocalStorage. */
+let shared: CopyPool | undefined;
+export function sharedCopyPool(): CopyPool {
+  return (shared ??= new CopyPool());
+}

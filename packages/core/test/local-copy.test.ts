@@ -1,0 +1,132 @@
+import { createHash, randomBytes } from 'node:crypto';
+import {
+  chmodSync,
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { LocalStorage, MemoryStorage } from '@medsync/core';
+import { readTree, writeTree } from '@medsync/core/testing';
+
+const dirs: string[] = [];
+function tmp(): string {
+  const d = mkdtempSync(join(tmpdir(), 'medsync-copy-'));
+  dirs.push(d);
+  return d;
+}
+afterEach(() => {
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+const md5 = (b: Buffer) => createHash('md5').update(b).digest('hex');
+
+describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () => {
+  it('copies into new folders with digests, size, mtime and progress; no temporary file stays', async () => {
+    const a = tmp();
+    const b = tmp();
+    const big = randomBytes(9 * 1024 * 1024 + 17);
+    writeTree(a, { 'P 1/Ü/x.dcm': big, 'e.dcm': '' });
+    const src = new LocalStorage({ root: a });
+    const dst = new LocalStorage({ root: join(b, 'deep', 'root') });
+    const mtimeMs = Date.UTC(2024, 4, 17, 10, 30, 15, 123);
+    let progress = 0;
+    const r = await dst.copyFrom(src, 'P 1/Ü/x.dcm', {
+      size: big.length,
+      mtimeMs,
+      hashes: ['md5', 'sha256'],
+      onBytes: (n) => (progress += n),
+    });
+    expect(r).toEqual({
+      entry: { path: 'P 1/Ü/x.dcm', size: big.length, mtimeMs },
+      digests: { md5: md5(big), sha256: sha256(big) },
+    });
+    expect(progress).toBe(big.length);
+    expect(Math.floor(statSync(join(b, 'deep/root/P 1/Ü/x.dcm')).mtimeMs)).toBe(mtimeMs);
+    const empty = await dst.copyFrom(src, 'e.dcm', { size: 0, hashes: ['sha256'] });
+    expect(empty!.digests.sha256).toBe(sha256(Buffer.alloc(0)));
+    expect(readTree(join(b, 'deep/root'))).toEqual(readTree(a));
+    // Other sources are not copied this way: the engine streams them instead.
+    expect(await dst.copyFrom(new MemoryStorage(), 'e.dcm')).toBeUndefined();
+  });
+
+  it('a missing or unreadable source is a non-retryable error of the source; nothing is written', async () => {
+    const a = tmp();
+    const b = tmp();
+    writeTree(a, { 'locked.dcm': 'secret' });
+    const src = new LocalStorage({ root: a });
+    const dst = new LocalStorage({ root: b });
+    await expect(dst.copyFrom(src, 'gone.dcm', { size: 1 })).rejects.toMatchObject({
+      code: 'E_NOT_FOUND',
+      retryable: false,
+      path: 'gone.dcm',
+    });
+    if (process.getuid?.() !== 0) {
+      chmodSync(join(a, 'locked.dcm'), 0);
+      await expect(dst.copyFrom(src, 'locked.dcm', { size: 6 })).rejects.toMatchObject({
+        code: 'E_PERMISSION',
+        retryable: false,
+      });
+    }
+    expect(readdirSync(b)).toEqual([]);
+  });
+
+  it('a source whose size differs from the scan is E_INTEGRITY, not retried, and leaves nothing', async () => {
+    const a = tmp();
+    const b = tmp();
+    writeTree(a, { 'f.dcm': randomBytes(5000) });
+    const dst = new LocalStorage({ root: b });
+    for (const size of [4999, 5001]) {
+      await expect(dst.copyFrom(new LocalStorage({ root: a }), 'f.dcm', { size })).rejects.toMatchObject({
+        code: 'E_INTEGRITY',
+        retryable: false,
+      });
+    }
+    expect(readdirSync(b)).toEqual([]);
+  });
+
+  it('an abort mid-copy is E_ABORTED and leaves neither the file nor a temporary one', async () => {
+    const a = tmp();
+    const b = tmp();
+    writeFileSync(join(a, 'big.bin'), randomBytes(64 * 1024 * 1024));
+    const dst = new LocalStorage({ root: b });
+    const ac = new AbortController();
+    const copy = dst.copyFrom(new LocalStorage({ root: a }), 'big.bin', {
+      size: 64 * 1024 * 1024,
+      signal: ac.signal,
+      hashes: ['sha256', 'md5'],
+      onBytes: () => ac.abort(),
+    });
+    await expect(copy).rejects.toMatchObject({ code: 'E_ABORTED' });
+    expect(readdirSync(b)).toEqual([]);
+  });
+
+  it('a destination folder removed between copies is made again', async () => {
+    const a = tmp();
+    const b = tmp();
+    writeTree(a, { 's/1.dcm': '1', 's/2.dcm': '2' });
+    const src = new LocalStorage({ root: a });
+    const dst = new LocalStorage({ root: b });
+    await dst.copyFrom(src, 's/1.dcm', { size: 1 });
+    rmSync(join(b, 's'), { recursive: true });
+    await dst.copyFrom(src, 's/2.dcm', { size: 1 });
+    expect(readFileSync(join(b, 's/2.dcm'), 'utf8')).toBe('2');
+    expect(existsSync(join(b, 's/1.dcm'))).toBe(false);
+  });
+
+  it('honours createRoot: false', async () => {
+    const a = tmp();
+    writeTree(a, { 'x.dcm': 'x' });
+    const dst = new LocalStorage({ root: join(tmp(), 'not-mounted'), createRoot: false });
+    await expect(dst.copyFrom(new LocalStorage({ root: a }), 'x.dcm', { size: 1 })).rejects.toMatchObject({
+      code: 'E_NOT_FOUND',
+    });
+  });
+});
