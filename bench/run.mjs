@@ -41,6 +41,11 @@ const BENCHES = {
       'local -> loopback pure-ftpd: medsync vs lftp mirror -R vs rclone copy (throughput, re-run, RSS)',
     run: benchFtp,
   },
+  sftp: {
+    describe:
+      'local -> loopback OpenSSH sshd: medsync vs rclone copy (sftp backend) vs OpenSSH sftp put -r (throughput, re-run, RSS)',
+    run: benchSftp,
+  },
 };
 
 const USAGE = `usage: node bench/run.mjs <bench> [--concurrency N] [--trials N] [--small] [--keep] [--check]
@@ -844,6 +849,255 @@ async function benchFtp(ctx) {
         rcloneCheckers: 8,
         lftp: `${lftpVersion}; mirror -R --parallel=${ctx.concurrency} (ftp:ssl-allow no)`,
         server: `pure-ftpd on ${server.host}:${server.port} (scripts/services.sh)`,
+        trials: ctx.trials,
+        keep: 'best (lowest wall-clock) of the trials; order alternates between trials',
+        small: ctx.small,
+        corpora: S,
+        units: 'MB = 1,000,000 bytes; seconds are wall-clock around the whole process (start-up included)',
+      },
+      results,
+    };
+  } finally {
+    stopPureFtpd(server);
+  }
+}
+
+// ---------------------------------------------------------------- sftp bench
+
+function startSshd(tmp) {
+  // mkdtemp made tmp 0700: the SFTP user must be able to reach its home folder inside it.
+  spawnSync('chmod', ['755', tmp]);
+  const dir = join(tmp, 'services-sshd');
+  mkdirSync(dir, { recursive: true });
+  log('starting sshd with scripts/services.sh');
+  runningServer = { dir };
+  const r = spawnSync('bash', [SERVICES, 'start', 'sshd', dir], { stdio: ['ignore', 2, 2] });
+  if (r.status !== 0) {
+    stopPureFtpd(runningServer);
+    fail(`scripts/services.sh start sshd exited ${r.status}`);
+  }
+  const info = JSON.parse(readFileSync(join(dir, 'sshd.json'), 'utf8'));
+  const knownHosts = join(dir, 'known_hosts');
+  writeFileSync(knownHosts, `${info.knownHostsLine}\n`);
+  return { ...info, dir, knownHosts };
+}
+
+/** OpenSSH's own client: `sftp -b` with `put -r` (one connection, one file at a time). */
+function opensshSftpRunner(ctx, server) {
+  return async (src, remoteDir) => {
+    const batch = join(ctx.tmp, `sftp-${randomBytes(4).toString('hex')}.batch`);
+    writeFileSync(batch, `put -r "${src}" "${remoteDir}"\n`);
+    const args = [
+      '-q',
+      '-b',
+      batch,
+      '-i',
+      server.privateKey,
+      '-P',
+      String(server.port),
+      '-o',
+      `UserKnownHostsFile=${server.knownHosts}`,
+      '-o',
+      'StrictHostKeyChecking=yes',
+      '-o',
+      'BatchMode=yes',
+      `${server.user}@${server.host}`,
+    ];
+    const r = await runTimed(ctx.sftp, args, ctx);
+    rmSync(batch, { force: true });
+    if (r.code !== 0) fail(`sftp exited ${r.code}`, `stderr: ${r.stderr.slice(-2000)}`);
+    return { seconds: r.seconds, peakKB: r.peakKB };
+  };
+}
+
+async function benchSftp(ctx) {
+  const S = ctx.small
+    ? {
+        files256k: { files: 200, size: 256 * KiB, dirs: 4 },
+        files4k: { files: 2000, size: 4 * KiB, dirs: 10 },
+        bigFile: { files: 1, size: 64 * KiB * KiB, dirs: 1 },
+      }
+    : {
+        files256k: { files: 2000, size: 256 * KiB, dirs: 20 },
+        files4k: { files: 20000, size: 4 * KiB, dirs: 100 },
+        bigFile: { files: 1, size: 1024 * KiB * KiB, dirs: 1 },
+      };
+  const rssTarget = 150;
+
+  const sftp = which('sftp');
+  if (!sftp) fail('OpenSSH sftp is missing (apt-get install openssh-client).');
+  const sshVersion = (spawnSync('ssh', ['-V'], { encoding: 'utf8' }).stderr ?? '').trim();
+  const ctx2 = { ...ctx, sftp };
+
+  const server = startSshd(ctx.tmp);
+  try {
+    const rcloneSftpConfig = join(ctx.tmp, 'rclone-sftp.conf');
+    writeFileSync(
+      rcloneSftpConfig,
+      `[benchsftp]\ntype = sftp\nhost = ${server.host}\nport = ${server.port}\nuser = ${server.user}\nkey_file = ${server.privateKey}\nknown_hosts_file = ${server.knownHosts}\n`,
+      { mode: 0o600 },
+    );
+    const medsync = medsyncRunner(ctx2, {
+      args: ['--identity', server.privateKey, '--host-fingerprint', server.hostFingerprint],
+    });
+    const medsyncUrl = (name) =>
+      `sftp://${encodeURIComponent(server.user)}@${server.host}:${server.port}${server.root}/${name}`;
+    const rcloneRun = async (src, remoteDir) => {
+      const args = [
+        'copy',
+        src,
+        `benchsftp:${remoteDir}`,
+        '--config',
+        rcloneSftpConfig,
+        '--transfers',
+        String(ctx.concurrency),
+        '--checkers',
+        '8',
+      ];
+      const r = await runTimed(ctx.rclone, args, ctx);
+      if (r.code !== 0) fail(`rclone copy exited ${r.code}`, `stderr: ${r.stderr.slice(-2000)}`);
+      return { seconds: r.seconds, peakKB: r.peakKB };
+    };
+    const opensshRun = opensshSftpRunner(ctx2, server);
+    const run = {
+      medsync: (src, name, state, expect) => medsync(src, medsyncUrl(name), state, expect),
+      rclone: (src, name) => rcloneRun(src, `${server.root}/${name}`),
+      openssh: (src, name) => opensshRun(src, `${server.root}/${name}`),
+    };
+
+    spawnSync(process.execPath, [CLI, '--version'], { stdio: 'ignore' });
+    spawnSync(ctx.rclone, ['version', '--config', ctx.rcloneConfig], { stdio: 'ignore' });
+
+    const results = [];
+    const medsyncRuns = [];
+    const kept = {};
+    const copyCase = async (key, row, c, tools, keepLast) => {
+      const src = join(ctx.tmp, `sftp-src-${key}`);
+      log(`${row}: generating ${c.files} x ${c.size / KiB} KiB`);
+      if (c.files === 1) await makeBigFile(join(src, 'patient-000/study-0/IM000000.dcm'), c.size);
+      else await makeCorpus(src, c);
+      const bytes = c.files * c.size;
+      const fns = {};
+      for (const tool of tools) {
+        fns[tool] = async (t) => {
+          const name = `dst-${tool}-${key}-${t}`;
+          const state = join(ctx.tmp, `sftp-state-${key}-${t}.db`);
+          const r = await run[tool](src, name, state, { synced: c.files, skipped: 0, bytes });
+          log(`${row}: trial ${t + 1} ${tool.padEnd(7)} ${r.seconds.toFixed(2)} s`);
+          const dst = join(server.root, name);
+          await verifyFtpCopy(tool, src, dst, c);
+          if (keepLast && t === ctx.trials - 1) kept[tool] = { name, state };
+          else await fsp.rm(dst, { recursive: true, force: true });
+          return r;
+        };
+      }
+      const runs = await alternate(ctx.trials, fns);
+      medsyncRuns.push(...runs.medsync);
+      const fig = (rs) => {
+        const b = best(rs);
+        return {
+          seconds: round(b.seconds),
+          MBps: round(bytes / MB / b.seconds, 1),
+          filesPerSec: round(c.files / b.seconds, 1),
+          peakRssMB: kbToMB(maxKB(...rs)),
+          trialsSeconds: rs.map((r) => round(r.seconds)),
+          ...(b.internalSeconds !== undefined ? { runDurationSeconds: round(b.internalSeconds) } : {}),
+        };
+      };
+      const f = Object.fromEntries(tools.map((t) => [t, fig(runs[t])]));
+      results.push({
+        name: row,
+        description: `${c.files} file(s) x ${c.size / KiB} KiB (${round(bytes / MB, 1)} MB) in ${c.dirs} folder(s), local -> fresh folder on loopback OpenSSH sshd`,
+        ...f,
+        ratios: {
+          MBpsVsRclone: round(f.medsync.MBps / f.rclone.MBps),
+          ...(f.openssh ? { MBpsVsOpenssh: round(f.medsync.MBps / f.openssh.MBps) } : {}),
+        },
+        ratioDefinition: 'medsync MB/s / other tool MB/s; > 1: medsync faster',
+        target: 'none (informational)',
+        pass: null,
+      });
+      if (!keepLast) await fsp.rm(src, { recursive: true, force: true });
+      return src;
+    };
+
+    const all = ['medsync', 'rclone', 'openssh'];
+    await copyCase('256k', 'sftp-copy-256k', S.files256k, all, false);
+    const src4k = await copyCase('4k', 'sftp-copy-4k', S.files4k, ['medsync', 'rclone', 'openssh'], true);
+    await copyCase('1g', 'sftp-copy-big', S.bigFile, all, false);
+
+    {
+      // OpenSSH's sftp has no incremental mode: the re-run compares medsync and rclone.
+      const c = S.files4k;
+      const tools = ['medsync', 'rclone'];
+      const before = {};
+      for (const tool of tools) before[tool] = await walk(join(server.root, kept[tool].name));
+      const fns = {};
+      for (const tool of tools) {
+        fns[tool] = async (t) => {
+          const r = await run[tool](src4k, kept[tool].name, kept[tool].state, {
+            synced: 0,
+            skipped: c.files,
+            bytes: 0,
+          });
+          log(`sftp-no-change-rerun: trial ${t + 1} ${tool.padEnd(7)} ${r.seconds.toFixed(3)} s`);
+          return r;
+        };
+      }
+      const runs = await alternate(ctx.trials, fns);
+      medsyncRuns.push(...runs.medsync);
+      const rewrote = {};
+      for (const tool of tools) {
+        const after = await walk(join(server.root, kept[tool].name));
+        if (after.count !== c.files || after.bytes !== c.files * c.size)
+          fail(`${tool}: after the re-run the destination holds ${after.count} files / ${after.bytes} bytes`);
+        rewrote[tool] = after.maxCtimeNs !== before[tool].maxCtimeNs;
+      }
+      if (rewrote.medsync) fail('medsync: the no-change re-run changed the destination');
+      if (rewrote.rclone) log("WARNING: rclone's no-change re-run rewrote files at its destination");
+      const fig = (rs, tool) => {
+        const b = best(rs);
+        return {
+          seconds: round(b.seconds),
+          filesPerSec: round(c.files / b.seconds, 0),
+          peakRssMB: kbToMB(maxKB(...rs)),
+          trialsSeconds: rs.map((r) => round(r.seconds)),
+          rewroteFiles: rewrote[tool],
+          ...(b.internalSeconds !== undefined ? { runDurationSeconds: round(b.internalSeconds) } : {}),
+        };
+      };
+      const f = Object.fromEntries(tools.map((t) => [t, fig(runs[t], t)]));
+      results.push({
+        name: 'sftp-no-change-rerun',
+        description: `second run over the ${c.files} files x ${c.size / KiB} KiB already on the server (nothing to send)`,
+        ...f,
+        ratio: round(f.rclone.seconds / f.medsync.seconds),
+        ratioDefinition: 'rclone seconds / medsync seconds (>1: medsync faster)',
+        target: 'none (informational)',
+        pass: null,
+      });
+      await fsp.rm(src4k, { recursive: true, force: true });
+    }
+
+    const peak = kbToMB(maxKB(...medsyncRuns));
+    results.push({
+      name: 'sftp-peak-rss',
+      description: 'peak RSS (max RSS of the process) of medsync over all its sftp runs',
+      medsync: { peakRssMB: peak },
+      rclone: { peakRssMB: Math.max(...results.filter((r) => r.rclone).map((r) => r.rclone.peakRssMB)) },
+      target: `medsync peak RSS < ${rssTarget} MB`,
+      pass: peak !== null && peak < rssTarget,
+    });
+
+    return {
+      config: {
+        concurrency: ctx.concurrency,
+        medsyncFsync: !ctx.noFsync,
+        medsync:
+          'sync … sftp://… --identity KEY --host-fingerprint SHA256:… (fsync@openssh.com before each rename unless --no-fsync)',
+        rclone: `copy … --transfers ${ctx.concurrency} --checkers 8, sftp backend (key_file, known_hosts_file; rclone's defaults otherwise)`,
+        openssh: `${sshVersion}: sftp -b with put -r (one connection, one file at a time)`,
+        server: `OpenSSH sshd on ${server.host}:${server.port} (scripts/services.sh start sshd)`,
         trials: ctx.trials,
         keep: 'best (lowest wall-clock) of the trials; order alternates between trials',
         small: ctx.small,

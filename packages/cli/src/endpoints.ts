@@ -15,7 +15,7 @@ export interface EndpointOptions {
   baseDir?: string | undefined;
   /** PEM file of the CA (or self-signed certificate) an FTPS server is trusted with. */
   caFile?: string | undefined;
-  /** fsync each file before renaming it into place (local destinations). Default true. */
+  /** fsync each file before renaming it into place (local and SFTP destinations). Default true. */
   fsync?: boolean | undefined;
   /** SFTP: private key file (OpenSSH or PEM) to log in with. */
   identityFile?: string | undefined;
@@ -188,6 +188,7 @@ async function openSftp(u: URL, o: EndpointOptions): Promise<Storage> {
     ...(o.hostFingerprint ? { hostFingerprint: o.hostFingerprint } : {}),
     ...(knownHosts !== undefined ? { knownHosts } : {}),
     root: decodeURIComponent(u.pathname) || '/',
+    fsync: o.fsync ?? true,
   });
 }
 

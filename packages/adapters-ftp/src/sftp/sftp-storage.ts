@@ -862,7 +862,9 @@ export class SftpStorage implements Storage {
           { adapter: 'sftp', path: rel },
         );
       }
-      const st = await s.fstat(h);
+      // fstat and futimes go out together (one round trip): setting times does not change the size.
+      const secs = opts.mtimeMs !== undefined ? Math.floor(opts.mtimeMs / 1000) : undefined;
+      const [st] = await Promise.all([s.fstat(h), secs !== undefined ? s.futimes(h, secs, secs) : undefined]);
       if (st.size !== sent) {
         throw new MedsyncError(
           'E_INTEGRITY',
@@ -873,12 +875,7 @@ export class SftpStorage implements Storage {
           },
         );
       }
-      let mtimeMs: number | undefined;
-      if (opts.mtimeMs !== undefined) {
-        const secs = Math.floor(opts.mtimeMs / 1000);
-        await s.futimes(h, secs, secs);
-        mtimeMs = secs * 1000;
-      }
+      const mtimeMs = secs !== undefined ? secs * 1000 : undefined;
       if (this.options.fsync && s.has('fsync@openssh.com')) await s.fsync(h);
       handle = undefined;
       await s.closeHandle(h);
