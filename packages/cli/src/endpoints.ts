@@ -17,6 +17,11 @@ export interface EndpointOptions {
   caFile?: string | undefined;
   /** fsync each file before renaming it into place (local and SFTP destinations). Default true. */
   fsync?: boolean | undefined;
+  /**
+   * The job's parallel transfers: network destinations open this many connections (at most 64),
+   * unless the config endpoint's `options.maxConnections` sets a per-destination limit.
+   */
+  connections?: number | undefined;
   /** SFTP: private key file (OpenSSH or PEM) to log in with. */
   identityFile?: string | undefined;
   /** SFTP: environment variable holding the passphrase of `identityFile`. */
@@ -73,6 +78,11 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
           knownHostsFile: sftpFields(spec).knownHostsFile ?? opts.knownHostsFile,
         };
   const local = (root: string) => new LocalStorage({ root, fsync: o.fsync ?? true });
+  // Adapter options from a config file's endpoint object, checked by the adapter (E_CONFIG naming
+  // the field); the URL and the credentials come from their own fields.
+  const extra = typeof spec === 'string' ? {} : (spec.options ?? {});
+  const limit = typeof extra.maxConnections === 'number' ? extra.maxConnections : 64;
+  const pool = { maxConnections: Math.min(limit, Math.max(1, o.connections ?? 4)) };
   if (!isUrl(url)) return local(resolve(opts.baseDir ?? process.cwd(), url));
   let u: URL;
   try {
@@ -103,6 +113,8 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
       }
     }
     return createFtpStorage({
+      ...extra,
+      ...pool,
       host: u.hostname,
       ...(u.port ? { port: Number(u.port) } : {}),
       user,
@@ -111,7 +123,7 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
       ...(u.protocol === 'ftps:' ? { secure: 'explicit' as const, tls: ca ? { ca } : {} } : {}),
     });
   }
-  if (u.protocol === 'sftp:') return openSftp(u, o);
+  if (u.protocol === 'sftp:') return openSftp(u, o, { ...extra, ...pool });
   const pkg = PLANNED[u.protocol];
   if (pkg) {
     // Resolve the secret now so a missing variable or key is reported before any work starts.
@@ -143,7 +155,7 @@ function readUserFile(o: EndpointOptions, file: string, flag: string): string {
  * or else ~/.ssh/known_hosts, as OpenSSH does: a host it does not list is refused, and the
  * message shows the fingerprint to pin.
  */
-async function openSftp(u: URL, o: EndpointOptions): Promise<Storage> {
+async function openSftp(u: URL, o: EndpointOptions, extra: Record<string, unknown>): Promise<Storage> {
   const user = decodeURIComponent(u.username);
   if (!user) {
     throw new MedsyncError('E_CONFIG', 'An sftp:// URL needs a user name: sftp://user@host/path.');
@@ -179,6 +191,7 @@ async function openSftp(u: URL, o: EndpointOptions): Promise<Storage> {
   }
   const { createSftpStorage } = await import('@medsync/adapters-ftp');
   return createSftpStorage({
+    ...extra,
     host: u.hostname.replace(/^\[(.*)\]$/, '$1'),
     ...(u.port ? { port: Number(u.port) } : {}),
     user,

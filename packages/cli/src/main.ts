@@ -260,6 +260,7 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
         env: io.env,
         fsync: f.fsync,
         caFile: f.ca,
+        connections: f.concurrency ?? 4,
         ...sftpEndpointOptions(f),
       }),
     );
@@ -398,7 +399,9 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
       const src = await openEndpoint(j.source, { baseDir, env: io.env });
       const dests: Storage[] = [];
       for (const d of j.destinations)
-        dests.push(await openEndpoint(d, { baseDir, env: io.env, fsync: j.fsync }));
+        dests.push(
+          await openEndpoint(d, { baseDir, env: io.env, fsync: j.fsync, connections: j.concurrency }),
+        );
       storages.push(src, ...dests);
       const job = new SyncJob({
         id: j.id,

@@ -9,13 +9,16 @@ import { startFtpServer, type TestFtpServer } from '../../adapters-ftp/test/ftp-
 
 let base: string;
 let ftps: TestFtpServer;
+let ftp: TestFtpServer;
 
 beforeAll(async () => {
   base = mkdtempSync(join(tmpdir(), 'medsync-cli-ftp-'));
   ftps = await startFtpServer({ tls: true });
+  ftp = await startFtpServer();
 });
 afterAll(async () => {
   await ftps?.close();
+  await ftp?.close();
   rmSync(base, { recursive: true, force: true });
 });
 
@@ -74,4 +77,68 @@ describe('medsync with an ftps:// destination', () => {
     expect(untrusted.code).toBe(1);
     expect(untrusted.json.ok).toBe(false);
   }, 60_000);
+
+  it('opens as many connections as --concurrency; a config endpoint can cap them and pass adapter options', async () => {
+    const src = join(base, 'many');
+    const files: Record<string, Buffer> = {};
+    for (let i = 0; i < 40; i++) files[`S${i % 4}/IM${i}.dcm`] = randomBytes(200_000);
+    writeTree(src, files);
+    const url = `ftp://${ftp.user}@${ftp.host}:${ftp.port}/many`;
+    const env = { FTP_PASSWORD: ftp.password };
+    ftp.stats.peakConnections = 0;
+    const r = await medsync(
+      [
+        'sync',
+        src,
+        url,
+        '--state',
+        join(base, 'm.db'),
+        '--json',
+        '--password-env',
+        'FTP_PASSWORD',
+        '--concurrency',
+        '8',
+      ],
+      env,
+    );
+    expect(r.json).toMatchObject({ status: 'success', filesSynced: 40 });
+    expect(ftp.stats.peakConnections).toBeGreaterThan(4);
+    expect(ftp.stats.peakConnections).toBeLessThanOrEqual(8);
+
+    const cfg = (options: Record<string, unknown>, id: string) => {
+      const file = join(base, `${id}.config.json`);
+      writeFileSync(
+        file,
+        JSON.stringify({
+          state: `${id}.db`,
+          jobs: [
+            {
+              id,
+              source: src,
+              destinations: [
+                {
+                  url: `ftp://${ftp.user}@${ftp.host}:${ftp.port}/${id}`,
+                  passwordEnv: 'FTP_PASSWORD',
+                  options,
+                },
+              ],
+              concurrency: 8,
+            },
+          ],
+        }),
+      );
+      return file;
+    };
+    ftp.stats.peakConnections = 0;
+    const capped = await medsync(
+      ['run', '--config', cfg({ maxConnections: 2, serverDigest: false }, 'capped'), '--once'],
+      env,
+    );
+    expect(capped.code).toBe(0);
+    expect(readTree(join(ftp.dir, 'capped'))).toEqual(readTree(src));
+    expect(ftp.stats.peakConnections).toBeLessThanOrEqual(2);
+    const bad = await medsync(['run', '--config', cfg({ maxConections: 2 }, 'typo'), '--once'], env);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/maxConections/);
+  }, 90_000);
 });
