@@ -481,6 +481,39 @@ function define(s: SshdInfo): void {
       }
     });
 
+    it('a full disk is E_QUOTA (statvfs shows it), not retried, and leaves nothing', async () => {
+      const st = storageOn(s);
+      const disk = join(st.options.root, 'small-disk');
+      mkdirSync(disk);
+      // A 1 MiB tmpfs owned by the SFTP user: OpenSSH answers ENOSPC with a bare SSH_FX_FAILURE.
+      execFileSync('mount', [
+        '-t',
+        'tmpfs',
+        '-o',
+        `size=1m,mode=0755,uid=${s.uid},gid=${s.gid}`,
+        'tmpfs',
+        disk,
+      ]);
+      try {
+        await put(st, 'small-disk/fits.dcm', 'x'.repeat(1000));
+        const size = 3 * 1024 * 1024;
+        await expect(
+          st.write('small-disk/a/big.bin', generatedStream(size, 4), { size }),
+        ).rejects.toMatchObject({
+          code: 'E_QUOTA',
+          retryable: false,
+          path: 'small-disk/a/big.bin',
+          message: expect.stringMatching(/full/),
+        });
+        expect(filesUnder(disk)).toEqual(['fits.dcm']);
+        await expect(put(st, 'small-disk/b.dcm', 'small')).resolves.toMatchObject({ size: 5 });
+      } finally {
+        await st.close();
+        execFileSync('umount', [disk]);
+        removeRoot(st);
+      }
+    });
+
     it('a folder the account may not write is E_PERMISSION, not retried', async () => {
       const st = storageOn(s);
       try {

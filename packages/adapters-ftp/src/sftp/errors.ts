@@ -75,7 +75,7 @@ const TRANSIENT_ERRNO = new Set([
 
 /** ssh2's words for a connection that went away or never answered. */
 const CONNECTION_TEXT =
-  /no response from server|not connected|channel is not open|keepalive timeout|connection lost|closed|socket|no free channels|timed out|unable to start subsystem|unexpected disconnection/i;
+  /no response from server|not connected|channel is not open|keepalive timeout|connection lost|closed|socket|no free channels|timed out|unexpected disconnection/i;
 
 /** Words of an SSH disconnect that says the server is busy or limits sessions. */
 const DISCONNECT_BUSY = new Set([12 /* TOO_MANY_CONNECTIONS */]);
@@ -154,6 +154,13 @@ export function toSftpError(e: unknown, op: SftpOp, path?: string): MedsyncError
     return make(
       'E_AUTH',
       'the server refused the login: check `user` and `password` or `privateKey`, and that this account may log in over SSH (AllowUsers, a disabled or expired account).',
+      false,
+    );
+  }
+  if (/unable to start subsystem/i.test(message)) {
+    return make(
+      'E_UNSUPPORTED',
+      "the server does not offer SFTP to this account (no sftp subsystem, or a shell-only or forced-command login): check the server's Subsystem and ForceCommand settings.",
       false,
     );
   }

@@ -309,7 +309,14 @@ export function openSession(p: SessionParams): Promise<SftpSession> {
       if (hostKey) hostKey.algorithm = n.serverHostKey;
     });
     client.on('ready', () => {
+      // readyTimeout ends at login; the SFTP subsystem gets as long again to start.
+      const subsystemTimer = setTimeout(
+        () => fail(Object.assign(new Error('The SFTP subsystem timed out.'), { level: 'client-timeout' })),
+        p.timeoutMs,
+      );
+      subsystemTimer.unref();
       client.sftp((err, sftp) => {
+        clearTimeout(subsystemTimer);
         if (err) {
           fail(err);
           return;

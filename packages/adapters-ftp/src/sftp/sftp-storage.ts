@@ -339,6 +339,8 @@ export class SftpStorage implements Storage {
         return /host key/i.test(me.message)
           ? "Verify the server's host key fingerprint with its administrator (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub on the server), then pin it with `hostFingerprint` or add it to `knownHosts`."
           : 'Check the SFTP options.';
+      case 'E_UNSUPPORTED':
+        return 'The SSH login works but the server offers no SFTP to this account: ask its administrator for the sftp subsystem (OpenSSH: Subsystem sftp …, no ForceCommand that blocks it).';
       case 'E_ABORTED':
         return 'The test was cancelled before it finished.';
       default:
@@ -713,9 +715,11 @@ export class SftpStorage implements Storage {
     e: unknown,
     rel: string,
     needed: number,
+    absDir: string,
   ): Promise<unknown> {
     if (!isSftpStatus(e, SFTP_STATUS.FAILURE) || s.closed || !s.has('statvfs@openssh.com')) return e;
-    const vfs = await s.statvfs(this.rootAbs).catch(() => undefined);
+    // The file's own folder: it may be on another file system than the root.
+    const vfs = await s.statvfs(absDir).catch(() => undefined);
     if (vfs && vfs.freeBytes < Math.max(needed, 1024 * 1024)) {
       return new MedsyncError(
         'E_QUOTA',
@@ -887,7 +891,13 @@ export class SftpStorage implements Storage {
       if (isStream) body.destroy();
       let raw = e;
       if (lease && !signal?.aborted && !this.closed) {
-        raw = await this.classifyWriteFailure(lease.conn, e, rel, Math.max(size ?? 0, sent));
+        raw = await this.classifyWriteFailure(
+          lease.conn,
+          e,
+          rel,
+          Math.max(size ?? 0, sent),
+          dirnameAbs(finalAbs),
+        );
       }
       let me: MedsyncError;
       if (signal?.aborted) me = this.aborted(e, rel);
