@@ -6,6 +6,8 @@ import {
   type AuditStore,
   type LockStore,
   type ManifestEntry,
+  type ManifestListOptions,
+  type ManifestScope,
   type ManifestStore,
   type RunRecord,
   type RunStore,
@@ -48,6 +50,35 @@ function toEntry(r: Selectable<ManifestTable>): ManifestEntry {
     verifiedBy: r.verified_by as VerifiedBy,
     deliveredAt: num(r.delivered_at),
   };
+}
+
+/** Manifest fields and their columns. */
+const COLUMN = {
+  jobId: 'job_id',
+  destination: 'destination',
+  path: 'path',
+  size: 'size',
+  mtimeMs: 'mtime_ms',
+  md5: 'md5',
+  sha256: 'sha256',
+  remoteId: 'remote_id',
+  verifiedBy: 'verified_by',
+  deliveredAt: 'delivered_at',
+} as const satisfies Record<keyof ManifestEntry, keyof ManifestTable>;
+
+/** An entry from the columns a narrow list read: only those fields are set. */
+function toPartialEntry(r: Partial<Selectable<ManifestTable>>, scope: ManifestScope): ManifestEntry {
+  const e: Partial<ManifestEntry> = { path: r.path! };
+  if (r.job_id !== undefined) e.jobId = scope.jobId;
+  if (r.destination !== undefined) e.destination = scope.destination;
+  if (r.size !== undefined) e.size = num(r.size);
+  if (r.mtime_ms !== undefined) e.mtimeMs = num(r.mtime_ms);
+  if (r.md5 !== undefined) e.md5 = opt(r.md5);
+  if (r.sha256 !== undefined) e.sha256 = opt(r.sha256);
+  if (r.remote_id !== undefined) e.remoteId = opt(r.remote_id);
+  if (r.verified_by !== undefined) e.verifiedBy = r.verified_by as VerifiedBy;
+  if (r.delivered_at !== undefined) e.deliveredAt = num(r.delivered_at);
+  return e as ManifestEntry;
 }
 
 function fromEntry(e: ManifestEntry): ManifestTable {
@@ -150,12 +181,18 @@ export class SqlStore implements Store {
           const r = await where(scope).selectAll().where('path', '=', path).executeTakeFirst();
           return r ? toEntry(r) : undefined;
         }),
-      async *list(scope, opts = {}) {
+      async *list(
+        scope: ManifestScope,
+        opts: ManifestListOptions & { fields?: readonly (keyof ManifestEntry)[] } = {},
+      ) {
         const size = opts.pageSize ?? 5000;
+        const columns = opts.fields
+          ? [...new Set(['path' as const, ...opts.fields.map((f) => COLUMN[f])])]
+          : undefined;
         let after: string | undefined;
         for (;;) {
           const page = await wrap('Listing the manifest', () => {
-            let q = where(scope).selectAll();
+            let q = columns ? where(scope).select(columns) : where(scope).selectAll();
             if (opts.prefix)
               q = q.where('path', '>=', opts.prefix).where('path', '<', opts.prefix + '\uffff');
             if (after !== undefined) q = q.where('path', '>', after);
@@ -164,7 +201,8 @@ export class SqlStore implements Store {
               ? caps.selectRows<Selectable<ManifestTable>>(compiled)
               : db.executeQuery(compiled).then((r) => r.rows);
           });
-          for (const r of page) yield toEntry(r);
+          if (columns) for (const r of page) yield toPartialEntry(r, scope);
+          else for (const r of page) yield toEntry(r);
           if (page.length < size) return;
           after = page[page.length - 1]!.path;
         }

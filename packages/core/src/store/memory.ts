@@ -5,6 +5,7 @@ import type {
   LockInfo,
   LockStore,
   ManifestEntry,
+  ManifestListOptions,
   ManifestScope,
   ManifestStore,
   RunRecord,
@@ -58,7 +59,7 @@ export class MemoryStore implements Store {
         const e = scopeMap(scope, false)?.get(path);
         return e ? clone(e) : undefined;
       },
-      async *list(scope, opts = {}) {
+      async *list(scope: ManifestScope, opts: ManifestListOptions = {}) {
         live();
         const m = scopeMap(scope, false);
         if (!m) return;

@@ -46,11 +46,26 @@ export interface ManifestScope {
   destination: string;
 }
 
+export interface ManifestListOptions {
+  /** Only paths starting with this. */
+  prefix?: string;
+  /** Rows read per query. */
+  pageSize?: number;
+}
+
 export interface ManifestStore {
   /** The entry for one path, or undefined. */
   get(scope: ManifestScope, path: string): Promise<ManifestEntry | undefined>;
   /** Every entry of the scope, sorted by path, streamed in pages (bounded memory). */
-  list(scope: ManifestScope, opts?: { prefix?: string; pageSize?: number }): AsyncIterable<ManifestEntry>;
+  list(scope: ManifestScope, opts?: ManifestListOptions): AsyncIterable<ManifestEntry>;
+  /**
+   * The same, with only `path` and the named fields read (others may be missing): planning a run
+   * over many files needs only sizes and times, and reads far less.
+   */
+  list<K extends keyof ManifestEntry>(
+    scope: ManifestScope,
+    opts: ManifestListOptions & { fields: readonly K[] },
+  ): AsyncIterable<Pick<ManifestEntry, K | 'path'>>;
   /** Inserts or replaces entries (one transaction per call). */
   put(entries: ManifestEntry | readonly ManifestEntry[]): Promise<void>;
   /** Removes entries by path; missing paths are ignored. */

@@ -24,6 +24,9 @@ import type { PlanOp, SyncJobEvents, SyncPlan, SyncProgress, SyncResult } from '
 
 export type SyncMode = 'copy' | 'mirror';
 
+/** What planning reads of each manifest entry. */
+type BriefEntry = Pick<ManifestEntry, 'path' | 'size' | 'mtimeMs'>;
+
 /**
  * Errors that say a whole destination is unusable: refused credentials. (E_CONFIG is not among
  * them: some adapters raise it for one file, e.g. a folder where the file should go.)
@@ -658,8 +661,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     },
   ): Promise<{ tasks: Task[]; deletes: Task[]; skipped: number; refused: boolean; limit: number }> {
     const store = this.o.store;
-    const manifest = new Map<string, ManifestEntry>();
-    for await (const m of store.manifest.list(scope)) manifest.set(m.path, m);
+    // Sizes and times are all planning needs of most entries; the rest is read for the few that
+    // changed.
+    const manifest = new Map<string, BriefEntry>();
+    for await (const m of store.manifest.list(scope, { fields: ['size', 'mtimeMs'] }))
+      manifest.set(m.path, m);
 
     if (manifest.size > 0) await this.checkDestinationPresent(dest, manifest, ctx.signal);
 
@@ -680,12 +686,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         skipped++;
         continue;
       }
-      if (m && m.size === s.size && m.sha256 && s.size >= 0) {
+      const full =
+        m && m.size === s.size && s.size >= 0 ? await store.manifest.get(scope, s.path) : undefined;
+      if (full?.sha256) {
         // Same size, new mtime: hash the source before resending (touch, restore from backup).
         const h = await this.hashSource(s.path, ctx.signal).catch(() => undefined);
-        if (h && h.sha256 === m.sha256) {
+        if (h && h.sha256 === full.sha256) {
           skipped++;
-          touched.push({ ...m, mtimeMs: s.mtimeMs ?? m.mtimeMs });
+          touched.push({ ...full, mtimeMs: s.mtimeMs ?? full.mtimeMs });
           continue;
         }
       }
@@ -727,9 +735,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     // Moves: a new path whose content equals a file about to be deleted is renamed, not resent.
     if (deletes.length > 0 && (this.o.detectMoves ?? true)) {
       const bySize = new Map<number, Task[]>();
+      const shaOf = new Map<string, string>();
       for (const d of deletes) {
-        const m = manifest.get(d.op.path);
-        if (m?.sha256) bySize.set(m.size, [...(bySize.get(m.size) ?? []), d]);
+        const m = await store.manifest.get(scope, d.op.path);
+        if (!m?.sha256) continue;
+        shaOf.set(d.op.path, m.sha256);
+        bySize.set(m.size, [...(bySize.get(m.size) ?? []), d]);
       }
       const remaining: StorageEntry[] = [];
       for (const s of toSend) {
@@ -739,7 +750,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           continue;
         }
         const h = await this.hashSource(s.path, ctx.signal).catch(() => undefined);
-        const idx = h ? pool.findIndex((d) => manifest.get(d.op.path)?.sha256 === h.sha256) : -1;
+        const idx = h ? pool.findIndex((d) => shaOf.get(d.op.path) === h.sha256) : -1;
         if (idx < 0 || !h) {
           remaining.push(s);
           continue;
@@ -782,7 +793,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
    */
   private async checkDestinationPresent(
     dest: Storage,
-    manifest: Map<string, ManifestEntry>,
+    manifest: Map<string, BriefEntry>,
     signal: AbortSignal,
   ): Promise<void> {
     const all = [...manifest.keys()];

@@ -102,7 +102,7 @@ export function describeStoreConformance(o: StoreConformanceOptions): void {
     );
 
     it(
-      'ManifestList: sorted by path, paged, by prefix; summary, hash lookup and clear',
+      'ManifestList: sorted by path, paged, by prefix, narrowed to some fields; summary, hash lookup and clear',
       async () => {
         const paths = Array.from({ length: 1234 }, (_, i) => `s${i % 7}/Pätient ${i}/img ${i}.dcm`);
         await s.manifest.put(
@@ -113,6 +113,11 @@ export function describeStoreConformance(o: StoreConformanceOptions): void {
         const pre = await collect(s.manifest.list(scope, { prefix: 's3/' }));
         expect(pre.length).toBe(paths.filter((p) => p.startsWith('s3/')).length);
         expect(pre.every((e) => e.path.startsWith('s3/'))).toBe(true);
+        // A narrow list reads the named fields (and the path) with the same values.
+        const brief = await collect(s.manifest.list(scope, { fields: ['size', 'mtimeMs'], pageSize: 500 }));
+        expect(brief.map((e) => [e.path, e.size, e.mtimeMs])).toEqual(
+          listed.map((e) => [e.path, e.size, e.mtimeMs]),
+        );
         const sum = await s.manifest.summary(scope);
         expect(sum).toEqual({ files: 1234, bytes: (1233 * 1234) / 2 });
         const found = await s.manifest.findBySha256(scope, 'abc');
