@@ -29,6 +29,18 @@ describeStorageConformance({
   largeFileBytes: 16 * 1024 * 1024,
 });
 
+// Listing with concurrent asynchronous stats, as on network mounts (tests run on a local disk).
+describeStorageConformance({
+  name: 'local (async listing)',
+  create: async () => {
+    const root = mkdtempSync(join(tmpdir(), 'medsync-local-'));
+    roots.push(root);
+    return new LocalStorage({ root, listMode: 'async' });
+  },
+  cleanup: async (s) => rmSync((s as LocalStorage).root, { recursive: true, force: true }),
+  largeFileBytes: 4 * 1024 * 1024,
+});
+
 describeStorageConformance({
   name: 'memory',
   create: async () => new MemoryStorage(),

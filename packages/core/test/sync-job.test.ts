@@ -560,30 +560,33 @@ describe('SyncJob safety', () => {
     ).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
   });
 
-  it('follows symlinked source folders; a dangling one blocks mirror deletions below it', async () => {
-    const src = tmp();
-    const elsewhere = tmp();
-    writeTree(src, { 'a.dcm': 'a' });
-    writeTree(elsewhere, { '2019/x.dcm': 'x', '2019/y.dcm': 'y' });
-    symlinkSync(join(elsewhere, '2019'), join(src, '2019'));
-    const dst = new MemoryStorage();
-    const j = job({
-      source: new LocalStorage({ root: src }),
-      destinations: [dst],
-      mode: 'mirror',
-      maxDelete: 100,
-    });
-    const r1 = await j.run();
-    expect(r1).toMatchObject({ status: 'success', filesSynced: 3 });
-    expect(dst.peek('2019/x.dcm')?.toString()).toBe('x');
-    // The disk behind the link is not mounted: the link dangles.
-    rmSync(join(elsewhere, '2019'), { recursive: true });
-    const r2 = await j.run();
-    expect(r2.filesDeleted).toBe(0);
-    expect(dst.peek('2019/x.dcm')).toBeDefined();
-    expect(r2.status).toBe('failed');
-    expect(r2.errors[0]).toMatchObject({ path: '2019', code: 'E_NOT_FOUND' });
-  });
+  it.each(['sync', 'async'] as const)(
+    'follows symlinked source folders; a dangling one blocks mirror deletions below it (%s listing)',
+    async (listMode) => {
+      const src = tmp();
+      const elsewhere = tmp();
+      writeTree(src, { 'a.dcm': 'a' });
+      writeTree(elsewhere, { '2019/x.dcm': 'x', '2019/y.dcm': 'y' });
+      symlinkSync(join(elsewhere, '2019'), join(src, '2019'));
+      const dst = new MemoryStorage();
+      const j = job({
+        source: new LocalStorage({ root: src, listMode }),
+        destinations: [dst],
+        mode: 'mirror',
+        maxDelete: 100,
+      });
+      const r1 = await j.run();
+      expect(r1).toMatchObject({ status: 'success', filesSynced: 3 });
+      expect(dst.peek('2019/x.dcm')?.toString()).toBe('x');
+      // The disk behind the link is not mounted: the link dangles.
+      rmSync(join(elsewhere, '2019'), { recursive: true });
+      const r2 = await j.run();
+      expect(r2.filesDeleted).toBe(0);
+      expect(dst.peek('2019/x.dcm')).toBeDefined();
+      expect(r2.status).toBe('failed');
+      expect(r2.errors[0]).toMatchObject({ path: '2019', code: 'E_NOT_FOUND' });
+    },
+  );
 
   it('a source that changed while being sent fails once (no retries) and is sent next run', async () => {
     class Growing extends MemoryStorage {

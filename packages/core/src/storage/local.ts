@@ -42,6 +42,12 @@ export interface LocalStorageOptions {
    * Default 64 KiB.
    */
   syncIoBelow?: number;
+  /**
+   * How `list` walks the tree: `sync` (synchronous readdir and stat, cheapest on local disks),
+   * `async` (concurrent stats on the thread pool, which hide the latency of network mounts), or
+   * `auto` (default): `sync` on local-disk file systems, `async` elsewhere.
+   */
+  listMode?: 'auto' | 'sync' | 'async';
 }
 
 /** Size and mtime of a file; null when gone or not a file; size -1 when it cannot be stat'ed. */
@@ -110,6 +116,7 @@ export class LocalStorage implements Storage {
       fsync: true,
       listConcurrency: 32,
       syncIoBelow: 64 * 1024,
+      listMode: 'auto',
       ...opts,
       root: this.root,
     };
@@ -186,6 +193,7 @@ export class LocalStorage implements Storage {
 
   /** True when the root is on a local-disk file system (see LOCAL_FS_TYPES); false when unsure. */
   private localDisk(): boolean {
+    if (this.opts.listMode !== 'auto') return this.opts.listMode === 'sync';
     if (this.onLocalDisk === undefined) {
       try {
         this.onLocalDisk = LOCAL_FS_TYPES.has(fs.statfsSync(this.root).type);
