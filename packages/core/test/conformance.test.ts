@@ -73,3 +73,17 @@ describe('LocalStorage.flush', () => {
     expect(readFileSync(join(root, 'a/b/c.dcm'), 'utf8')).toBe('x');
   });
 });
+
+describe('MemoryStorage faults', () => {
+  it('cutWrites cuts only writes that pass the limit; smaller ones do not use it up', async () => {
+    const m = new MemoryStorage();
+    m.faults.cutWrites(1000, 1);
+    await m.write('small.dcm', Buffer.alloc(10));
+    await expect(m.write('big.dcm', Buffer.alloc(5000))).rejects.toMatchObject({ code: 'E_TRANSIENT' });
+    expect(m.peek('big.dcm')).toBeUndefined();
+    await m.write('big.dcm', Buffer.alloc(5000));
+    expect(m.peek('big.dcm')?.length).toBe(5000);
+    m.faults.cutWrites(0, 5).clear();
+    await m.write('after-clear.dcm', Buffer.alloc(10));
+  });
+});

@@ -13,6 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { LocalStorage, MemoryStorage } from '@medsync/core';
+import { CopyPool } from '../src/util/copy-pool.js';
 import { readTree, writeTree } from '@medsync/core/testing';
 
 const dirs: string[] = [];
@@ -128,5 +129,37 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     await expect(dst.copyFrom(new LocalStorage({ root: a }), 'x.dcm', { size: 1 })).rejects.toMatchObject({
       code: 'E_NOT_FOUND',
     });
+  });
+
+  it('a copy worker that dies fails its copies (no hang) and the pool is no longer used', async () => {
+    const a = tmp();
+    writeFileSync(join(a, 'big.bin'), randomBytes(32 * 1024 * 1024));
+    const pool = new CopyPool(1);
+    const b = tmp();
+    let killed = false;
+    const copy = pool.copy(
+      {
+        src: join(a, 'big.bin'),
+        dst: join(b, 'big.bin'),
+        tmp: join(b, '.big.bin.x.medsync-part'),
+        dir: b,
+        mkdir: false,
+        mayMkdir: false,
+        expected: 32 * 1024 * 1024,
+        kinds: ['sha256', 'md5'],
+        fsync: false,
+      },
+      undefined,
+      () => {
+        if (killed) return;
+        killed = true;
+        // The worker goes away mid-copy, as if the OS had killed it.
+        void (
+          pool as unknown as { workers: Array<{ terminate(): Promise<number> }> }
+        ).workers[0]!.terminate();
+      },
+    );
+    await expect(copy).rejects.toThrow(/copy worker exited/);
+    expect(pool.usable).toBe(false);
   });
 });

@@ -590,7 +590,15 @@ export class LocalStorage implements Storage {
       }
       return { entry: { path: rel, size: done.size, mtimeMs: done.mtimeMs }, digests: done.digests };
     } catch (e) {
-      if (!(e instanceof CopyError)) throw this.err(e, 'Copying the file', rel);
+      if (!(e instanceof CopyError)) {
+        // The copy worker died: the retry takes the ordinary path (the pool is no longer usable).
+        throw new MedsyncError('E_TRANSIENT', 'The copy worker stopped; retrying without it.', {
+          adapter: 'local',
+          path: rel,
+          cause: e,
+          retryable: true,
+        });
+      }
       if (this.opts.fsync) this.markMade(e.made, this.abs(dirRel));
       if (e.code === 'ENOENT' && e.side === 'dest') this.madeDirs.delete(dirRel);
       const cause = Object.assign(new Error(e.message), { code: e.code, syscall: e.syscall });

@@ -100,13 +100,16 @@ export class MemoryFaults {
     }
   }
 
-  /** @internal */
-  takeCut(): { afterBytes: number; error: () => Error } | null {
-    if (!this.cut) return null;
+  /**
+   * @internal The error to cut a write with once it passed `total` bytes, or null. A write that
+   * stays under the limit uses up nothing: only writes actually cut count against `count`.
+   */
+  cutAt(total: number): Error | null {
     const c = this.cut;
+    if (!c || total <= c.afterBytes) return null;
     c.remaining--;
     if (c.remaining <= 0) this.cut = null;
-    return c;
+    return c.error();
   }
 }
 
@@ -250,7 +253,6 @@ export class MemoryStorage implements Storage {
       body.destroy();
       throw e;
     }
-    const cut = this.faults.takeCut();
     const parts: Buffer[] = [];
     let total = 0;
     try {
@@ -258,7 +260,8 @@ export class MemoryStorage implements Storage {
         throwIfAborted(opts.signal);
         const buf = Buffer.isBuffer(c) ? c : Buffer.from(c as Uint8Array);
         total += buf.length;
-        if (cut && total > cut.afterBytes) throw cut.error();
+        const cut = this.faults.cutAt(total);
+        if (cut) throw cut;
         parts.push(buf);
       }
       throwIfAborted(opts.signal);

@@ -163,10 +163,15 @@ export class CopyPool {
         p.reject(new CopyError(e.message, e.code ?? undefined, e.syscall ?? undefined, e.side, e.made));
       }
     });
-    w.on('error', (e) => {
+    const fail = (e: unknown) => {
       this.broken = e;
       for (const p of this.pending.values()) p.reject(e);
       this.pending.clear();
+    };
+    w.on('error', fail);
+    // A worker that exits on its own (killed, out of memory) must not leave copies waiting.
+    w.on('exit', (code) => {
+      if (this.workers.includes(w)) fail(new Error(`A copy worker exited (code ${code}).`));
     });
     this.workers.push(w);
     return w;
@@ -176,6 +181,13 @@ export class CopyPool {
     const n = this.busy.get(w)! - 1;
     this.busy.set(w, n);
     if ([...this.busy.values()].every((b) => b === 0)) for (const x of this.workers) x.unref();
+  }
+
+  /** Stops the workers. */
+  async close(): Promise<void> {
+    const ws = this.workers;
+    this.workers = [];
+    await Promise.all(ws.map((w) => w.terminate()));
   }
 
   /** Copies one file; `onBytes` hears progress (every 4 MiB and at the end). */

@@ -48,10 +48,15 @@ export class HashPool {
         this.pending.delete(m.id);
         p?.resolve({ digests: m.out, buffer: m.buffer });
       });
-      w.on('error', (e) => {
+      const fail = (e: unknown) => {
         this.broken = true;
         for (const p of this.pending.values()) p.reject(e);
         this.pending.clear();
+      };
+      w.on('error', fail);
+      // A worker that exits on its own (killed, out of memory) must not leave digests waiting.
+      w.on('exit', (code) => {
+        if (this.workers.includes(w)) fail(new Error(`A hashing worker exited (code ${code}).`));
       });
       this.workers.push(w);
       return w;
