@@ -71,6 +71,7 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
       : {
           ...opts,
           passwordEnv: spec.passwordEnv ?? opts.passwordEnv,
+          caFile: spec.caFile ?? opts.caFile,
           password: spec.password ?? opts.password,
           identityFile: sftpFields(spec).identityFile ?? opts.identityFile,
           passphraseEnv: sftpFields(spec).passphraseEnv ?? opts.passphraseEnv,
@@ -109,7 +110,7 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
       try {
         ca = readFileSync(resolve(opts.baseDir ?? process.cwd(), o.caFile), 'utf8');
       } catch {
-        throw new MedsyncError('E_CONFIG', 'The --ca file could not be read.');
+        throw new MedsyncError('E_CONFIG', 'The CA file (--ca, or caFile in the config) could not be read.');
       }
     }
     return createFtpStorage({
@@ -120,7 +121,12 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
       user,
       password,
       root: decodeURIComponent(u.pathname) || '/',
-      ...(u.protocol === 'ftps:' ? { secure: 'explicit' as const, tls: ca ? { ca } : {} } : {}),
+      ...(u.protocol === 'ftps:'
+        ? {
+            secure: 'explicit' as const,
+            tls: { ...(typeof extra.tls === 'object' ? extra.tls : {}), ...(ca ? { ca } : {}) },
+          }
+        : {}),
     });
   }
   if (u.protocol === 'sftp:') return openSftp(u, o, { ...extra, ...pool });

@@ -141,4 +141,25 @@ describe('medsync with an ftps:// destination', () => {
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/maxConections/);
   }, 90_000);
+
+  it('a config endpoint trusts an FTPS server through caFile (relative to the config file)', async () => {
+    const dir = mkdtempSync(join(base, 'cfg-'));
+    writeTree(join(dir, 'pacs'), { 'a.dcm': randomBytes(1000), 'b/c.dcm': randomBytes(10) });
+    writeFileSync(join(dir, 'server.pem'), ftps.cert!);
+    const url = `ftps://${ftps.user}@${ftps.host}:${ftps.port}/cfg`;
+    const file = join(dir, 'medsync.config.json');
+    const write = (dest: object) =>
+      writeFileSync(
+        file,
+        JSON.stringify({ state: 'state.db', jobs: [{ id: 'tls', source: 'pacs', destinations: [dest] }] }),
+      );
+    write({ url, passwordEnv: 'FTP_PASSWORD', caFile: 'server.pem' });
+    const ok = await medsync(['run', '--config', file, '--once'], { FTP_PASSWORD: ftps.password });
+    expect(ok.code).toBe(0);
+    expect(readTree(join(ftps.dir, 'cfg'))).toEqual(readTree(join(dir, 'pacs')));
+    write({ url, passwordEnv: 'FTP_PASSWORD' });
+    const untrusted = await medsync(['run', '--config', file, '--once'], { FTP_PASSWORD: ftps.password });
+    expect(untrusted.code).toBe(1);
+    expect(untrusted.stderr).toMatch(/E_CONFIG/);
+  }, 60_000);
 });

@@ -25,6 +25,8 @@ export const EndpointSchema = z.union([
       .optional()
       .meta({ sensitive: true }),
     options: z.record(z.string(), z.unknown()).optional(),
+    /** FTPS: PEM file of the CA or self-signed certificate to trust (relative to the config file). */
+    caFile: z.string().min(1).optional(),
     /** SFTP: private key file to log in with (relative to the config file). */
     identityFile: z.string().min(1).optional(),
     /** SFTP: name of an environment variable holding the passphrase of `identityFile`. */
