@@ -65,6 +65,7 @@ function connectionLost(): Error {
  */
 export class SftpSession {
   private isClosed = false;
+  private corked = false;
   private readonly pending = new Set<(e: Error) => void>();
   private readonly closeHooks: (() => void)[] = [];
 
@@ -125,8 +126,26 @@ export class SftpSession {
   }
 
   /** One request: resolves with its answer, rejects with a STATUS or a connection error. */
+  /**
+   * Holds the socket's writes until the end of this tick: ssh2 writes every SSH packet (at most
+   * 32 KiB on OpenSSH) with its own syscall, and the requests issued together (a window of
+   * WRITEs, fstat + futimes) then leave in one writev.
+   */
+  private cork(): void {
+    if (this.corked) return;
+    const sock = (this.client as unknown as { _sock?: { cork?: () => void; uncork?: () => void } })._sock;
+    if (!sock?.cork || !sock.uncork) return;
+    this.corked = true;
+    sock.cork();
+    process.nextTick(() => {
+      this.corked = false;
+      sock.uncork!();
+    });
+  }
+
   private call<T>(start: (cb: Cb<T>) => void): Promise<T> {
     if (this.isClosed) return Promise.reject(connectionLost());
+    this.cork();
     return new Promise<T>((resolve, reject) => {
       let done = false;
       const fail = (e: Error) => {
