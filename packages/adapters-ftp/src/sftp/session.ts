@@ -52,6 +52,12 @@ export interface FsStats {
 
 type Cb<T> = (err: Error | undefined | null, value?: T) => void;
 
+/**
+ * How long fsync and close may take: they write a whole file out to the server's disks (a few GB
+ * on a slow NAS). A dead connection is still noticed sooner, by the SSH keepalive.
+ */
+const FLUSH_TIMEOUT_MS = 10 * 60_000;
+
 /** A connection-level failure of a request (the session is gone), not a server STATUS reply. */
 function connectionLost(): Error {
   return Object.assign(new Error('Not connected: the SSH session was closed.'), { level: 'client-socket' });
@@ -143,7 +149,7 @@ export class SftpSession {
     });
   }
 
-  private call<T>(start: (cb: Cb<T>) => void): Promise<T> {
+  private call<T>(start: (cb: Cb<T>) => void, timeoutMs = this.timeoutMs): Promise<T> {
     if (this.isClosed) return Promise.reject(connectionLost());
     this.cork();
     return new Promise<T>((resolve, reject) => {
@@ -158,7 +164,7 @@ export class SftpSession {
       const timer = setTimeout(() => {
         fail(Object.assign(new Error('The SFTP request timed out.'), { level: 'client-timeout' }));
         this.markClosed();
-      }, this.timeoutMs);
+      }, timeoutMs);
       timer.unref();
       this.pending.add(fail);
       try {
@@ -214,8 +220,12 @@ export class SftpSession {
     return this.call((cb) => this.sftp.open(path, flags, cb));
   }
 
+  /** Closing a handle may flush the file on the server: it gets {@link FLUSH_TIMEOUT_MS}. */
   closeHandle(handle: Buffer): Promise<void> {
-    return this.call((cb) => this.sftp.close(handle, (e) => cb(e)));
+    return this.call(
+      (cb) => this.sftp.close(handle, (e) => cb(e)),
+      Math.max(this.timeoutMs, FLUSH_TIMEOUT_MS),
+    );
   }
 
   fstat(handle: Buffer): Promise<Stats> {
@@ -244,8 +254,12 @@ export class SftpSession {
   }
 
   /** fsync@openssh.com. */
+  /** fsync@openssh.com; a large file on slow disks takes long: it gets {@link FLUSH_TIMEOUT_MS}. */
   fsync(handle: Buffer): Promise<void> {
-    return this.call((cb) => this.sftp.ext_openssh_fsync(handle, (e) => cb(e)));
+    return this.call(
+      (cb) => this.sftp.ext_openssh_fsync(handle, (e) => cb(e)),
+      Math.max(this.timeoutMs, FLUSH_TIMEOUT_MS),
+    );
   }
 
   /** statvfs@openssh.com. */
