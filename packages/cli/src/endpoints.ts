@@ -82,6 +82,14 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
   // Adapter options from a config file's endpoint object, checked by the adapter (E_CONFIG naming
   // the field); the URL and the credentials come from their own fields.
   const extra = typeof spec === 'string' ? {} : (spec.options ?? {});
+  for (const secret of ['password', 'privateKey', 'passphrase']) {
+    if (secret in extra) {
+      throw new MedsyncError(
+        'E_CONFIG',
+        `A destination's "options" may not hold "${secret}": config files keep secrets encrypted ("password": "msenc:v1:…") or in the environment ("passwordEnv", "passphraseEnv"), and keys in files ("identityFile").`,
+      );
+    }
+  }
   const limit = typeof extra.maxConnections === 'number' ? extra.maxConnections : 64;
   const pool = { maxConnections: Math.min(limit, Math.max(1, o.connections ?? 4)) };
   if (!isUrl(url)) return local(resolve(opts.baseDir ?? process.cwd(), url));
@@ -186,7 +194,7 @@ async function openSftp(u: URL, o: EndpointOptions, extra: Record<string, unknow
   }
   let knownHosts: string | undefined;
   if (o.knownHostsFile) knownHosts = readUserFile(o, o.knownHostsFile, '--known-hosts');
-  else if (!o.hostFingerprint) {
+  else if (!o.hostFingerprint && extra.insecureSkipHostKeyCheck !== true) {
     const env = o.env ?? process.env;
     try {
       knownHosts = readFileSync(join(env.HOME || homedir(), '.ssh', 'known_hosts'), 'utf8');

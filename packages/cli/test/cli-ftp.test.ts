@@ -140,6 +140,13 @@ describe('medsync with an ftps:// destination', () => {
     const bad = await medsync(['run', '--config', cfg({ maxConections: 2 }, 'typo'), '--once'], env);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/maxConections/);
+    const secret = await medsync(
+      ['run', '--config', cfg({ password: 'plain-text-secret-42' }, 'secret'), '--once'],
+      env,
+    );
+    expect(secret.code).toBe(2);
+    expect(secret.stderr).toMatch(/may not hold "password"/);
+    expect(secret.stdout + secret.stderr).not.toContain('plain-text-secret-42');
   }, 90_000);
 
   it('a config endpoint trusts an FTPS server through caFile (relative to the config file)', async () => {

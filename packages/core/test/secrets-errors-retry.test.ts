@@ -94,6 +94,10 @@ describe('errors and paths', () => {
     expect(e.message).not.toContain('Doe John');
     expect(toMedsyncError(Object.assign(new Error('x'), { code: 'ECONNRESET' })).retryable).toBe(true);
     expect(toMedsyncError(new Error("weird failure at '/srv/Doe John/x'")).message).not.toContain('Doe');
+    // A foreign message is cut to its first line and 200 characters (a SyntaxError can carry code).
+    const long = toMedsyncError(new Error(`Unexpected token\n${'const a=1;'.repeat(500)}`), 'Loading');
+    expect(long.message).toBe('Loading: Unexpected token');
+    expect(toMedsyncError(new Error('x'.repeat(1000))).message.length).toBeLessThanOrEqual(200);
     const abort = new DOMException('aborted', 'AbortError');
     expect(toMedsyncError(abort).code).toBe('E_ABORTED');
   });

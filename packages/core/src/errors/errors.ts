@@ -147,7 +147,16 @@ export function toMedsyncError(
     return new MedsyncError(errno[0], `${prefix}${errno[1]} (${err?.code})`, { ...opts, cause: e });
   }
   const detail = typeof e === 'string' ? e : (err?.message ?? String(e));
-  return new MedsyncError('E_IO', `${prefix}${stripPaths(detail)}`, { ...opts, cause: e });
+  return new MedsyncError('E_IO', `${prefix}${shorten(stripPaths(detail))}`, { ...opts, cause: e });
+}
+
+/**
+ * The first line of a foreign message, at most 200 characters: some errors carry pages of text
+ * (a module's source in a SyntaxError, a server's banner), which do not belong in a message.
+ */
+function shorten(message: string): string {
+  const line = message.split('\n', 1)[0]!.trim();
+  return line.length > 200 ? `${line.slice(0, 197)}...` : line;
 }
 
 /** Removes quoted or absolute paths from a native message so they cannot leak patient names. */
