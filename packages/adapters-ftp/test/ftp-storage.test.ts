@@ -312,6 +312,11 @@ describe('toFtpError', () => {
       code: 'E_AUTH',
       retryable: false,
     });
+    // A 530 to one command (not the login) is about that path: it must not stop the destination.
+    expect(toFtpError(reply(530, 'Not allowed here'), 'write')).toMatchObject({
+      code: 'E_PERMISSION',
+      retryable: false,
+    });
     expect(toFtpError(reply(552, 'Quota exceeded'), 'write')).toMatchObject({
       code: 'E_QUOTA',
       retryable: false,

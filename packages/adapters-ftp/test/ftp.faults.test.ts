@@ -156,6 +156,28 @@ suite('FTP faults (pure-ftpd)', () => {
     );
   });
 
+  it('a partial left by another version of the file is never resumed; cleanupPartials removes it', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy);
+    const MiB = 1024 * 1024;
+    const v1 = randomBytes(12 * MiB);
+    proxy.cutNextUpload(6 * MiB);
+    await expect(
+      storage.write('s/big.dcm', Readable.from([v1]), { size: v1.length, mtimeMs: Date.UTC(2024, 0, 1) }),
+    ).rejects.toMatchObject({ code: 'E_TRANSIENT' });
+    const kept = allFiles(local);
+    expect(kept).toHaveLength(1);
+    expect(kept[0]).toMatch(/^s\/\.big\.dcm\.r[0-9a-f]+\.medsync-part$/);
+    // The file was exported again: same size, new content and time. It is sent whole.
+    const v2 = randomBytes(12 * MiB);
+    const before = proxy.stats.bytesUp;
+    await storage.write('s/big.dcm', Readable.from([v2]), { size: v2.length, mtimeMs: Date.UTC(2024, 0, 2) });
+    expect(proxy.stats.bytesUp - before).toBe(v2.length);
+    expect((await storage.readBuffer('s/big.dcm')).equals(v2)).toBe(true);
+    expect(await storage.cleanupPartials('', { olderThanMs: Date.now() + 60_000 })).toBe(1);
+    expect(allFiles(local)).toEqual(['s/big.dcm']);
+  });
+
   it('a 425 for one transfer is retried at once for that file; the write succeeds', async () => {
     const proxy = await proxyFor(plain!);
     const { storage, local } = storageOn(plain!, proxy);

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { createMemoryStoreData, LocalStorage, MemoryStorage, MemoryStore } from '@medsync/core';
-import { describeStorageConformance, describeStoreConformance } from '@medsync/core/testing';
+import { describeStorageConformance, describeStoreConformance, writeTree } from '@medsync/core/testing';
 
 const roots: string[] = [];
 
@@ -85,5 +85,26 @@ describe('MemoryStorage faults', () => {
     expect(m.peek('big.dcm')?.length).toBe(5000);
     m.faults.cutWrites(0, 5).clear();
     await m.write('after-clear.dcm', Buffer.alloc(10));
+  });
+});
+
+describe('LocalStorage synchronous listing', () => {
+  it('lets timers run between batches, so a cancel stops a long listing', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'medsync-local-'));
+    roots.push(root);
+    const files: Record<string, string> = {};
+    for (let i = 0; i < 3000; i++) files[`d${i % 10}/f${i}.dcm`] = '';
+    writeTree(root, files);
+    const s = new LocalStorage({ root, listMode: 'sync' });
+    const ac = new AbortController();
+    setTimeout(() => ac.abort(), 0);
+    let seen = 0;
+    await expect(
+      (async () => {
+        for await (const _ of s.list('', { signal: ac.signal })) seen++;
+      })(),
+    ).rejects.toMatchObject({ code: 'E_ABORTED' });
+    expect(seen).toBeGreaterThan(0);
+    expect(seen).toBeLessThan(3000);
   });
 });

@@ -131,35 +131,38 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     });
   });
 
-  it('a copy worker that dies fails its copies (no hang) and the pool is no longer used', async () => {
+  it('a copy worker that dies fails only its own copy (no hang); the others finish; the pool retires', async () => {
     const a = tmp();
-    writeFileSync(join(a, 'big.bin'), randomBytes(32 * 1024 * 1024));
-    const pool = new CopyPool(1);
     const b = tmp();
+    writeFileSync(join(a, 'one.bin'), randomBytes(32 * 1024 * 1024));
+    writeFileSync(join(a, 'two.bin'), randomBytes(8 * 1024 * 1024));
+    const pool = new CopyPool(2);
+    const job = (name: string, size: number) => ({
+      src: join(a, name),
+      dst: join(b, name),
+      tmp: join(b, `.${name}.x.medsync-part`),
+      dir: b,
+      mkdir: false,
+      mayMkdir: false,
+      expected: size,
+      kinds: ['sha256'] as const,
+      fsync: false,
+    });
+    const workers = () => (pool as unknown as { workers: Array<{ terminate(): Promise<number> }> }).workers;
     let killed = false;
-    const copy = pool.copy(
-      {
-        src: join(a, 'big.bin'),
-        dst: join(b, 'big.bin'),
-        tmp: join(b, '.big.bin.x.medsync-part'),
-        dir: b,
-        mkdir: false,
-        mayMkdir: false,
-        expected: 32 * 1024 * 1024,
-        kinds: ['sha256', 'md5'],
-        fsync: false,
-      },
-      undefined,
-      () => {
-        if (killed) return;
-        killed = true;
-        // The worker goes away mid-copy, as if the OS had killed it.
-        void (
-          pool as unknown as { workers: Array<{ terminate(): Promise<number> }> }
-        ).workers[0]!.terminate();
-      },
-    );
-    await expect(copy).rejects.toThrow(/copy worker exited/);
+    const one = pool.copy(job('one.bin', 32 * 1024 * 1024), undefined, () => {
+      if (killed) return;
+      killed = true;
+      // The first worker goes away mid-copy, as if the OS had killed it.
+      void workers()[0]!.terminate();
+    });
+    const two = pool.copy(job('two.bin', 8 * 1024 * 1024));
+    await expect(one).rejects.toThrow(/copy worker exited/);
+    const done = await two;
+    expect(done.digests.sha256).toBe(sha256(readFileSync(join(a, 'two.bin'))));
+    expect(readFileSync(join(b, 'two.bin')).equals(readFileSync(join(a, 'two.bin')))).toBe(true);
     expect(pool.usable).toBe(false);
+    expect(workers()).toHaveLength(1);
+    await pool.close();
   });
 });

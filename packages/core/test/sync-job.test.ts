@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import {
+  existsSync,
   mkdirSync,
   mkdtempSync,
   readFileSync,
@@ -254,6 +255,28 @@ describe('SyncJob copy', () => {
       by.push(m.verifiedBy);
     expect(by.filter((v) => v === 'readback')).toHaveLength(2);
     expect(() => job({ source: src, destinations: [dst2], readBack: 2 })).toThrow(/readBack/);
+  });
+
+  it('sweeps temporary files older than a day from each destination, once a day', async () => {
+    const src = tmp();
+    const dst = tmp();
+    writeTree(src, { 'a.dcm': 'a' });
+    const clock = new FakeClock(Date.now());
+    const j = job({
+      source: new LocalStorage({ root: src }),
+      destinations: [new LocalStorage({ root: dst })],
+      clock,
+    });
+    await j.run(); // the first run starts the clock
+    const leftover = join(dst, '.big.dcm.r0123456789abcdef.medsync-part');
+    writeFileSync(leftover, 'a partial upload nobody resumed');
+    await clock.advance(2 * 3600_000);
+    await j.run();
+    expect(existsSync(leftover)).toBe(true);
+    await clock.advance(26 * 3600_000);
+    await j.run();
+    expect(existsSync(leftover)).toBe(false);
+    expect(readFileSync(join(dst, 'a.dcm'), 'utf8')).toBe('a');
   });
 
   it('is failed when every file fails, and retries run out', async () => {

@@ -147,13 +147,19 @@ function fromReply(
   make: (code: MedsyncErrorCode, msg: string, retryable?: boolean) => MedsyncError,
 ): MedsyncError {
   if (code === 530 || code === 532) {
-    return make(
-      'E_AUTH',
-      op === 'login' || op === 'connect' || op === 'test'
-        ? `the server refused the user name or password (${code}): check both, and that this account may log in over FTP.`
-        : `the server says this session is not logged in or may not store files (${code}): check the account's rights.`,
-      false,
-    );
+    // Only a refused login is E_AUTH (which stops a destination); a 530 to one command is about
+    // that file or folder.
+    return op === 'login' || op === 'connect' || op === 'test'
+      ? make(
+          'E_AUTH',
+          `the server refused the user name or password (${code}): check both, and that this account may log in over FTP.`,
+          false,
+        )
+      : make(
+          'E_PERMISSION',
+          `the server says this session may not do this (${code}): check the account's rights on this path.`,
+          false,
+        );
   }
   if (code === 552 || code === 452) {
     return make(

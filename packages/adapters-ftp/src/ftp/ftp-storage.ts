@@ -389,7 +389,12 @@ export class FtpStorage implements Storage {
     if (dg.via === 'HASH') {
       if (!this.hashSelected.has(c)) {
         const opt = await c.sendIgnoringError('OPTS HASH SHA-256');
-        if (opt.code >= 400) return undefined;
+        if (opt.code >= 400) {
+          // Announced but refused: stop asking (the uploads are checked by size).
+          if (this.features) this.features = { ...this.features, digest: undefined };
+          this.caps = { ...this.caps, hashes: [] };
+          return undefined;
+        }
         this.hashSelected.add(c);
       }
       const res = await c.sendIgnoringError(`HASH ${abs}`);
@@ -1029,6 +1034,8 @@ export class FtpStorage implements Storage {
             if (size !== undefined && have > 0 && have <= size) offset = have;
           }
           tempMayExist = true;
+          // A complete part is only taken as is when the server's digest will check it whole.
+          if (offset === size && !(this.options.serverDigest && (await this.feats(c)).digest)) offset = 0;
           if (offset > 0 && offset === size) {
             // Sent completely before; only the checks and the rename were left.
             for await (const _ of uploadBody(offset)) void _;
@@ -1042,7 +1049,13 @@ export class FtpStorage implements Storage {
           let e = failure;
           // The data connection failed but the session is open: the server's reply says why
           // (552 over quota, 426 aborted, 451 local error). Read it, then retire the session.
-          if (!isFtpReply(e) && !c.closed && streamError === undefined && !signal?.aborted) {
+          if (
+            !isFtpReply(e) &&
+            !isMedsyncError(e) &&
+            !c.closed &&
+            streamError === undefined &&
+            !signal?.aborted
+          ) {
             e = (await FtpStorage.transferVerdict(c)) ?? e;
           }
           if (streamError !== undefined || pulled || signal?.aborted) throw e;
@@ -1135,6 +1148,8 @@ export class FtpStorage implements Storage {
       if (isFtpReply(e)) this.forgetDirs(dirnameAbs(finalAbs));
       // The part of a large upload that reached the server stays (hidden) for the retry to resume.
       if (resumable && me.code === 'E_TRANSIENT' && this.appendSupported) tempMayExist = false;
+      // Writing in place, a file whose upload never started is still the old, good version.
+      if (!atomic && !pulled) tempMayExist = false;
       if (lease) {
         const l = lease;
         lease = undefined;

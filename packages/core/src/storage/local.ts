@@ -189,19 +189,17 @@ export class LocalStorage implements Storage {
     }
   }
 
-  private onLocalDisk: boolean | undefined;
-
-  /** True when the root is on a local-disk file system (see LOCAL_FS_TYPES); false when unsure. */
+  /**
+   * True when the root is on a local-disk file system (see LOCAL_FS_TYPES); false when unsure.
+   * Asked at each listing: a share may be mounted over the folder after the storage was made.
+   */
   private localDisk(): boolean {
     if (this.opts.listMode !== 'auto') return this.opts.listMode === 'sync';
-    if (this.onLocalDisk === undefined) {
-      try {
-        this.onLocalDisk = LOCAL_FS_TYPES.has(fs.statfsSync(this.root).type);
-      } catch {
-        return false;
-      }
+    try {
+      return LOCAL_FS_TYPES.has(fs.statfsSync(this.root).type);
+    } catch {
+      return false;
     }
-    return this.onLocalDisk;
   }
 
   /**
@@ -247,7 +245,12 @@ export class LocalStorage implements Storage {
           out.push({ path: childRel, size: st.size, mtimeMs: Math.floor(st.mtimeMs) });
         } else if (st.isDirectory() && link) {
           // A symlinked folder is followed once (a loop of links is not walked twice).
-          const real = fs.realpathSync(this.abs(childRel));
+          let real: string;
+          try {
+            real = fs.realpathSync(this.abs(childRel));
+          } catch {
+            continue; // gone since the stat
+          }
           if (!seenDirs.has(real)) {
             seenDirs.add(real);
             dirs.push(childRel);
@@ -287,6 +290,8 @@ export class LocalStorage implements Storage {
         }
         if (next.done) return;
         yield* next.value;
+        // Let timers and I/O run between batches: cancels, progress, lease renewals, other jobs.
+        await new Promise<void>((r) => setImmediate(r));
       }
     }
     const concurrency = opts.concurrency ?? this.opts.listConcurrency;
@@ -566,12 +571,13 @@ export class LocalStorage implements Storage {
     const dirRel = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/')) : '';
     const mayMkdir = !(dirRel === '' && !this.opts.createRoot);
     const mtime = opts.mtimeMs !== undefined ? (Math.floor(opts.mtimeMs) + 0.5) / 1000 : undefined;
+    const tmp = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
     try {
       const done = await pool.copy(
         {
           src: source.abs(rel),
           dst: this.abs(rel),
-          tmp: this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`)),
+          tmp,
           dir: this.abs(dirRel),
           mkdir: mayMkdir && !this.madeDirs.has(dirRel),
           mayMkdir,
@@ -591,7 +597,9 @@ export class LocalStorage implements Storage {
       return { entry: { path: rel, size: done.size, mtimeMs: done.mtimeMs }, digests: done.digests };
     } catch (e) {
       if (!(e instanceof CopyError)) {
-        // The copy worker died: the retry takes the ordinary path (the pool is no longer usable).
+        // The copy worker died (its temporary file stays behind): the retry takes the ordinary
+        // path (the pool is no longer usable).
+        await fsp.rm(tmp, { force: true }).catch(() => undefined);
         throw new MedsyncError('E_TRANSIENT', 'The copy worker stopped; retrying without it.', {
           adapter: 'local',
           path: rel,

@@ -323,6 +323,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       }
 
       const tasks: Task[] = [];
+      let unplanned = 0;
       const deletes: Task[] = [];
       for (const dest of this.o.destinations) {
         const scope = { jobId: this.id, destination: dest.id };
@@ -342,6 +343,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           if (me.code === 'E_ABORTED' || inner.signal.aborted) throw me;
           addError(me, undefined, dest.id);
           this.log.error('A destination was skipped this run', { jobId: this.id, code: me.code });
+          unplanned++;
           continue;
         }
         plan.skipped += r.skipped;
@@ -372,7 +374,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         }
       }
       record.filesSkipped = plan.skipped;
-      if (interrupted) await store.settings.delete(recoverKey);
+      // Recovery (leftover cleanup, adoption) stays pending until every destination got it.
+      if (interrupted && unplanned === 0) await store.settings.delete(recoverKey);
       const { ops: _ops, ...planSummary } = plan;
       this.safeEmit('plan', { runId, jobId: this.id, plan: planSummary });
 
@@ -519,6 +522,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         } finally {
           await writer.flush();
         }
+        if (!stopped()) await this.sweepPartials(inner.signal);
         if (inner.signal.aborted) {
           throw lostLease
             ? new MedsyncError('E_LOCKED', 'The job lease was lost to another instance; the run stopped.')
@@ -921,8 +925,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       return;
     }
     const kinds = this.hashKinds(dest);
-    const mtime =
-      dest.capabilities.preservesMtime && src.mtimeMs !== undefined ? { mtimeMs: src.mtimeMs } : {};
+    // Passed to every destination: those that keep mtimes set it, and the others may still use it
+    // to tell versions of a file apart (the FTP adapter's resumable temporary names).
+    const mtime = src.mtimeMs !== undefined ? { mtimeMs: src.mtimeMs } : {};
     const sourceError = (e: unknown) => {
       const me = toMedsyncError(e, 'Reading the source file', { path: op.path });
       // A source file that cannot be read will not become readable by retrying.
@@ -1062,6 +1067,33 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     });
     record.filesSynced++;
     record.bytes += sent;
+  }
+
+  /**
+   * Once a day per destination, removes temporary files older than a day: partial uploads kept
+   * for a resume that never came (the file changed or was excluded since). Best effort.
+   */
+  private async sweepPartials(signal: AbortSignal): Promise<void> {
+    const day = 24 * 60 * 60 * 1000;
+    const now = this.clock.now();
+    for (const dest of this.o.destinations) {
+      if (!dest.cleanupPartials) continue;
+      const key = `sync:${this.id}:swept:${dest.id}`;
+      const last = await this.o.store.settings.get<number>(key);
+      if (last !== undefined && now - last < day) continue;
+      await this.o.store.settings.set(key, now);
+      // The first run only starts the clock: a fresh destination has nothing old to sweep.
+      if (last === undefined) continue;
+      try {
+        const n = await dest.cleanupPartials('', { olderThanMs: now - day, signal });
+        if (n > 0) this.log.info('Removed old temporary files', { jobId: this.id, files: n });
+      } catch (e) {
+        this.log.warn('Removing old temporary files failed', {
+          jobId: this.id,
+          code: toMedsyncError(e).code,
+        });
+      }
+    }
   }
 
   private readBackCredit = 0;

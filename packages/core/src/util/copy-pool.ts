@@ -121,6 +121,7 @@ interface Pending {
   resolve: (d: CopyDone) => void;
   reject: (e: unknown) => void;
   onBytes: ((n: number) => void) | undefined;
+  worker: Worker;
 }
 
 /**
@@ -163,22 +164,27 @@ export class CopyPool {
         p.reject(new CopyError(e.message, e.code ?? undefined, e.syscall ?? undefined, e.side, e.made));
       }
     });
+    // A worker that fails or exits on its own (killed, out of memory) fails the copies it held,
+    // and no new copy is given to the pool; the other workers finish theirs.
     const fail = (e: unknown) => {
-      this.broken = e;
-      for (const p of this.pending.values()) p.reject(e);
-      this.pending.clear();
+      if (!this.workers.includes(w)) return;
+      this.broken ??= e;
+      this.workers.splice(this.workers.indexOf(w), 1);
+      this.busy.delete(w);
+      for (const [id, p] of this.pending) {
+        if (p.worker !== w) continue;
+        this.pending.delete(id);
+        p.reject(e);
+      }
     };
     w.on('error', fail);
-    // A worker that exits on its own (killed, out of memory) must not leave copies waiting.
-    w.on('exit', (code) => {
-      if (this.workers.includes(w)) fail(new Error(`A copy worker exited (code ${code}).`));
-    });
+    w.on('exit', (code) => fail(new Error(`A copy worker exited (code ${code}).`)));
     this.workers.push(w);
     return w;
   }
 
   private release(w: Worker): void {
-    const n = this.busy.get(w)! - 1;
+    const n = (this.busy.get(w) ?? 1) - 1;
     this.busy.set(w, n);
     if ([...this.busy.values()].every((b) => b === 0)) for (const x of this.workers) x.unref();
   }
@@ -207,7 +213,7 @@ export class CopyPool {
       else signal.addEventListener('abort', onAbort, { once: true });
     }
     return new Promise<CopyDone>((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, onBytes });
+      this.pending.set(id, { resolve, reject, onBytes, worker: w });
       w.postMessage({ ...job, id, abort: flag });
     }).finally(() => {
       if (onAbort) signal?.removeEventListener('abort', onAbort);
