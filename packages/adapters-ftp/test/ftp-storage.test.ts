@@ -195,8 +195,21 @@ describe('FtpStorage against ftp-srv', () => {
     const r = await untrusted.test();
     expect(r).toMatchObject({ ok: false, error: { code: 'E_CONFIG' } });
     expect(r.advice).toMatch(/tls\.ca/);
-    const lax = storage(ftps, { tls: { rejectUnauthorized: false } });
-    expect((await lax.test()).ok).toBe(true);
+    const warnings: Array<{ code?: string; message: string }> = [];
+    const onWarning = (w: Error & { code?: string }) => warnings.push(w);
+    process.on('warning', onWarning);
+    try {
+      const lax = storage(ftps, { tls: { rejectUnauthorized: false } });
+      const report = await lax.test();
+      expect(report.ok).toBe(true);
+      // Turning verification off is said out loud: a process warning, and the report.
+      expect(report.details).toMatchObject({ tls: true, tlsVerified: false });
+      await new Promise((r) => setImmediate(r));
+      expect(warnings.filter((w) => w.code === 'MEDSYNC_TLS_UNVERIFIED')).toHaveLength(1);
+      expect(warnings[0]!.message).not.toContain(ftps.password);
+    } finally {
+      process.off('warning', onWarning);
+    }
   });
 
   it('explicit FTPS against a server without TLS is E_CONFIG', async () => {
