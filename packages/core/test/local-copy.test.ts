@@ -36,7 +36,7 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     const big = randomBytes(9 * 1024 * 1024 + 17);
     writeTree(a, { 'P 1/Ü/x.dcm': big, 'e.dcm': '' });
     const src = new LocalStorage({ root: a });
-    const dst = new LocalStorage({ root: join(b, 'deep', 'root') });
+    const dst = new LocalStorage({ root: join(b, 'deep', 'root'), syncIoBelow: 0 });
     const mtimeMs = Date.UTC(2024, 4, 17, 10, 30, 15, 123);
     let progress = 0;
     const r = await dst.copyFrom(src, 'P 1/Ü/x.dcm', {
@@ -54,8 +54,10 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     const empty = await dst.copyFrom(src, 'e.dcm', { size: 0, hashes: ['sha256'] });
     expect(empty!.digests.sha256).toBe(sha256(Buffer.alloc(0)));
     expect(readTree(join(b, 'deep/root'))).toEqual(readTree(a));
-    // Other sources are not copied this way: the engine streams them instead.
+    // Other sources are not copied this way: the engine streams them instead. Neither are tiny
+    // files (under syncIoBelow, 64 KiB by default): the ordinary path is cheaper for them.
     expect(await dst.copyFrom(new MemoryStorage(), 'e.dcm')).toBeUndefined();
+    expect(await new LocalStorage({ root: b }).copyFrom(src, 'e.dcm', { size: 0 })).toBeUndefined();
   });
 
   it('a missing or unreadable source is a non-retryable error of the source; nothing is written', async () => {
@@ -63,7 +65,7 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     const b = tmp();
     writeTree(a, { 'locked.dcm': 'secret' });
     const src = new LocalStorage({ root: a });
-    const dst = new LocalStorage({ root: b });
+    const dst = new LocalStorage({ root: b, syncIoBelow: 0 });
     await expect(dst.copyFrom(src, 'gone.dcm', { size: 1 })).rejects.toMatchObject({
       code: 'E_NOT_FOUND',
       retryable: false,
@@ -83,7 +85,7 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     const a = tmp();
     const b = tmp();
     writeTree(a, { 'f.dcm': randomBytes(5000) });
-    const dst = new LocalStorage({ root: b });
+    const dst = new LocalStorage({ root: b, syncIoBelow: 0 });
     for (const size of [4999, 5001]) {
       await expect(dst.copyFrom(new LocalStorage({ root: a }), 'f.dcm', { size })).rejects.toMatchObject({
         code: 'E_INTEGRITY',
@@ -97,7 +99,7 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     const a = tmp();
     const b = tmp();
     writeFileSync(join(a, 'big.bin'), randomBytes(64 * 1024 * 1024));
-    const dst = new LocalStorage({ root: b });
+    const dst = new LocalStorage({ root: b, syncIoBelow: 0 });
     const ac = new AbortController();
     const copy = dst.copyFrom(new LocalStorage({ root: a }), 'big.bin', {
       size: 64 * 1024 * 1024,
@@ -114,7 +116,7 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     const b = tmp();
     writeTree(a, { 's/1.dcm': '1', 's/2.dcm': '2' });
     const src = new LocalStorage({ root: a });
-    const dst = new LocalStorage({ root: b });
+    const dst = new LocalStorage({ root: b, syncIoBelow: 0 });
     await dst.copyFrom(src, 's/1.dcm', { size: 1 });
     rmSync(join(b, 's'), { recursive: true });
     await dst.copyFrom(src, 's/2.dcm', { size: 1 });
@@ -125,7 +127,7 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
   it('honours createRoot: false', async () => {
     const a = tmp();
     writeTree(a, { 'x.dcm': 'x' });
-    const dst = new LocalStorage({ root: join(tmp(), 'not-mounted'), createRoot: false });
+    const dst = new LocalStorage({ root: join(tmp(), 'not-mounted'), createRoot: false, syncIoBelow: 0 });
     await expect(dst.copyFrom(new LocalStorage({ root: a }), 'x.dcm', { size: 1 })).rejects.toMatchObject({
       code: 'E_NOT_FOUND',
     });

@@ -559,11 +559,15 @@ export class LocalStorage implements Storage {
 
   /**
    * Copies a file of another LocalStorage on a worker thread (synchronous I/O, hashing on the way),
-   * with the same steps as write(). Undefined for other sources, or when MEDSYNC_COPY_WORKERS=0.
+   * with the same steps as write(). Undefined for other sources, for files under `syncIoBelow`,
+   * or when MEDSYNC_COPY_WORKERS=0.
    */
   async copyFrom(source: Storage, path: string, opts: CopyOptions = {}): Promise<CopyResult | undefined> {
     const pool = sharedCopyPool();
     if (!(source instanceof LocalStorage) || !pool.usable) return undefined;
+    // Tiny files cost less on the ordinary path (synchronous reads) than a worker round trip, and
+    // a tree of only tiny files then needs no worker (each costs memory).
+    if (opts.size !== undefined && opts.size >= 0 && opts.size < this.opts.syncIoBelow) return undefined;
     this.check();
     source.check();
     const rel = normalizePath(path);
