@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import './heap.js';
 import { main } from './main.js';
 
 main(process.argv.slice(2), {
