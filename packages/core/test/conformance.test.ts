@@ -1,11 +1,14 @@
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { createMemoryStoreData, LocalStorage, MemoryStorage, MemoryStore } from '@medsync/core';
 import { describeStorageConformance, describeStoreConformance, writeTree } from '@medsync/core/testing';
 
 const roots: string[] = [];
+afterAll(() => {
+  for (const r of roots.splice(0)) rmSync(r, { recursive: true, force: true });
+});
 
 describeStorageConformance({
   name: 'local',
