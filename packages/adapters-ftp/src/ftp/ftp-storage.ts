@@ -26,9 +26,7 @@ import type { Socket } from 'node:net';
 import type { ConnectionOptions } from 'node:tls';
 import { isFtpReply, toFtpError, type FtpOp } from './errors.js';
 import { parseFtpOptions, type FtpStorageOptions, type ResolvedFtpStorageOptions } from './options.js';
-import { ConnectionPool, type PoolLease } from '../shared/pool.js';
-
-type Lease = PoolLease<Client>;
+import { ClientPool, type Lease } from './pool.js';
 
 /** Temporary names: a per-process random prefix and a counter. */
 const TMP_PREFIX = randomBytes(4).toString('hex');
@@ -180,7 +178,7 @@ export class FtpStorage implements Storage {
   readonly id: string;
   /** The validated options, without the password. */
   readonly options: Readonly<Omit<ResolvedFtpStorageOptions, 'password'>>;
-  private readonly pool: ConnectionPool<Client>;
+  private readonly pool: ClientPool;
   private readonly rootAbs: string;
   private readonly madeDirs = new Set<string>();
   private features: ServerFeatures | undefined;
@@ -216,15 +214,11 @@ export class FtpStorage implements Storage {
     }
     // The password lives only in this closure: not on the instance, not in `options`.
     const connect = () => this.connectClient(password);
-    this.pool = new ConnectionPool<Client>(
-      {
-        connect,
-        isClosed: (c) => c.closed,
-        close: (c) => c.close(),
-        closedError: () => new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: this.kind }),
-        isFatal: (e) => isMedsyncError(e) && !e.retryable,
-      },
+    this.pool = new ClientPool(
+      connect,
       o.maxConnections,
+      () => new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: this.kind }),
+      (e) => isMedsyncError(e) && !e.retryable,
     );
   }
 
@@ -369,20 +363,21 @@ export class FtpStorage implements Storage {
       } catch (e) {
         throw this.err(e, op, path);
       }
-      const onAbort = () => lease.conn.close();
+      const onAbort = () => lease.client.close();
       signal?.addEventListener('abort', onAbort, { once: true });
       let broken = false;
       try {
-        return await fn(lease.conn);
+        return await fn(lease.client);
       } catch (e) {
-        broken = FtpStorage.broken(e, lease.conn);
+        broken = FtpStorage.broken(e, lease.client);
         if (signal?.aborted) throw this.aborted(e, path);
         if (this.closed) throw this.err(new MedsyncError('E_CONFIG', 'This storage was closed.'), op, path);
-        if (!(lease.reused && attempt === 0 && FtpStorage.stale(e, lease.conn))) throw this.err(e, op, path);
+        if (!(lease.reused && attempt === 0 && FtpStorage.stale(e, lease.client)))
+          throw this.err(e, op, path);
         broken = true;
       } finally {
         signal?.removeEventListener('abort', onAbort);
-        this.pool.release(lease.conn, broken);
+        this.pool.release(lease.client, broken);
       }
     }
   }
@@ -722,7 +717,7 @@ export class FtpStorage implements Storage {
     signal: AbortSignal | undefined,
     mayBeStale: boolean,
   ): Promise<Readable> {
-    const client = lease.conn;
+    const client = lease.client;
     const out = new PassThrough({ highWaterMark: 256 * 1024 });
     let received = 0;
     let skipped = 0;
@@ -954,10 +949,10 @@ export class FtpStorage implements Storage {
     try {
       const lease = await this.pool.acquire();
       try {
-        await lease.conn.sendIgnoringError(`DELE ${abs}`);
-        this.pool.release(lease.conn);
+        await lease.client.sendIgnoringError(`DELE ${abs}`);
+        this.pool.release(lease.client);
       } catch {
-        this.pool.release(lease.conn, true);
+        this.pool.release(lease.client, true);
       }
     } catch {
       // The temporary name stays hidden; cleanupPartials removes it later.
@@ -1047,14 +1042,14 @@ export class FtpStorage implements Storage {
     let dataRetries = 0;
     const onAbort = () => {
       source.destroy();
-      lease?.conn.close();
+      lease?.client.close();
     };
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
       for (let attempt = 0; ; attempt++) {
         lease = await this.pool.acquire(signal);
         throwIfAborted(signal);
-        const c = lease.conn;
+        const c = lease.client;
         try {
           await this.ensureDir(c, dirnameAbs(finalAbs));
           let offset = 0;
@@ -1111,7 +1106,7 @@ export class FtpStorage implements Storage {
           tempMayExist = false;
         }
       }
-      const c = lease.conn;
+      const c = lease.client;
       if (streamError !== undefined) throw streamError;
       if (size !== undefined && sent !== size) {
         throw new MedsyncError(
@@ -1191,18 +1186,18 @@ export class FtpStorage implements Storage {
       if (lease) {
         const l = lease;
         lease = undefined;
-        const broken = FtpStorage.broken(e, l.conn) || signal?.aborted === true;
+        const broken = FtpStorage.broken(e, l.client) || signal?.aborted === true;
         if (tempMayExist && !broken) {
-          await l.conn.sendIgnoringError(`DELE ${tmpAbs}`).catch(noop);
+          await l.client.sendIgnoringError(`DELE ${tmpAbs}`).catch(noop);
           tempMayExist = false;
         }
-        this.pool.release(l.conn, broken || l.conn.closed);
+        this.pool.release(l.client, broken || l.client.closed);
       }
       if (tempMayExist) await this.removeQuietly(tmpAbs);
       throw me;
     } finally {
       signal?.removeEventListener('abort', onAbort);
-      if (lease) this.pool.release(lease.conn);
+      if (lease) this.pool.release(lease.client);
     }
   }
 
