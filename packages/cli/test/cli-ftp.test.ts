@@ -53,8 +53,8 @@ describe('medsync with an ftps:// destination', () => {
     );
     expect(r2.json).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 3 });
     const t = await medsync(['test', url, '--json', '--password-env', 'FTP_PASSWORD', '--ca', ca], env);
+    expect(t.json, JSON.stringify(t.json)).toMatchObject({ ok: true, kind: 'ftps', writable: true });
     expect(t.code).toBe(0);
-    expect(t.json).toMatchObject({ ok: true, kind: 'ftps', writable: true });
     for (const r of [r1, r2, t]) expect(r.stdout + r.stderr).not.toContain(ftps.password);
   }, 60_000);
 

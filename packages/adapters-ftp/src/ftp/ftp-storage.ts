@@ -231,6 +231,21 @@ export class FtpStorage implements Storage {
   }
 
   private async connectClient(password: string): Promise<Client> {
+    try {
+      return await this.connectOnce(password);
+    } catch (e) {
+      // A TLS upgrade garbled once (the server wrapped the socket late: ftp-srv under load, some
+      // middleboxes) is tried once more on a new connection; a port that really does not speak
+      // explicit FTPS fails the same way again and is reported as before.
+      const raw = isMedsyncError(e) ? e.cause : e;
+      const code = (raw as { code?: unknown } | undefined)?.code;
+      if (typeof code === 'string' && code.startsWith('ERR_SSL_') && !this.closed)
+        return this.connectOnce(password);
+      throw e;
+    }
+  }
+
+  private async connectOnce(password: string): Promise<Client> {
     const o = this.options;
     const client = new Client(o.timeoutMs);
     keepSessionOnDataErrors(client);
