@@ -1,22 +1,6 @@
 import { MedsyncError, registerSecret } from '@medsync/core';
 import { z } from 'zod';
-
-/** Characters that would end or forge an FTP command line. */
-const CONTROL = /[\0\r\n]/;
-
-const rootSchema = z
-  .string()
-  .refine((r) => r.startsWith('/'), 'must be an absolute server path such as "/dicom"')
-  .refine((r) => !CONTROL.test(r) && !r.includes('\\'), 'may not contain NUL, CR, LF or a backslash')
-  .refine((r) => !r.split('/').includes('..'), 'may not contain ".."')
-  .transform(
-    (r) =>
-      '/' +
-      r
-        .split('/')
-        .filter((s) => s !== '' && s !== '.')
-        .join('/'),
-  );
+import { CONTROL, rootSchema } from '../shared/options.js';
 
 /** The options of {@link createFtpStorage}, validated with zod at the boundary. */
 export const FtpStorageOptionsSchema = z

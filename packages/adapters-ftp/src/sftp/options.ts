@@ -1,22 +1,7 @@
 import { MedsyncError, registerSecret } from '@medsync/core';
 import ssh2 from 'ssh2';
 import { z } from 'zod';
-
-const CONTROL = /[\0\r\n]/;
-
-const rootSchema = z
-  .string()
-  .refine((r) => r.startsWith('/'), 'must be an absolute server path such as "/dicom"')
-  .refine((r) => !CONTROL.test(r) && !r.includes('\\'), 'may not contain NUL, CR, LF or a backslash')
-  .refine((r) => !r.split('/').includes('..'), 'may not contain ".."')
-  .transform(
-    (r) =>
-      '/' +
-      r
-        .split('/')
-        .filter((s) => s !== '' && s !== '.')
-        .join('/'),
-  );
+import { CONTROL, rootSchema } from '../shared/options.js';
 
 /** `SHA256:` and unpadded base64 of 32 bytes, as `ssh-keygen -lf` and `ssh` print it. */
 const FINGERPRINT = /^SHA256:[A-Za-z0-9+/]{43}=?$/;
