@@ -2,6 +2,7 @@ export * from './errors/index.js';
 export * from './storage/types.js';
 export * from './storage/paths.js';
 export { LocalStorage, createLocalStorage, type LocalStorageOptions } from './storage/local.js';
+export { type GroupSyncOptions, type SyncFileSystem } from './util/group-sync.js';
 export {
   MemoryStorage,
   MemoryFaults,

@@ -93,6 +93,14 @@ export interface WriteOptions extends OpOptions {
    * appears under the final name. Adapters without backend digests ignore it.
    */
   expectedHashes?: () => Partial<Record<HashKind, string>>;
+  /**
+   * Called at most once, when every byte is written and only making the file durable and
+   * renaming it into place remain. The caller may start other transfers meanwhile: an adapter
+   * that can make many files durable at once (LocalStorage: one syncfs for a group of files
+   * instead of an fdatasync each) does so only for callers that pass this. The write still
+   * resolves only once the file is durable and in place.
+   */
+  onStaged?: () => void;
 }
 
 export interface CopyOptions extends WriteOptions {

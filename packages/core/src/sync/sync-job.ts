@@ -106,6 +106,10 @@ interface Task {
 }
 
 const MAX_KEPT_ERRORS = 1000;
+/** Transfers in flight at once, counting those whose files wait to be made durable together. */
+const MAX_IN_FLIGHT = 512;
+/** Small-file buffers kept by transfers that wait to be made durable together. */
+const MAX_HELD_BYTES = 32 * 1024 * 1024;
 
 /**
  * Mirrors a source tree to one or more destinations: scan (streaming) → compare with the manifest
@@ -432,7 +436,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         // such an error, the rest are not attempted (no login storm that
         // locks the account), and are recorded as failed so retryFailed() picks them up.
         const deadDestinations = new Map<string, MedsyncError>();
-        const exec = async (t: Task) => {
+        const exec = async (t: Task, staged: (heldBytes: number) => void) => {
           if (stopped()) return;
           const ref = this.ref(t.op.path);
           try {
@@ -447,7 +451,15 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             await retry.run(
               async () => {
                 throwIfAborted(inner.signal);
-                await this.execute(t, inner.signal, bucket, (n) => (progress.bytesDone += n), record, writer);
+                await this.execute(
+                  t,
+                  inner.signal,
+                  bucket,
+                  (n) => (progress.bytesDone += n),
+                  record,
+                  writer,
+                  staged,
+                );
               },
               {
                 signal: inner.signal,
@@ -504,14 +516,55 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             this.log.warn('A file failed', { jobId: this.id, code: me.code });
           }
         };
-        // Feed the pool as it drains, so a run over many files holds few promises at once.
+        // Feed the pool as it drains, so a run over many files holds few promises at once. A
+        // transfer holds its slot until its bytes are written: files that wait to be made durable
+        // together (onStaged, see LocalStorage's groupSync) free theirs for the next transfer.
         const pump = async (list: Task[]) => {
           const inFlight = new Set<Promise<void>>();
+          let heldBytes = 0;
+          let wake: (() => void) | undefined;
+          const nudge = () => {
+            const w = wake;
+            wake = undefined;
+            w?.();
+          };
           for (const t of list) {
             if (stopped()) break;
-            const p: Promise<void> = limit(() => exec(t)).finally(() => inFlight.delete(p));
+            let whole: Promise<void> = Promise.resolve();
+            const p: Promise<void> = limit(
+              () =>
+                new Promise<void>((release) => {
+                  let freed = false;
+                  let held = 0;
+                  const free = () => {
+                    if (freed) return;
+                    freed = true;
+                    release();
+                    nudge();
+                  };
+                  // `bytes`: what the waiting transfer keeps in memory (a small file's buffer).
+                  const staged = (bytes: number) => {
+                    if (freed || (bytes > 0 && heldBytes > 0 && heldBytes + bytes > MAX_HELD_BYTES)) return;
+                    held = bytes;
+                    heldBytes += bytes;
+                    free();
+                  };
+                  whole = exec(t, staged);
+                  void whole.then(() => {
+                    heldBytes -= held;
+                    free();
+                  });
+                }),
+            )
+              .then(() => whole)
+              .finally(() => {
+                inFlight.delete(p);
+                nudge();
+              });
             inFlight.add(p);
-            if (inFlight.size >= limit.concurrency * 2) await Promise.race(inFlight);
+            while (limit.pendingCount >= limit.concurrency || inFlight.size >= MAX_IN_FLIGHT) {
+              await new Promise<void>((r) => (wake = r));
+            }
           }
           await Promise.all(inFlight);
         };
@@ -875,6 +928,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     onBytes: (n: number) => void,
     record: RunRecord,
     writer: ManifestWriter,
+    staged?: (heldBytes: number) => void,
   ): Promise<void> {
     const { dest, scope, op } = t;
     const store = this.o.store;
@@ -905,6 +959,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           onBytes,
           record,
           writer,
+          staged,
         );
       }
       await writer.flush();
@@ -927,7 +982,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const kinds = this.hashKinds(dest);
     // Passed to every destination: those that keep mtimes set it, and the others may still use it
     // to tell versions of a file apart (the FTP adapter's resumable temporary names).
-    const mtime = src.mtimeMs !== undefined ? { mtimeMs: src.mtimeMs } : {};
+    const passOn = {
+      ...(src.mtimeMs !== undefined ? { mtimeMs: src.mtimeMs } : {}),
+      ...(staged ? { onStaged: () => staged(0) } : {}),
+    };
     const sourceError = (e: unknown) => {
       const me = toMedsyncError(e, 'Reading the source file', { path: op.path });
       // A source file that cannot be read will not become readable by retrying.
@@ -950,7 +1008,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
                 sent += n;
                 onBytes(n);
               },
-              ...mtime,
+              ...passOn,
             })
           : undefined;
       if (copied) {
@@ -970,7 +1028,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           size: buf.length,
           signal,
           expectedHashes: () => known,
-          ...mtime,
+          ...passOn,
+          ...(staged ? { onStaged: () => staged(buf.length) } : {}),
         });
         sent = buf.length;
         onBytes(sent);
@@ -994,7 +1053,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             size: op.size,
             signal,
             expectedHashes: () => hasher.result(),
-            ...mtime,
+            ...passOn,
           });
         } catch (e) {
           if (hasher.writableEnded && hasher.bytes !== op.size) {

@@ -1,0 +1,204 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { afterEach, describe, expect, it } from 'vitest';
+import { createMemoryStore, LocalStorage, MedsyncError, SyncJob, type SyncFileSystem } from '@medsync/core';
+import { readTree, writeTree } from '@medsync/core/testing';
+import { GroupSync, syncfs } from '../src/util/group-sync.js';
+
+const dirs: string[] = [];
+function tmp(): string {
+  const d = mkdtempSync(join(tmpdir(), 'medsync-group-'));
+  dirs.push(d);
+  return d;
+}
+afterEach(() => {
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+/** Every file name under `root`, temporary ones included. */
+function allNames(root: string): string[] {
+  return readdirSync(root, { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile())
+    .map((e) => e.name);
+}
+
+/** A syncFs that counts its calls and runs the real one (or `impl`). */
+function counting(impl: SyncFileSystem = syncfs) {
+  const spy = Object.assign(
+    (dir: string) => {
+      spy.calls++;
+      return impl(dir);
+    },
+    { calls: 0 },
+  );
+  return spy;
+}
+
+describe('GroupSync', () => {
+  it('covers every file that joined before a flush with one flush; later ones wait for the next', async () => {
+    let release!: () => void;
+    const flushes: number[] = [];
+    const g = new GroupSync('/x', {
+      idleMs: 1,
+      syncFs: () => {
+        flushes.push(Date.now());
+        return new Promise<boolean>((r) => (release = () => r(true)));
+      },
+    });
+    const first = Array.from({ length: 10 }, () => g.sync(100));
+    await new Promise((r) => setTimeout(r, 20));
+    expect(flushes).toHaveLength(1);
+    // Joined during the flush: not covered by it.
+    let laterDone = false;
+    const later = g.sync(100).then(() => (laterDone = true));
+    release();
+    expect(await Promise.all(first)).toEqual(Array(10).fill(true));
+    expect(laterDone).toBe(false);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(flushes).toHaveLength(2);
+    release();
+    await later;
+    expect(g.flushes).toBe(2);
+  });
+
+  it('starts at once when the byte or file threshold is reached', async () => {
+    const spy = counting(() => Promise.resolve(true));
+    const g = new GroupSync('/x', { maxFiles: 3, idleMs: 10_000, maxWaitMs: 10_000, syncFs: spy });
+    await Promise.all([g.sync(1), g.sync(1), g.sync(1)]);
+    expect(spy.calls).toBe(1);
+    const h = new GroupSync('/x', { maxBytes: 10, idleMs: 10_000, maxWaitMs: 10_000, syncFs: spy });
+    await h.sync(11);
+    expect(spy.calls).toBe(2);
+  });
+
+  it('a failed flush fails its own batch only', async () => {
+    let n = 0;
+    const g = new GroupSync('/x', {
+      idleMs: 1,
+      syncFs: () =>
+        ++n === 1 ? Promise.reject(Object.assign(new Error('io'), { code: 'EIO' })) : Promise.resolve(true),
+    });
+    const bad = await Promise.allSettled([g.sync(1), g.sync(1)]);
+    expect(bad.map((r) => r.status)).toEqual(['rejected', 'rejected']);
+    expect(await g.sync(1)).toBe(true);
+  });
+
+  it.runIf(process.platform === 'linux')('the real syncfs runs on Linux', async () => {
+    expect(await syncfs(tmp())).toBe(true);
+  });
+});
+
+describe('LocalStorage groupSync (durable in groups for callers that overlap writes)', () => {
+  it('writes of every kind: onStaged before the final name appears, one flush for many files', async () => {
+    const a = tmp();
+    const b = tmp();
+    const bigA = randomBytes(300 * 1024);
+    writeTree(a, { 'c/copied.dcm': bigA });
+    const src = new LocalStorage({ root: a });
+    const spy = counting();
+    const dst = new LocalStorage({ root: b, groupSync: { syncFs: spy, idleMs: 20 } });
+    const visibleAtStage: boolean[] = [];
+    const staged = (p: string) => () => visibleAtStage.push(existsSync(join(b, p)));
+    const bodies = Array.from({ length: 24 }, (_, i) => randomBytes(i % 2 ? 100 : 200 * 1024));
+    const writes = bodies.map((body, i) =>
+      i % 3 === 0
+        ? dst.write(`s/${i}.dcm`, Readable.from([body]), {
+            size: body.length,
+            onStaged: staged(`s/${i}.dcm`),
+          })
+        : dst.write(`b/${i}.dcm`, body, { size: body.length, onStaged: staged(`b/${i}.dcm`) }),
+    );
+    const copied = dst.copyFrom(src, 'c/copied.dcm', {
+      size: bigA.length,
+      hashes: ['sha256'],
+      onStaged: staged('c/copied.dcm'),
+    });
+    await Promise.all(writes);
+    const c = await copied;
+    expect(c?.digests.sha256).toBe(createHash('sha256').update(bigA).digest('hex'));
+    expect(visibleAtStage).toHaveLength(25);
+    expect(visibleAtStage.every((v) => v === false)).toBe(true);
+    expect(spy.calls).toBeGreaterThanOrEqual(1);
+    expect(spy.calls).toBeLessThanOrEqual(3);
+    const tree = readTree(b);
+    bodies.forEach((body, i) =>
+      expect(tree[`${i % 3 === 0 ? 's' : 'b'}/${i}.dcm`]).toBe(body.toString('base64')),
+    );
+    expect(tree['c/copied.dcm']).toBe(bigA.toString('base64'));
+    expect(allNames(b).some((n) => n.includes('medsync-part'))).toBe(false);
+  });
+
+  it('a failed flush fails the writes it covered: nothing under the final names, no temporary files', async () => {
+    const b = tmp();
+    const dst = new LocalStorage({
+      root: b,
+      groupSync: {
+        idleMs: 5,
+        syncFs: () => Promise.reject(Object.assign(new Error('Input/output error'), { code: 'EIO' })),
+      },
+    });
+    const results = await Promise.allSettled(
+      [0, 1, 2].map((i) =>
+        dst.write(`x/${i}.dcm`, randomBytes(10 + i * 100_000), { onStaged: () => undefined }),
+      ),
+    );
+    for (const r of results) {
+      expect(r.status).toBe('rejected');
+      const e = (r as PromiseRejectedResult).reason as MedsyncError;
+      expect(e).toBeInstanceOf(MedsyncError);
+      expect(e.code).toBe('E_IO');
+    }
+    expect(allNames(b)).toEqual([]);
+  });
+
+  it('where no file-system flush exists, each file is fsynced and the writes succeed', async () => {
+    const b = tmp();
+    const spy = counting(() => Promise.resolve(false));
+    const dst = new LocalStorage({ root: b, groupSync: { syncFs: spy, idleMs: 1 } });
+    await Promise.all(
+      [0, 1].map((i) => dst.write(`${i}.dcm`, Buffer.from(`v${i}`), { onStaged: () => undefined })),
+    );
+    expect(spy.calls).toBeGreaterThanOrEqual(1);
+    expect(readTree(b)).toEqual({ '0.dcm': 'djA=', '1.dcm': 'djE=' }); // base64 of v0, v1
+  });
+
+  it('callers without onStaged, groupSync: false or fsync: false never wait for a group flush', async () => {
+    const spy = counting();
+    const b = tmp();
+    await new LocalStorage({ root: b, groupSync: { syncFs: spy } }).write('a', Buffer.from('a'));
+    await new LocalStorage({ root: b, groupSync: false }).write('b', Buffer.from('b'), {
+      onStaged: () => undefined,
+    });
+    await new LocalStorage({ root: b, fsync: false }).write('c', Buffer.from('c'), {
+      onStaged: () => undefined,
+    });
+    expect(spy.calls).toBe(0);
+    expect(Object.keys(readTree(b)).sort()).toEqual(['a', 'b', 'c']);
+  });
+
+  it('a SyncJob keeps transferring while files wait for their flush: fewer flushes than concurrency would allow', async () => {
+    const a = tmp();
+    const b = tmp();
+    const tree: Record<string, Buffer> = {};
+    for (let i = 0; i < 60; i++) tree[`p/${i % 4}/${i}.dcm`] = randomBytes(i % 5 === 0 ? 70 * 1024 : 2000);
+    writeTree(a, tree);
+    const spy = counting();
+    const job = new SyncJob({
+      id: 'g',
+      source: new LocalStorage({ root: a }),
+      destinations: [new LocalStorage({ root: b, groupSync: { syncFs: spy, idleMs: 30 } })],
+      store: createMemoryStore(),
+      concurrency: 2,
+    });
+    const r = await job.run();
+    expect(r.status).toBe('success');
+    expect(r.filesSynced).toBe(60);
+    expect(readTree(b)).toEqual(readTree(a));
+    // With a slot held until each file was durable, every flush would cover at most 2 files.
+    expect(spy.calls).toBeLessThan(60 / 2);
+    expect(allNames(b).some((n) => n.includes('medsync-part'))).toBe(false);
+  });
+});
