@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -27,6 +27,34 @@ describe('sqlite store specifics', () => {
     await expect(openSqliteStore({ path })).rejects.toMatchObject({ code: 'E_INTEGRITY' });
     rmSync(dir, { recursive: true, force: true });
   });
+
+  it.runIf(process.platform === 'linux')(
+    'reads through a memory map by default; mmapBytes 0 turns it off; a bad value is E_CONFIG',
+    async () => {
+      const dir = mkdtempSync(join(tmpdir(), 'medsync-sqlite-'));
+      const file = join(dir, 'm.db');
+      /** Whether this process maps the database file while the store is open (after a read). */
+      const mapped = async (o: { mmapBytes?: number }) => {
+        const s = await openSqliteStore({ path: file, ...o });
+        await s.manifest.put(manifestEntry('a.dcm'));
+        const got: string[] = [];
+        for await (const e of s.manifest.list({ jobId: 'job-a', destination: 'file:///dest' }))
+          got.push(e.path);
+        // The database file itself (its -shm sibling is always mapped).
+        const maps = readFileSync('/proc/self/maps', 'utf8')
+          .split('\n')
+          .some((l) => l.endsWith(` ${file}`));
+        await s.close();
+        return { maps, got };
+      };
+      expect(await mapped({})).toEqual({ maps: true, got: ['a.dcm'] });
+      expect(await mapped({ mmapBytes: 0 })).toEqual({ maps: false, got: ['a.dcm'] });
+      await expect(openSqliteStore({ path: file, mmapBytes: -1 })).rejects.toMatchObject({
+        code: 'E_CONFIG',
+      });
+      rmSync(dir, { recursive: true, force: true });
+    },
+  );
 
   it('several processes opening a new database at once all find one migrated schema', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'medsync-sqlite-'));
