@@ -26,7 +26,9 @@ import type { Socket } from 'node:net';
 import type { ConnectionOptions } from 'node:tls';
 import { isFtpReply, toFtpError, type FtpOp } from './errors.js';
 import { parseFtpOptions, type FtpStorageOptions, type ResolvedFtpStorageOptions } from './options.js';
-import { ClientPool, type Lease } from './pool.js';
+import { ConnectionPool, type PoolLease } from '../shared/pool.js';
+
+type Lease = PoolLease<Client>;
 
 /** Temporary names: a per-process random prefix and a counter. */
 const TMP_PREFIX = randomBytes(4).toString('hex');
@@ -178,7 +180,7 @@ export class FtpStorage implements Storage {
   readonly id: string;
   /** The validated options, without the password. */
   readonly options: Readonly<Omit<ResolvedFtpStorageOptions, 'password'>>;
-  private readonly pool: ClientPool;
+  private readonly pool: ConnectionPool<Client>;
   private readonly rootAbs: string;
   private readonly madeDirs = new Set<string>();
   private features: ServerFeatures | undefined;
@@ -214,11 +216,15 @@ export class FtpStorage implements Storage {
     }
     // The password lives only in this closure: not on the instance, not in `options`.
     const connect = () => this.connectClient(password);
-    this.pool = new ClientPool(
-      connect,
+    this.pool = new ConnectionPool<Client>(
+      {
+        connect,
+        isClosed: (c) => c.closed,
+        close: (c) => c.close(),
+        closedError: () => new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: this.kind }),
+        isFatal: (e) => isMedsyncError(e) && !e.retryable,
+      },
       o.maxConnections,
-      () => new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: this.kind }),
-      (e) => isMedsyncError(e) && !e.retryable,
     );
   }
 
@@ -378,21 +384,20 @@ export class FtpStorage implements Storage {
       } catch (e) {
         throw this.err(e, op, path);
       }
-      const onAbort = () => lease.client.close();
+      const onAbort = () => lease.conn.close();
       signal?.addEventListener('abort', onAbort, { once: true });
       let broken = false;
       try {
-        return await fn(lease.client);
+        return await fn(lease.conn);
       } catch (e) {
-        broken = FtpStorage.broken(e, lease.client);
+        broken = FtpStorage.broken(e, lease.conn);
         if (signal?.aborted) throw this.aborted(e, path);
         if (this.closed) throw this.err(new MedsyncError('E_CONFIG', 'This storage was closed.'), op, path);
-        if (!(lease.reused && attempt === 0 && FtpStorage.stale(e, lease.client)))
-          throw this.err(e, op, path);
+        if (!(lease.reused && attempt === 0 && FtpStorage.stale(e, lease.conn))) throw this.err(e, op, path);
         broken = true;
       } finally {
         signal?.removeEventListener('abort', onAbort);
-        this.pool.release(lease.client, broken);
+        this.pool.release(lease.conn, broken);
       }
     }
   }
@@ -732,7 +737,7 @@ export class FtpStorage implements Storage {
     signal: AbortSignal | undefined,
     mayBeStale: boolean,
   ): Promise<Readable> {
-    const client = lease.client;
+    const client = lease.conn;
     const out = new PassThrough({ highWaterMark: 256 * 1024 });
     let received = 0;
     let skipped = 0;
@@ -964,10 +969,10 @@ export class FtpStorage implements Storage {
     try {
       const lease = await this.pool.acquire();
       try {
-        await lease.client.sendIgnoringError(`DELE ${abs}`);
-        this.pool.release(lease.client);
+        await lease.conn.sendIgnoringError(`DELE ${abs}`);
+        this.pool.release(lease.conn);
       } catch {
-        this.pool.release(lease.client, true);
+        this.pool.release(lease.conn, true);
       }
     } catch {
       // The temporary name stays hidden; cleanupPartials removes it later.
@@ -1057,14 +1062,14 @@ export class FtpStorage implements Storage {
     let dataRetries = 0;
     const onAbort = () => {
       source.destroy();
-      lease?.client.close();
+      lease?.conn.close();
     };
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
       for (let attempt = 0; ; attempt++) {
         lease = await this.pool.acquire(signal);
         throwIfAborted(signal);
-        const c = lease.client;
+        const c = lease.conn;
         try {
           await this.ensureDir(c, dirnameAbs(finalAbs));
           let offset = 0;
@@ -1121,7 +1126,7 @@ export class FtpStorage implements Storage {
           tempMayExist = false;
         }
       }
-      const c = lease.client;
+      const c = lease.conn;
       if (streamError !== undefined) throw streamError;
       if (size !== undefined && sent !== size) {
         throw new MedsyncError(
@@ -1201,18 +1206,18 @@ export class FtpStorage implements Storage {
       if (lease) {
         const l = lease;
         lease = undefined;
-        const broken = FtpStorage.broken(e, l.client) || signal?.aborted === true;
+        const broken = FtpStorage.broken(e, l.conn) || signal?.aborted === true;
         if (tempMayExist && !broken) {
-          await l.client.sendIgnoringError(`DELE ${tmpAbs}`).catch(noop);
+          await l.conn.sendIgnoringError(`DELE ${tmpAbs}`).catch(noop);
           tempMayExist = false;
         }
-        this.pool.release(l.client, broken || l.client.closed);
+        this.pool.release(l.conn, broken || l.conn.closed);
       }
       if (tempMayExist) await this.removeQuietly(tmpAbs);
       throw me;
     } finally {
       signal?.removeEventListener('abort', onAbort);
-      if (lease) this.pool.release(lease.client);
+      if (lease) this.pool.release(lease.conn);
     }
   }
 
