@@ -149,7 +149,6 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
       expected: size,
       kinds: ['sha256'] as const,
       fsync: false,
-      rename: true,
     });
     const workers = () => (pool as unknown as { workers: Array<{ terminate(): Promise<number> }> }).workers;
     let killed = false;

@@ -8,7 +8,7 @@ import type { Readable } from 'node:stream';
 import { MedsyncError, throwIfAborted, toMedsyncError } from '../errors/errors.js';
 import { isPartialName, normalizePath, partialNameFor } from './paths.js';
 import { CopyError, sharedCopyPool } from '../util/copy-pool.js';
-import { GroupSync, type GroupSyncOptions } from '../util/group-sync.js';
+import { GroupSync, syncfsAvailable, type GroupSyncOptions } from '../util/group-sync.js';
 import type {
   CleanupOptions,
   ConnectionReport,
@@ -36,11 +36,12 @@ export interface LocalStorageOptions {
    */
   fsync?: boolean;
   /**
-   * With fsync on, make files durable in groups for callers that overlap their writes (they pass
-   * `onStaged`, as SyncJob does): one syncfs(2) covers every file completed meanwhile, where an
-   * fdatasync per file costs a journal commit and a device flush each. Files are still durable
-   * before they are renamed into place. Linux only (through coreutils' `sync -f`); elsewhere
-   * each file is fsynced. `false` fsyncs each file; an object tunes the batches. Default true.
+   * With fsync on, make small files (buffers under `syncIoBelow`) durable in groups for callers
+   * that overlap their writes (they pass `onStaged`, as SyncJob does): one syncfs(2) covers every
+   * file completed meanwhile, where an fdatasync per small file costs a journal commit and a
+   * device flush each. Files are still durable before they are renamed into place. Linux only
+   * (through coreutils' `sync -f`); elsewhere each file is fsynced. Larger files keep their own
+   * fdatasync. `false` fsyncs each file; an object tunes the groups. Default true.
    */
   groupSync?: boolean | GroupSyncOptions;
   /** Concurrent stat calls while listing (×4 per batch). Default 32. */
@@ -113,7 +114,9 @@ export class LocalStorage implements Storage {
   private readonly opts: Required<LocalStorageOptions>;
   private readonly madeDirs = new Set<string>();
   private closed = false;
-  private group: GroupSync | undefined;
+  /** Group flushes by folder (null: fsync each file there) and by device. */
+  private readonly groups = new Map<string, GroupSync | null>();
+  private readonly groupsByDevice = new Map<number, GroupSync>();
 
   constructor(opts: LocalStorageOptions) {
     if (!opts || typeof opts.root !== 'string' || opts.root === '') {
@@ -486,13 +489,17 @@ export class LocalStorage implements Storage {
     }
     const dirRel = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/')) : '';
     const tmp = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
-    // With fsync on, the async path keeps several fsyncs in flight on the thread pool instead.
-    const group = opts.onStaged ? this.groupSync() : undefined;
-    if (!isStream && (!this.opts.fsync || group) && body.length < this.opts.syncIoBelow) {
-      const entry = this.writeSmallSync(rel, dirRel, tmp, body, opts, group !== undefined);
-      if (!group) return entry;
+    // Small buffers go in synchronous calls when nothing waits on an fsync, or when the caller
+    // overlaps its writes (onStaged) and a group flush makes them durable (an fdatasync per small
+    // file costs far more than writing it). Larger files keep an fdatasync each, on the thread
+    // pool or a copy worker, which overlaps with the other transfers without stalling them.
+    const staged =
+      opts.onStaged !== undefined && !isStream && body.length < this.opts.syncIoBelow && this.groupsWanted();
+    if (!isStream && (!this.opts.fsync || staged) && body.length < this.opts.syncIoBelow) {
+      const entry = this.writeSmallSync(rel, dirRel, tmp, body, opts, staged);
+      if (!staged) return entry;
       try {
-        await this.stagedDurable(group, tmp, body.length, opts);
+        await this.stagedDurable(this.groupFor(dirRel), tmp, body.length, opts);
         throwIfAborted(opts.signal);
         await fsp.rename(tmp, this.abs(rel));
       } catch (e) {
@@ -561,12 +568,11 @@ export class LocalStorage implements Storage {
         const t = (Math.floor(opts.mtimeMs) + 0.5) / 1000;
         await fh.utimes(t, t);
       }
-      if (this.opts.fsync && !group) await fh.datasync();
+      if (this.opts.fsync) await fh.datasync();
       const mtimeMs =
         opts.mtimeMs === undefined ? Math.floor((await fh.stat()).mtimeMs) : Math.floor(opts.mtimeMs);
       await fh.close();
       fh = undefined;
-      if (group) await this.stagedDurable(group, tmp, written, opts);
       throwIfAborted(opts.signal);
       await fsp.rename(tmp, this.abs(rel));
       if (this.opts.fsync) this.dirty.add(nodePath.dirname(this.abs(rel)));
@@ -607,8 +613,6 @@ export class LocalStorage implements Storage {
     const mayMkdir = !(dirRel === '' && !this.opts.createRoot);
     const mtime = opts.mtimeMs !== undefined ? (Math.floor(opts.mtimeMs) + 0.5) / 1000 : undefined;
     const tmp = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
-    const group = opts.onStaged ? this.groupSync() : undefined;
-    let staged = false;
     try {
       const done = await pool.copy(
         {
@@ -621,41 +625,18 @@ export class LocalStorage implements Storage {
           expected: opts.size !== undefined && opts.size >= 0 ? opts.size : -1,
           kinds: opts.hashes ?? [],
           ...(mtime !== undefined ? { mtime, mtimeMs: Math.floor(opts.mtimeMs!) } : {}),
-          fsync: this.opts.fsync && !group,
-          rename: !group,
+          fsync: this.opts.fsync,
         },
         opts.signal,
         opts.onBytes,
       );
       this.madeDirs.add(dirRel);
-      if (group) {
-        // The worker left the complete temporary file: durable first, then in place.
-        staged = true;
-        try {
-          await this.stagedDurable(group, tmp, done.size, opts);
-          throwIfAborted(opts.signal);
-          await fsp.rename(tmp, this.abs(rel));
-        } catch (e) {
-          await fsp.rm(tmp, { force: true }).catch(() => undefined);
-          throw e;
-        }
-      }
       if (this.opts.fsync) {
         this.markMade(done.made, this.abs(dirRel));
         this.dirty.add(this.abs(dirRel));
       }
       return { entry: { path: rel, size: done.size, mtimeMs: done.mtimeMs }, digests: done.digests };
     } catch (e) {
-      if (staged) {
-        if (opts.signal?.aborted) {
-          throw new MedsyncError('E_ABORTED', 'The copy was cancelled.', {
-            adapter: 'local',
-            path: rel,
-            cause: e,
-          });
-        }
-        throw this.err(e, 'Writing the file', rel);
-      }
       if (!(e instanceof CopyError)) {
         // The copy worker died (its temporary file stays behind): the retry takes the ordinary
         // path (the pool is no longer usable).
@@ -694,10 +675,39 @@ export class LocalStorage implements Storage {
     }
   }
 
-  private groupSync(): GroupSync | undefined {
+  /** Whether small files may wait for group flushes at all (fsync on, groupSync on, syncfs here). */
+  private groupsWanted(): boolean {
     const g = this.opts.groupSync;
-    if (!this.opts.fsync || g === false) return undefined;
-    return (this.group ??= new GroupSync(this.root, typeof g === 'object' ? g : {}));
+    if (!this.opts.fsync || g === false) return false;
+    return (typeof g === 'object' && g.syncFs !== undefined) || syncfsAvailable();
+  }
+
+  /**
+   * The group flush for files in `dirRel`: one per file system (device) below the root, for
+   * local-disk file systems only. A folder on a network or FUSE mount (whose syncfs need not
+   * reach the server) or on an unknown file system gets none: its files are fsynced one by one.
+   */
+  private groupFor(dirRel: string): GroupSync | undefined {
+    if (this.groups.has(dirRel)) return this.groups.get(dirRel) ?? undefined;
+    let group: GroupSync | null = null;
+    try {
+      const dir = this.abs(dirRel);
+      const injected = typeof this.opts.groupSync === 'object' && this.opts.groupSync.syncFs !== undefined;
+      if (injected || LOCAL_FS_TYPES.has(fs.statfsSync(dir).type)) {
+        const dev = fs.statSync(dir).dev;
+        group = this.groupsByDevice.get(dev) ?? null;
+        if (!group) {
+          const g = this.opts.groupSync;
+          group = new GroupSync(dir, typeof g === 'object' ? g : {});
+          this.groupsByDevice.set(dev, group);
+        }
+      }
+    } catch {
+      group = null;
+    }
+    if (this.groups.size > 10_000) this.groups.clear();
+    this.groups.set(dirRel, group);
+    return group ?? undefined;
   }
 
   /**
@@ -705,14 +715,28 @@ export class LocalStorage implements Storage {
    * for the group flush that makes it durable (or fsync it alone where none can be had).
    */
   private async stagedDurable(
-    group: GroupSync,
+    group: GroupSync | undefined,
     tmp: string,
     bytes: number,
     opts: WriteOptions,
   ): Promise<void> {
     opts.onStaged?.();
-    if (await group.sync(bytes)) return;
-    const fh = await fsp.open(tmp, 'r');
+    try {
+      if (group && (await group.sync(bytes))) return;
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      // A write-back error of the flush (or its timeout) says nothing sure about this file: write
+      // it again. A full disk or a read-only file system keeps its own, permanent, code.
+      if (code === 'EIO' || code === 'ETIMEDOUT') {
+        throw new MedsyncError(
+          'E_IO',
+          'The file system reported an error while making written files durable; the file will be written again.',
+          { adapter: 'local', cause: e, retryable: true },
+        );
+      }
+      throw e;
+    }
+    const fh = await fsp.open(tmp, 'r+');
     try {
       await fh.datasync();
     } finally {

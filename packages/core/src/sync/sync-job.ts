@@ -107,7 +107,7 @@ interface Task {
 
 const MAX_KEPT_ERRORS = 1000;
 /** Transfers in flight at once, counting those whose files wait to be made durable together. */
-const MAX_IN_FLIGHT = 512;
+const MAX_IN_FLIGHT = 256;
 /** Small-file buffers kept by transfers that wait to be made durable together. */
 const MAX_HELD_BYTES = 32 * 1024 * 1024;
 
@@ -436,7 +436,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         // such an error, the rest are not attempted (no login storm that
         // locks the account), and are recorded as failed so retryFailed() picks them up.
         const deadDestinations = new Map<string, MedsyncError>();
-        const exec = async (t: Task, staged: (heldBytes: number) => void) => {
+        const exec = async (
+          t: Task,
+          staged: (heldBytes: number) => void,
+          slot: <R>(fn: () => Promise<R>) => Promise<R>,
+        ) => {
           if (stopped()) return;
           const ref = this.ref(t.op.path);
           try {
@@ -451,14 +455,16 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             await retry.run(
               async () => {
                 throwIfAborted(inner.signal);
-                await this.execute(
-                  t,
-                  inner.signal,
-                  bucket,
-                  (n) => (progress.bytesDone += n),
-                  record,
-                  writer,
-                  staged,
+                await slot(() =>
+                  this.execute(
+                    t,
+                    inner.signal,
+                    bucket,
+                    (n) => (progress.bytesDone += n),
+                    record,
+                    writer,
+                    staged,
+                  ),
                 );
               },
               {
@@ -549,11 +555,17 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
                     heldBytes += bytes;
                     free();
                   };
-                  whole = exec(t, staged);
-                  void whole.then(() => {
+                  // Once its slot is freed, a retry of the transfer queues for a slot again.
+                  const slot = <R>(fn: () => Promise<R>): Promise<R> => (freed ? limit(fn) : fn());
+                  whole = exec(t, staged, slot);
+                  const done = () => {
                     heldBytes -= held;
+                    held = 0;
                     free();
-                  });
+                  };
+                  // A rejection (exec catches every file error; this is a bug or a throwing
+                  // logger) still frees the slot, and reaches the run through `p`.
+                  whole.then(done, done);
                 }),
             )
               .then(() => whole)

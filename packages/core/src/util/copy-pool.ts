@@ -57,7 +57,7 @@ parentPort.on('message', (m) => {
     fs.closeSync(src);
     src = undefined;
     if (aborted()) throw fail('ABORT_ERR', 'aborted');
-    if (m.rename) fs.renameSync(m.tmp, m.dst);
+    fs.renameSync(m.tmp, m.dst);
     const digests = {};
     for (const h of hashes) digests[h[0]] = h[1].digest('hex');
     parentPort.postMessage({ id: m.id, progress: total - reported, done: { size: total, mtimeMs, digests, made } });
@@ -93,8 +93,6 @@ export interface CopyJob {
   mtime?: number;
   mtimeMs?: number;
   fsync: boolean;
-  /** Rename `tmp` to `dst` when done; false leaves the complete temporary file to the caller. */
-  rename: boolean;
 }
 
 export interface CopyDone {

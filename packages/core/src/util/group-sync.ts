@@ -1,5 +1,6 @@
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
+import { release } from 'node:os';
 
 /**
  * Makes everything written to one file system durable: resolves true when done, false when this
@@ -16,13 +17,26 @@ const ERRNO_TEXT: Array<[RegExp, string]> = [
   [/no such file/i, 'ENOENT'],
 ];
 
+function kernelAtLeast(major: number, minor: number): boolean {
+  const m = /^(\d+)\.(\d+)/.exec(release());
+  if (!m) return false;
+  const [a, b] = [Number(m[1]), Number(m[2])];
+  return a > major || (a === major && b >= minor);
+}
+
 // An absolute path: no PATH search per flush, and no other `sync` picked up from the PATH.
+// Linux 5.8 and later only: before it, syncfs did not report write-back errors.
 let syncBin: string | undefined | null;
 const findSync = () =>
   (syncBin ??=
-    process.platform === 'linux'
+    process.platform === 'linux' && kernelAtLeast(5, 8)
       ? (['/usr/bin/sync', '/bin/sync'].find((p) => existsSync(p)) ?? null)
       : null);
+
+/** True when {@link syncfs} can flush a whole file system here (as far as is known). */
+export function syncfsAvailable(): boolean {
+  return findSync() !== null;
+}
 
 /**
  * syncfs(2) through coreutils' `sync --file-system` (Node has no binding for it): one journal
@@ -35,18 +49,25 @@ export const syncfs: SyncFileSystem = (dir) => {
   return new Promise((resolve, reject) => {
     execFile(bin, ['-f', dir], { timeout: 120_000, windowsHide: true }, (err, _out, stderr) => {
       if (!err) return resolve(true);
-      // No `sync` on the PATH, or one without -f (busybox, BSD): fsync file by file instead.
-      if (
-        (err as { code?: unknown }).code === 'ENOENT' ||
-        /invalid option|unrecognized option|usage/i.test(String(stderr))
-      ) {
+      const code = (err as { code?: unknown }).code;
+      // No `sync` binary, or one without -f (busybox): fsync file by file from now on.
+      if (code === 'ENOENT' || /invalid option|unrecognized option|^usage/im.test(String(stderr))) {
         syncBin = null;
         return resolve(false);
       }
+      // It could not be started this time (EAGAIN, EMFILE, ENOMEM): fsync these files one by one.
+      if (typeof code === 'string') return resolve(false);
+      if ((err as { killed?: boolean }).killed) {
+        return reject(
+          Object.assign(new Error('Making written files durable (syncfs) timed out.'), { code: 'ETIMEDOUT' }),
+        );
+      }
       // "sync: error syncing '<dir>': Input/output error": keep the errno text, not the path.
       const reason = String(stderr).trim().split('\n')[0]?.split(': ').pop() || 'sync -f failed';
-      const code = ERRNO_TEXT.find(([re]) => re.test(reason))?.[1] ?? 'EIO';
-      reject(Object.assign(new Error(`Making written files durable (syncfs) failed: ${reason}`), { code }));
+      const errno = ERRNO_TEXT.find(([re]) => re.test(reason))?.[1] ?? 'EIO';
+      reject(
+        Object.assign(new Error(`Making written files durable (syncfs) failed: ${reason}`), { code: errno }),
+      );
     });
   });
 };
@@ -54,7 +75,7 @@ export const syncfs: SyncFileSystem = (dir) => {
 export interface GroupSyncOptions {
   /** Start a flush once this many bytes wait. Default 64 MiB. */
   maxBytes?: number;
-  /** Start a flush once this many files wait. Default 400. */
+  /** Start a flush once this many files wait. Default 200. */
   maxFiles?: number;
   /** Start a flush this long after the latest file joined when no threshold was reached. Default 4 ms. */
   idleMs?: number;
@@ -91,7 +112,7 @@ export class GroupSync {
   ) {
     this.o = {
       maxBytes: 64 * 1024 * 1024,
-      maxFiles: 400,
+      maxFiles: 200,
       idleMs: 4,
       maxWaitMs: 100,
       syncFs: syncfs,
@@ -126,17 +147,20 @@ export class GroupSync {
     this.bytes = 0;
     this.running = true;
     this.flushes++;
-    this.o.syncFs(this.dir).then(
-      (ok) => {
-        this.running = false;
-        for (const w of batch) w.resolve(ok);
-        this.schedule();
-      },
-      (e: unknown) => {
-        this.running = false;
-        for (const w of batch) w.reject(e);
-        this.schedule();
-      },
-    );
+    // A syncFs that throws instead of rejecting must not leave `running` set for good.
+    Promise.resolve()
+      .then(() => this.o.syncFs(this.dir))
+      .then(
+        (ok) => {
+          this.running = false;
+          for (const w of batch) w.resolve(ok);
+          this.schedule();
+        },
+        (e: unknown) => {
+          this.running = false;
+          for (const w of batch) w.reject(e);
+          this.schedule();
+        },
+      );
   }
 }
