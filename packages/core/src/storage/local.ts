@@ -227,9 +227,10 @@ export class LocalStorage implements Storage {
     let out: StorageEntry[] = [];
     while (dirs.length > 0) {
       const rel = dirs.pop()!;
+      const absDir = this.abs(rel);
       let entries: Dirent[];
       try {
-        entries = fs.readdirSync(this.abs(rel), { withFileTypes: true });
+        entries = fs.readdirSync(absDir, { withFileTypes: true });
       } catch (e) {
         const code = (e as { code?: string }).code;
         if (rel === start) throw e;
@@ -247,7 +248,8 @@ export class LocalStorage implements Storage {
         if ((!d.isFile() && !link) || isPartialName(d.name)) continue;
         let st: fs.Stats | undefined;
         try {
-          st = fs.statSync(this.abs(childRel), { throwIfNoEntry: false });
+          // The folder's path joined once, not per file (names from readdir hold no separator).
+          st = fs.statSync(absDir + nodePath.sep + d.name, { throwIfNoEntry: false });
         } catch {
           out.push({ path: childRel, size: -1 });
           continue;
