@@ -602,15 +602,15 @@ function startPureFtpd(tmp) {
   runningServer = { dir };
   const r = spawnSync('bash', [SERVICES, 'start', 'pure-ftpd', dir], { stdio: ['ignore', 2, 2] });
   if (r.status !== 0) {
-    stopPureFtpd(runningServer);
+    stopServices(runningServer);
     fail(`scripts/services.sh start pure-ftpd exited ${r.status}`);
   }
   const info = JSON.parse(readFileSync(join(dir, 'pure-ftpd.json'), 'utf8'));
   return { ...info, dir };
 }
 
-function stopPureFtpd(server) {
-  log('stopping pure-ftpd');
+function stopServices(server) {
+  log(`stopping the servers in ${server.dir}`);
   spawnSync('bash', [SERVICES, 'stop', server.dir], { stdio: ['ignore', 2, 2] });
   runningServer = null;
 }
@@ -859,7 +859,7 @@ async function benchFtp(ctx) {
       results,
     };
   } finally {
-    stopPureFtpd(server);
+    stopServices(server);
   }
 }
 
@@ -874,7 +874,7 @@ function startSshd(tmp) {
   runningServer = { dir };
   const r = spawnSync('bash', [SERVICES, 'start', 'sshd', dir], { stdio: ['ignore', 2, 2] });
   if (r.status !== 0) {
-    stopPureFtpd(runningServer);
+    stopServices(runningServer);
     fail(`scripts/services.sh start sshd exited ${r.status}`);
   }
   const info = JSON.parse(readFileSync(join(dir, 'sshd.json'), 'utf8'));
@@ -1110,7 +1110,7 @@ async function benchSftp(ctx) {
       results,
     };
   } finally {
-    stopPureFtpd(server);
+    stopServices(server);
   }
 }
 
@@ -1136,7 +1136,7 @@ async function main() {
     else rmSync(tmp, { recursive: true, force: true });
   };
   const onSignal = (sig) => {
-    if (runningServer) stopPureFtpd(runningServer);
+    if (runningServer) stopServices(runningServer);
     cleanup();
     process.exit(128 + os.constants.signals[sig]);
   };
