@@ -222,6 +222,36 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
     expect(allNames(b).some((x) => x.includes('medsync-part'))).toBe(false);
   });
 
+  it('a SyncJob holds at most 32 MiB of small-file buffers waiting for a flush (larger syncIoBelow)', async () => {
+    const a = tmp();
+    const b = tmp();
+    const tree: Record<string, Buffer> = {};
+    for (let i = 0; i < 80; i++) tree[`h/${i}.dcm`] = randomBytes(900 * 1024);
+    writeTree(a, tree);
+    const waitingAtFlush: number[] = [];
+    const spy = counting(async (dir) => {
+      // Every file waiting for this flush is a temporary file in the destination right now.
+      waitingAtFlush.push(allNames(b).filter((n) => n.includes('medsync-part')).length);
+      await new Promise((r) => setTimeout(r, 30));
+      return syncfs(dir);
+    });
+    const job = new SyncJob({
+      id: 'g3',
+      source: new LocalStorage({ root: a, syncIoBelow: 1024 * 1024 }),
+      destinations: [
+        new LocalStorage({ root: b, syncIoBelow: 1024 * 1024, groupSync: { syncFs: spy, idleMs: 50 } }),
+      ],
+      store: createMemoryStore(),
+      concurrency: 2,
+    });
+    const r = await job.run();
+    expect(r.status).toBe('success');
+    expect(readTree(b)).toEqual(readTree(a));
+    // 32 MiB / 900 KiB = 36 buffers, plus the transfers that hold their slot.
+    expect(Math.max(...waitingAtFlush)).toBeLessThanOrEqual(36 + 2);
+    expect(Math.max(...waitingAtFlush)).toBeGreaterThan(2);
+  });
+
   it('a SyncJob keeps transferring while files wait for their flush: fewer flushes than concurrency would allow', async () => {
     const a = tmp();
     const b = tmp();
