@@ -409,7 +409,7 @@ export class LocalStorage implements Storage {
     const stream = fh.createReadStream({
       ...(opts.start !== undefined ? { start: opts.start } : {}),
       ...(opts.end !== undefined ? { end: opts.end } : {}),
-      highWaterMark: 256 * 1024,
+      highWaterMark: 1024 * 1024,
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
     return stream;

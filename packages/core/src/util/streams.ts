@@ -31,7 +31,7 @@ export class HashingStream extends Transform {
     private readonly bucket?: TokenBucket,
     private readonly signal?: AbortSignal,
   ) {
-    super({ highWaterMark: 256 * 1024 });
+    super({ highWaterMark: 1024 * 1024 });
     this.hashes = kinds.map((k) => [k, createHash(k)]);
   }
 
