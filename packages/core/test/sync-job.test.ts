@@ -137,6 +137,27 @@ describe('SyncJob copy', () => {
     expect(dst.size).toBe(2);
   });
 
+  it('a logger that throws while a file fails ends the run instead of hanging or crashing it', async () => {
+    const src = new MemoryStorage();
+    for (const p of ['a.dcm', 'b.dcm', 'c.dcm', 'd.dcm']) await src.write(p, Readable.from([Buffer.from(p)]));
+    const dst = new MemoryStorage();
+    dst.faults.failNext('write', 1, new MedsyncError('E_PERMISSION', 'Permission denied.'));
+    const logger = {
+      debug: () => undefined,
+      info: () => undefined,
+      warn: () => {
+        throw new Error('the log sink is gone');
+      },
+      error: () => undefined,
+    };
+    const j = job({ source: src, destinations: [dst], concurrency: 1, logger });
+    const r = await j.run();
+    expect(r.status).not.toBe('success');
+    expect(r.errors.map((e) => e.message).join(' ')).toContain('the log sink is gone');
+    // The job is not left locked: a second run starts.
+    await expect(j.run()).resolves.toMatchObject({ trigger: 'manual' });
+  });
+
   it('does not retry a permanent error; the run is partial and names the file', async () => {
     const src = new MemoryStorage();
     for (const p of ['a.dcm', 'b.dcm', 'c.dcm']) await src.write(p, Readable.from([Buffer.from(p)]));

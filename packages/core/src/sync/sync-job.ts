@@ -527,6 +527,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         // together (onStaged, see LocalStorage's groupSync) free theirs for the next transfer.
         const pump = async (list: Task[]) => {
           const inFlight = new Set<Promise<void>>();
+          let pumpError: unknown;
           let heldBytes = 0;
           let wake: (() => void) | undefined;
           const nudge = () => {
@@ -574,11 +575,15 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
                 nudge();
               });
             inFlight.add(p);
+            // exec records every file's failure itself; a rejection here is a bug (or a logger
+            // that throws): kept, and thrown once the transfers in flight have ended.
+            p.catch((e: unknown) => (pumpError ??= e));
             while (limit.pendingCount >= limit.concurrency || inFlight.size >= MAX_IN_FLIGHT) {
               await new Promise<void>((r) => (wake = r));
             }
           }
-          await Promise.all(inFlight);
+          await Promise.allSettled(inFlight);
+          if (pumpError !== undefined) throw pumpError;
         };
         try {
           await pump(tasks);
