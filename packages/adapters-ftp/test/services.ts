@@ -29,6 +29,7 @@ export interface ServerInfo {
   root: string;
   pid: number;
   tls: boolean;
+  /** The server certificate (PEM) when `tls`. */
   cert: string | null;
   uid: number;
   gid: number;
