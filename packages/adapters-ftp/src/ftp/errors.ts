@@ -1,4 +1,5 @@
 import { isMedsyncError, MedsyncError, toMedsyncError, type MedsyncErrorCode } from '@medsync/core';
+import { TRANSIENT_ERRNO } from '../shared/errors.js';
 
 /** The operation an FTP error happened in; it decides how ambiguous replies (550) are read. */
 export type FtpOp =
@@ -53,19 +54,6 @@ const TLS_CERT_CODES = new Set([
   'CERT_UNTRUSTED',
   'CERT_REJECTED',
   'ERR_TLS_CERT_ALTNAME_INVALID',
-]);
-
-/** Socket errors that a reconnect may cure. */
-const TRANSIENT_ERRNO = new Set([
-  'ECONNRESET',
-  'ECONNREFUSED',
-  'ECONNABORTED',
-  'ETIMEDOUT',
-  'EPIPE',
-  'EHOSTUNREACH',
-  'ENETUNREACH',
-  'ENETDOWN',
-  'EAI_AGAIN',
 ]);
 
 /** Messages of basic-ftp for a dropped or stuck connection. */

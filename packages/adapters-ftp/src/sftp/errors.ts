@@ -1,4 +1,5 @@
 import { isMedsyncError, MedsyncError, toMedsyncError, type MedsyncErrorCode } from '@medsync/core';
+import { TRANSIENT_ERRNO } from '../shared/errors.js';
 
 /** The operation an SFTP error happened in; it decides how ambiguous statuses are read. */
 export type SftpOp =
@@ -60,18 +61,6 @@ export class SftpStatusError extends Error {
 export function isSftpStatus(e: unknown, status?: number): e is SftpStatusError {
   return e instanceof SftpStatusError && (status === undefined || e.status === status);
 }
-
-/** Socket errors that a reconnect may cure. */
-const TRANSIENT_ERRNO = new Set([
-  'ECONNRESET',
-  'ECONNABORTED',
-  'ETIMEDOUT',
-  'EPIPE',
-  'EHOSTUNREACH',
-  'ENETUNREACH',
-  'ENETDOWN',
-  'EAI_AGAIN',
-]);
 
 /** ssh2's words for a connection that went away or never answered. */
 const CONNECTION_TEXT =
