@@ -39,10 +39,14 @@ const stateDirs: string[] = [];
 let cleanupRegistered = false;
 
 /**
- * Starts one server (synchronously: apt-get takes a lock, so starts run one after the other) and
- * stops it after the test file. Returns undefined when it cannot be had outside CI.
+ * Starts one server of scripts/services.sh (synchronously: apt-get takes a lock, so starts run
+ * one after the other) and stops it after the test file. Returns what the script wrote to
+ * `<statedir>/<name>.json` plus `stateDir`, or undefined when it cannot be had outside CI.
  */
-export function startServer(name: ServerName, env: NodeJS.ProcessEnv = {}): ServerInfo | undefined {
+export function startService<T extends object>(
+  name: string,
+  env: NodeJS.ProcessEnv = {},
+): (T & { stateDir: string }) | undefined {
   if (!cleanupRegistered) {
     cleanupRegistered = true;
     afterAll(() => {
@@ -63,11 +67,8 @@ export function startServer(name: ServerName, env: NodeJS.ProcessEnv = {}): Serv
       timeout: 300_000,
       env: { ...process.env, ...env },
     });
-    const info = JSON.parse(readFileSync(join(dir, `${name}.json`), 'utf8')) as Omit<
-      ServerInfo,
-      'name' | 'stateDir'
-    >;
-    return { ...info, name, stateDir: dir };
+    const info = JSON.parse(readFileSync(join(dir, `${name}.json`), 'utf8')) as T;
+    return { ...info, stateDir: dir };
   } catch (e) {
     if (CI) {
       const stderr = (e as { stderr?: Buffer }).stderr?.toString() ?? '';
@@ -78,6 +79,12 @@ export function startServer(name: ServerName, env: NodeJS.ProcessEnv = {}): Serv
     );
     return undefined;
   }
+}
+
+/** An FTP server of scripts/services.sh; see {@link startService}. */
+export function startServer(name: ServerName, env: NodeJS.ProcessEnv = {}): ServerInfo | undefined {
+  const info = startService<Omit<ServerInfo, 'name' | 'stateDir'>>(name, env);
+  return info && { ...info, name };
 }
 
 /**

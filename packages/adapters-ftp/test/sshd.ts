@@ -4,16 +4,10 @@
  * server that cannot be started fails the run; elsewhere the caller skips its suite and one line
  * says how to enable it.
  */
-import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chownSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chownSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { afterAll } from 'vitest';
-
-const SCRIPT = fileURLToPath(new URL('../../../scripts/services.sh', import.meta.url));
-const CI = process.env.CI === 'true';
+import { startService } from './services.js';
 
 /** What scripts/services.sh writes to `<statedir>/sshd.json`. */
 export interface SshdInfo {
@@ -40,36 +34,9 @@ export interface SshdInfo {
   stateDir: string;
 }
 
-/**
- * Starts sshd (synchronously: apt-get takes a lock) and stops it after the test file. Returns
- * undefined when it cannot be had outside CI.
- */
+/** Starts sshd and stops it after the test file; undefined when it cannot be had outside CI. */
 export function startSshd(): SshdInfo | undefined {
-  const dir = mkdtempSync(join(tmpdir(), 'medsync-sshd-'));
-  afterAll(() => {
-    try {
-      execFileSync('bash', [SCRIPT, 'stop', dir], { stdio: 'ignore', timeout: 60_000 });
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
-  });
-  try {
-    execFileSync('bash', [SCRIPT, 'start', 'sshd', dir], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-      timeout: 300_000,
-    });
-    const info = JSON.parse(readFileSync(join(dir, 'sshd.json'), 'utf8')) as Omit<SshdInfo, 'stateDir'>;
-    return { ...info, stateDir: dir };
-  } catch (e) {
-    if (CI) {
-      const stderr = (e as { stderr?: Buffer }).stderr?.toString() ?? '';
-      throw new Error(`scripts/services.sh start sshd failed under CI=true:\n${stderr}`, { cause: e });
-    }
-    console.log(
-      '[medsync] sshd not available: run scripts/services.sh start sshd DIR (needs root and apt) to enable',
-    );
-    return undefined;
-  }
+  return startService<Omit<SshdInfo, 'stateDir'>>('sshd');
 }
 
 /** A fresh, empty folder in the user's home for one test, owned by the user; its absolute path. */
