@@ -4,7 +4,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { afterEach, describe, expect, it } from 'vitest';
-import { createMemoryStore, LocalStorage, MedsyncError, SyncJob, type SyncFileSystem } from '@medsync/core';
+import {
+  createMemoryStore,
+  LocalStorage,
+  MedsyncError,
+  SyncJob,
+  type GroupSyncOptions,
+  type SyncFileSystem,
+  type SyncJobOptions,
+} from '@medsync/core';
 import { readTree, writeTree } from '@medsync/core/testing';
 import { GroupSync, syncfs } from '../src/util/group-sync.js';
 
@@ -23,6 +31,24 @@ function allNames(root: string): string[] {
   return readdirSync(root, { recursive: true, withFileTypes: true })
     .filter((e) => e.isFile())
     .map((e) => e.name);
+}
+
+/** A local-to-local SyncJob (concurrency 2) whose destination groups flushes with `groupSync`. */
+function groupJob(
+  a: string,
+  b: string,
+  groupSync: GroupSyncOptions,
+  more: { syncIoBelow?: number } & Pick<SyncJobOptions, 'retry'> = {},
+) {
+  const io = more.syncIoBelow !== undefined ? { syncIoBelow: more.syncIoBelow } : {};
+  return new SyncJob({
+    id: 'g',
+    source: new LocalStorage({ root: a, ...io }),
+    destinations: [new LocalStorage({ root: b, ...io, groupSync })],
+    store: createMemoryStore(),
+    concurrency: 2,
+    ...(more.retry ? { retry: more.retry } : {}),
+  });
 }
 
 /** A syncFs that counts its calls and runs the real one (or `impl`). */
@@ -206,14 +232,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
         : syncfs(dir),
     );
     const fast = { retries: 3, initialDelayMs: 1, maxDelayMs: 1 };
-    const job = new SyncJob({
-      id: 'g2',
-      source: new LocalStorage({ root: a }),
-      destinations: [new LocalStorage({ root: b, groupSync: { syncFs: spy, idleMs: 20 } })],
-      store: createMemoryStore(),
-      concurrency: 2,
-      retry: fast,
-    });
+    const job = groupJob(a, b, { syncFs: spy, idleMs: 20 }, { retry: fast });
     const r = await job.run();
     expect(r.status).toBe('success');
     expect(r.filesSynced).toBe(30);
@@ -235,15 +254,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
       await new Promise((r) => setTimeout(r, 30));
       return syncfs(dir);
     });
-    const job = new SyncJob({
-      id: 'g3',
-      source: new LocalStorage({ root: a, syncIoBelow: 1024 * 1024 }),
-      destinations: [
-        new LocalStorage({ root: b, syncIoBelow: 1024 * 1024, groupSync: { syncFs: spy, idleMs: 50 } }),
-      ],
-      store: createMemoryStore(),
-      concurrency: 2,
-    });
+    const job = groupJob(a, b, { syncFs: spy, idleMs: 50 }, { syncIoBelow: 1024 * 1024 });
     const r = await job.run();
     expect(r.status).toBe('success');
     expect(readTree(b)).toEqual(readTree(a));
@@ -260,13 +271,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
     // (files of 70 KiB go through a copy worker with their own fdatasync)
     writeTree(a, tree);
     const spy = counting();
-    const job = new SyncJob({
-      id: 'g',
-      source: new LocalStorage({ root: a }),
-      destinations: [new LocalStorage({ root: b, groupSync: { syncFs: spy, idleMs: 30 } })],
-      store: createMemoryStore(),
-      concurrency: 2,
-    });
+    const job = groupJob(a, b, { syncFs: spy, idleMs: 30 });
     const r = await job.run();
     expect(r.status).toBe('success');
     expect(r.filesSynced).toBe(60);

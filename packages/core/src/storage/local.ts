@@ -148,6 +148,18 @@ export class LocalStorage implements Storage {
     return toMedsyncError(e, context, { adapter: 'local', ...(path !== undefined ? { path } : {}) });
   }
 
+  /** What a failed write rejects with: E_ABORTED once cancelled, else the cause's own code. */
+  private writeError(e: unknown, rel: string, signal: AbortSignal | undefined): MedsyncError {
+    if (signal?.aborted) {
+      return new MedsyncError('E_ABORTED', 'The write was cancelled.', {
+        adapter: 'local',
+        path: rel,
+        cause: e,
+      });
+    }
+    return this.err(e, 'Writing the file', rel);
+  }
+
   async test(opts: OpOptions = {}): Promise<ConnectionReport> {
     const started = performance.now();
     const base = { kind: this.kind, id: this.id };
@@ -506,14 +518,7 @@ export class LocalStorage implements Storage {
         await fsp.rename(tmp, this.abs(rel));
       } catch (e) {
         await fsp.rm(tmp, { force: true }).catch(() => undefined);
-        if (opts.signal?.aborted) {
-          throw new MedsyncError('E_ABORTED', 'The write was cancelled.', {
-            adapter: 'local',
-            path: rel,
-            cause: e,
-          });
-        }
-        throw this.err(e, 'Writing the file', rel);
+        throw this.writeError(e, rel, opts.signal);
       }
       this.dirty.add(nodePath.dirname(this.abs(rel)));
       return entry;
@@ -583,14 +588,7 @@ export class LocalStorage implements Storage {
       if (isStream) body.destroy();
       await fh?.close().catch(() => undefined);
       await fsp.rm(tmp, { force: true }).catch(() => undefined);
-      if (opts.signal?.aborted) {
-        throw new MedsyncError('E_ABORTED', 'The write was cancelled.', {
-          adapter: 'local',
-          path: rel,
-          cause: e,
-        });
-      }
-      throw this.err(e, 'Writing the file', rel);
+      throw this.writeError(e, rel, opts.signal);
     } finally {
       opts.signal?.removeEventListener('abort', onAbort);
     }
@@ -679,9 +677,14 @@ export class LocalStorage implements Storage {
 
   /** Whether small files may wait for group flushes at all (fsync on, groupSync on, syncfs here). */
   private groupsWanted(): boolean {
+    if (!this.opts.fsync || this.opts.groupSync === false) return false;
+    return this.injectedSyncFs() || syncfsAvailable();
+  }
+
+  /** A `groupSync.syncFs` of the caller's (tests): used on any file system. */
+  private injectedSyncFs(): boolean {
     const g = this.opts.groupSync;
-    if (!this.opts.fsync || g === false) return false;
-    return (typeof g === 'object' && g.syncFs !== undefined) || syncfsAvailable();
+    return typeof g === 'object' && g.syncFs !== undefined;
   }
 
   /**
@@ -694,8 +697,7 @@ export class LocalStorage implements Storage {
     let group: GroupSync | null = null;
     try {
       const dir = this.abs(dirRel);
-      const injected = typeof this.opts.groupSync === 'object' && this.opts.groupSync.syncFs !== undefined;
-      if (injected || LOCAL_FS_TYPES.has(fs.statfsSync(dir).type)) {
+      if (this.injectedSyncFs() || LOCAL_FS_TYPES.has(fs.statfsSync(dir).type)) {
         const dev = fs.statSync(dir).dev;
         group = this.groupsByDevice.get(dev) ?? null;
         if (!group) {

@@ -999,10 +999,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const kinds = this.hashKinds(dest);
     // Passed to every destination: those that keep mtimes set it, and the others may still use it
     // to tell versions of a file apart (the FTP adapter's resumable temporary names).
-    const passOn = {
-      ...(src.mtimeMs !== undefined ? { mtimeMs: src.mtimeMs } : {}),
-      ...(staged ? { onStaged: () => staged(0) } : {}),
-    };
+    const mtime = src.mtimeMs !== undefined ? { mtimeMs: src.mtimeMs } : {};
+    // `held`: the bytes the transfer keeps in memory while its file waits to be made durable.
+    const onStaged = (held: number) => (staged ? { onStaged: () => staged(held) } : {});
     const sourceError = (e: unknown) => {
       const me = toMedsyncError(e, 'Reading the source file', { path: op.path });
       // A source file that cannot be read will not become readable by retrying.
@@ -1025,7 +1024,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
                 sent += n;
                 onBytes(n);
               },
-              ...passOn,
+              ...mtime,
+              ...onStaged(0),
             })
           : undefined;
       if (copied) {
@@ -1045,8 +1045,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           size: buf.length,
           signal,
           expectedHashes: () => known,
-          ...passOn,
-          ...(staged ? { onStaged: () => staged(buf.length) } : {}),
+          ...mtime,
+          ...onStaged(buf.length),
         });
         sent = buf.length;
         onBytes(sent);
@@ -1070,7 +1070,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             size: op.size,
             signal,
             expectedHashes: () => hasher.result(),
-            ...passOn,
+            ...mtime,
+            ...onStaged(0),
           });
         } catch (e) {
           if (hasher.writableEnded && hasher.bytes !== op.size) {
