@@ -39,6 +39,12 @@ const MAX_425_RETRIES = 2;
 
 /** Uploads of at least this size resume after a dropped connection (see the `resume` option). */
 const RESUME_MIN_BYTES = 8 * 1024 * 1024;
+/**
+ * The slowest rate (bytes per ms, 25 MB/s) at which a server is assumed to read a file back for
+ * its digest: a digest command gets `timeoutMs` plus the file's size at this rate, so the HASH of
+ * a 10 GiB file (minutes on a NAS) is not cut by the 30 s control timeout and resent forever.
+ */
+const DIGEST_MIN_BYTES_PER_MS = 25_000;
 
 /** Storage ids whose disabled certificate verification was already reported in this process. */
 const warnedInsecure = new Set<string>();
@@ -430,7 +436,20 @@ export class FtpStorage implements Storage {
     c: Client,
     abs: string,
     dg: NonNullable<ServerFeatures['digest']>,
+    size: number,
   ): Promise<string | undefined> {
+    // The server reads the whole file before it answers: give it time in proportion to the size.
+    // basic-ftp applies `ftp.timeout` to the control socket when the command is sent (synchronously).
+    const sendSlow = (command: string): Promise<FTPResponse> => {
+      const ctx = c.ftp as { timeout: number };
+      const before = ctx.timeout;
+      ctx.timeout = this.options.timeoutMs + Math.ceil(size / DIGEST_MIN_BYTES_PER_MS);
+      try {
+        return c.sendIgnoringError(command);
+      } finally {
+        ctx.timeout = before;
+      }
+    };
     if (dg.via === 'HASH') {
       if (!this.hashSelected.has(c)) {
         const opt = await c.sendIgnoringError('OPTS HASH SHA-256');
@@ -442,12 +461,12 @@ export class FtpStorage implements Storage {
         }
         this.hashSelected.add(c);
       }
-      const res = await c.sendIgnoringError(`HASH ${abs}`);
+      const res = await sendSlow(`HASH ${abs}`);
       const m = /^213 SHA-256 \d+-\d+ ([0-9a-f]{64}) /im.exec(res.message);
       return m ? m[1]!.toLowerCase() : undefined;
     }
     if (/\s/.test(abs)) return undefined;
-    const res = await c.sendIgnoringError(`${dg.via} ${abs}`);
+    const res = await sendSlow(`${dg.via} ${abs}`);
     const len = dg.kind === 'sha256' ? 64 : 32;
     const m = new RegExp(`^2\\d\\d ([0-9a-f]{${len}})\\s*$`, 'im').exec(res.message);
     return m ? m[1]!.toLowerCase() : undefined;
@@ -1151,7 +1170,7 @@ export class FtpStorage implements Storage {
       }
       let hashes: Partial<Record<HashKind, string>> | undefined;
       const dg = this.options.serverDigest ? feats.digest : undefined;
-      const remote = dg ? await this.digestOf(c, tmpAbs, dg) : undefined;
+      const remote = dg ? await this.digestOf(c, tmpAbs, dg, sent) : undefined;
       if (dg && remote) {
         const expected = opts.expectedHashes?.()[dg.kind];
         if (expected !== undefined && expected.toLowerCase() !== remote) {
