@@ -9,6 +9,7 @@ import {
   chownSync,
   existsSync,
   mkdirSync,
+  mkdtempSync,
   readdirSync,
   readFileSync,
   rmSync,
@@ -18,10 +19,17 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, relative } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { describeStorageConformance, digestOf, generatedStream } from '@medsync/core/testing';
+import { LocalStorage, MemoryStore, SyncJob } from '@medsync/core';
+import {
+  describeStorageConformance,
+  digestOf,
+  generatedStream,
+  readTree,
+  writeTree,
+} from '@medsync/core/testing';
 import { createSftpStorage, type SftpStorage, type SftpStorageOptions } from '@medsync/adapters-ftp';
 import { freshSftpRoot, startSshd, type SshdInfo } from './sshd.js';
 
@@ -528,6 +536,98 @@ function define(s: SshdInfo): void {
       } finally {
         await st.close();
         removeRoot(st);
+      }
+    });
+
+    it("checks each upload against the server's sha256sum before the rename, over one shell per connection; the manifest says so", async () => {
+      const src = mkdtempSync(join(tmpdir(), 'medsync-sftp-digest-'));
+      const st = storageOn(s, { maxConnections: 1 });
+      const before = logSize(s);
+      try {
+        expect(st.capabilities.hashes).toEqual([]); // not known before the first upload
+        const tree: Record<string, Buffer> = { 'b.dcm': randomBytes(3_000_000), 'e.dcm': Buffer.alloc(0) };
+        for (let i = 0; i < 8; i++) tree[`PAT 1/CT 1/IM ${i}.dcm`] = randomBytes(10_000 + i);
+        writeTree(src, tree);
+        const store = new MemoryStore();
+        const job = new SyncJob({
+          id: 'sd',
+          source: new LocalStorage({ root: src }),
+          destinations: [st],
+          store,
+        });
+        expect(await job.run()).toMatchObject({ status: 'success', filesSynced: 10 });
+        expect(st.capabilities.hashes).toEqual(['sha256']);
+        let n = 0;
+        for await (const m of store.manifest.list({ jobId: 'sd', destination: st.id })) {
+          n++;
+          expect(m.verifiedBy).toBe('sha256');
+          expect(m.sha256).toBe(createHash('sha256').update(tree[m.path]!).digest('hex'));
+        }
+        expect(n).toBe(10);
+        expect(readTree(st.options.root)).toEqual(readTree(src));
+        expect((await st.test()).details).toMatchObject({ serverDigest: 'sha256sum (shell)' });
+        // One connection: one command channel for all ten files, not one per file.
+        expect(logSince(s, before).match(/Starting session: command /g)).toHaveLength(1);
+      } finally {
+        await st.close();
+        removeRoot(st);
+        rmSync(src, { recursive: true, force: true });
+      }
+    });
+
+    it('a server digest that does not match the bytes sent is E_INTEGRITY, and nothing is left on the server', async () => {
+      const st = storageOn(s);
+      try {
+        const body = randomBytes(50_000);
+        const err = await st
+          .write('x/y.dcm', body, { size: body.length, expectedHashes: () => ({ sha256: '0'.repeat(64) }) })
+          .then(
+            () => undefined,
+            (e: unknown) => e,
+          );
+        expect(err).toMatchObject({ code: 'E_INTEGRITY', retryable: true, path: 'x/y.dcm' });
+        expect(filesUnder(st.options.root)).toEqual([]);
+        const sha256 = createHash('sha256').update(body).digest('hex');
+        const ok = await st.write('x/y.dcm', body, { size: body.length, expectedHashes: () => ({ sha256 }) });
+        expect(ok.hashes).toEqual({ sha256 });
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('an sftp-only account (forced sftp-server) and serverDigest: false upload checked by size, without digests', async () => {
+      // A second key for the same user whose every session runs sftp-server: SFTP works, commands do not.
+      const key = join(tmpdir(), `medsync-sftponly-${randomBytes(4).toString('hex')}`);
+      execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', key]);
+      const authorized = join(dirname(s.privateKey), 'authorized_keys');
+      const saved = readFileSync(authorized, 'utf8');
+      writeFileSync(
+        authorized,
+        `${saved.trimEnd()}\nrestrict,command="/usr/lib/openssh/sftp-server" ${readFileSync(`${key}.pub`, 'utf8')}`,
+      );
+      const only = storageOn(s, { password: undefined, privateKey: readFileSync(key, 'utf8') });
+      const off = storageOn(s, { serverDigest: false });
+      try {
+        const body = Buffer.from('checked by size');
+        for (const st of [only, off]) {
+          const before = logSize(s);
+          const w = await st.write('a/b.dcm', body, { size: body.length });
+          expect(w.hashes).toBeUndefined();
+          expect(st.capabilities.hashes).toEqual([]);
+          expect(readFileSync(join(st.options.root, 'a/b.dcm'))).toEqual(body);
+          if (st === off) expect(logSince(s, before)).not.toMatch(/Starting session: command /);
+        }
+        expect((await only.test()).details).toMatchObject({ serverDigest: expect.stringMatching(/^none/) });
+        expect((await off.test()).details).toMatchObject({ serverDigest: 'off' });
+      } finally {
+        writeFileSync(authorized, saved);
+        await only.close();
+        await off.close();
+        removeRoot(only);
+        removeRoot(off);
+        rmSync(key, { force: true });
+        rmSync(`${key}.pub`, { force: true });
       }
     });
 

@@ -56,6 +56,13 @@ export const SftpStorageOptionsSchema = z
     keepaliveMs: z.number().int().min(0).max(3_600_000).default(15_000),
     /** fsync each file on the server before renaming it into place (where the server offers it). */
     fsync: z.boolean().default(true),
+    /**
+     * Check each upload against the server's own SHA-256 of the temporary file before the rename:
+     * `sha256sum` run by one shell loop per connection (SFTP v3 servers compute no digests).
+     * Accounts without a shell (sftp-only, chroot) are found at the first upload and checked by
+     * size.
+     */
+    serverDigest: z.boolean().default(true),
   })
   .strict();
 

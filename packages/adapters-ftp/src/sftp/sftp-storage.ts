@@ -308,6 +308,11 @@ export class SftpStorage implements Storage {
             extensions: info.extensions,
             atomicRename: this.caps.atomicRename,
             fsync: o.fsync && s.has('fsync@openssh.com'),
+            serverDigest: !o.serverDigest
+              ? 'off'
+              : (await s.sha256('/dev/null', 0)) !== undefined
+                ? 'sha256sum (shell)'
+                : 'none (no shell on this account: uploads are checked by size)',
             ...(totalBytes !== undefined ? { totalBytes } : {}),
           },
           ...(writable
@@ -884,9 +889,26 @@ export class SftpStorage implements Storage {
       handle = undefined;
       await s.closeHandle(h);
       throwIfAborted(signal);
+      const sha256 = await this.serverSha256(s, tmpAbs, sent);
+      if (sha256 !== undefined) {
+        const expected = opts.expectedHashes?.().sha256;
+        if (expected !== undefined && expected.toLowerCase() !== sha256) {
+          throw new MedsyncError(
+            'E_INTEGRITY',
+            "The server's sha256 of the uploaded file does not match the bytes sent; resending.",
+            { adapter: 'sftp', path: rel },
+          );
+        }
+      }
+      throwIfAborted(signal);
       await this.renameAbs(s, tmpAbs, finalAbs, rel, rel);
       tempMayExist = false;
-      return { path: rel, size: sent, ...(mtimeMs !== undefined ? { mtimeMs } : {}) };
+      return {
+        path: rel,
+        size: sent,
+        ...(mtimeMs !== undefined ? { mtimeMs } : {}),
+        ...(sha256 !== undefined ? { hashes: { sha256 } } : {}),
+      };
     } catch (e) {
       if (isStream) body.destroy();
       let raw = e;
@@ -926,6 +948,24 @@ export class SftpStorage implements Storage {
       signal?.removeEventListener('abort', onAbort);
       if (lease) this.pool.release(lease.conn);
     }
+  }
+
+  /** False once an account was found unable to hash files on the server (no shell). */
+  private digestsUsable = true;
+
+  /**
+   * The server's SHA-256 of a file just written (see `serverDigest`), or undefined when digests
+   * are off or this account cannot compute them. The first success adds `sha256` to
+   * `capabilities.hashes`.
+   */
+  private async serverSha256(s: SftpSession, abs: string, size: number): Promise<string | undefined> {
+    if (!this.options.serverDigest || !this.digestsUsable) return undefined;
+    const hex = await s.sha256(abs, size);
+    if (hex !== undefined && !this.caps.hashes.includes('sha256')) {
+      this.caps = { ...this.caps, hashes: ['sha256'] };
+    }
+    if (hex === undefined && s.digestsUnavailable) this.digestsUsable = false;
+    return hex;
   }
 
   async remove(path: string, opts: OpOptions = {}): Promise<void> {
