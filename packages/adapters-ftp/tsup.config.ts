@@ -8,4 +8,6 @@ export default defineConfig({
   sourcemap: true,
   target: 'node20',
   silent: true,
+  // import.meta.url in the CJS build (sftp/ssh2.ts loads ssh2 lazily with createRequire).
+  shims: true,
 });

@@ -1,7 +1,7 @@
 import { MedsyncError, registerSecret } from '@medsync/core';
-import ssh2 from 'ssh2';
 import { z } from 'zod';
 import { CONTROL, rootSchema } from '../shared/options.js';
+import { ssh2 } from './ssh2.js';
 
 /** `SHA256:` and unpadded base64 of 32 bytes, as `ssh-keygen -lf` and `ssh` print it. */
 const FINGERPRINT = /^SHA256:[A-Za-z0-9+/]{43}=?$/;
@@ -103,8 +103,7 @@ export function parseSftpOptions(input: unknown): ResolvedSftpStorageOptions {
     throw fail('`passphrase` is set but `privateKey` is not.');
   }
   if (o.privateKey !== undefined) {
-    // A default import: Node's ESM loader does not see ssh2's `utils` as a named export.
-    const parsed = ssh2.utils.parseKey(o.privateKey, o.passphrase);
+    const parsed = ssh2().utils.parseKey(o.privateKey, o.passphrase);
     const err = parsed instanceof Error ? parsed : undefined;
     if (err) {
       const text = err.message;

@@ -1,13 +1,6 @@
 import { MedsyncError } from '@medsync/core';
-import ssh2, {
-  type Client,
-  type Attributes,
-  type ClientChannel,
-  type ConnectConfig,
-  type FileEntry,
-  type SFTPWrapper,
-  type Stats,
-} from 'ssh2';
+import type { Client, Attributes, ClientChannel, ConnectConfig, FileEntry, SFTPWrapper, Stats } from 'ssh2';
+import { ssh2 } from './ssh2.js';
 import { SftpStatusError, toSftpError } from './errors.js';
 import {
   checkHostKey,
@@ -479,8 +472,7 @@ export function hostKeyError(
  */
 export function openSession(p: SessionParams): Promise<SftpSession> {
   return new Promise<SftpSession>((resolve, reject) => {
-    // ssh2 is CommonJS: its default export works from both builds (ESM and CJS).
-    const client = new ssh2.Client();
+    const client = new (ssh2().Client)();
     let hostKey: ServerInfo['hostKey'] | undefined;
     let refused: MedsyncError | undefined;
     let kex: string | undefined;
