@@ -139,6 +139,28 @@ function keepSessionOnDataErrors(client: Client): void {
   };
 }
 
+/**
+ * basic-ftp records the caller's stack (`new Error().stack`) for every command it sends, to add
+ * it to a later error; formatting that stack is ~15 µs, about 5 % of the CPU of a sync of small
+ * files. The adapter never shows stacks (its errors carry the FTP reply, not a trace), so this
+ * client's commands are sent with stack capture off. Per client, like keepSessionOnDataErrors.
+ */
+function skipTaskStacks(client: Client): void {
+  type Ctx = { handle?: (...args: unknown[]) => unknown };
+  const ctx = client.ftp as unknown as Ctx;
+  const original = ctx.handle;
+  if (typeof original !== 'function') return;
+  ctx.handle = function (this: unknown, ...args: unknown[]) {
+    const limit = Error.stackTraceLimit;
+    Error.stackTraceLimit = 0;
+    try {
+      return original.apply(this, args);
+    } finally {
+      Error.stackTraceLimit = limit;
+    }
+  };
+}
+
 /** Internal: a pooled connection was found dead before a read got its first byte. */
 class StaleConnection extends Error {}
 
@@ -261,6 +283,7 @@ export class FtpStorage implements Storage {
     const o = this.options;
     const client = new Client(o.timeoutMs);
     keepSessionOnDataErrors(client);
+    skipTaskStacks(client);
     let step: FtpOp = 'connect';
     try {
       await client.connect(o.host, o.port);
