@@ -53,8 +53,9 @@ describe('ftp server digest of a large file', () => {
       timeoutMs: 1_000,
     });
     try {
-      // 25 MB buys one more second (the server is assumed to read back at 25 MB/s or faster).
-      const body = Buffer.alloc(25_000_000, 7);
+      // 50 MB buys two more seconds (the server is assumed to read back at 25 MB/s or faster):
+      // 3 s in all for an answer that takes 1.6 s.
+      const body = Buffer.alloc(50_000_000, 7);
       const sha256 = createHash('sha256').update(body).digest('hex');
       const w = await s.write('big.bin', body, { size: body.length, expectedHashes: () => ({ sha256 }) });
       expect(w.hashes).toEqual({ sha256 });

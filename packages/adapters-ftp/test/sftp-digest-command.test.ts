@@ -1,7 +1,7 @@
 /**
  * The program SFTP uploads are checked with on the server (one per connection, fed one path per
- * line), run here through a local `sh -c` exactly as sshd runs an exec request: with Perl's
- * Digest::SHA, and with the sha256sum loop used where Perl is missing.
+ * line; it first names itself), run here through a local `sh -c` exactly as sshd runs an exec
+ * request: with Perl's Digest::SHA, and with the sha256sum loop used where Perl is missing.
  */
 import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -37,14 +37,26 @@ describe('the server-side digest program', () => {
   const body = randomBytes(3_000_001);
   writeFileSync(odd, 'hello');
   writeFileSync(big, body);
+  const dash = join(dir, '-n');
+  const space = join(dir, ' leading space');
+  writeFileSync(dash, 'dash');
+  writeFileSync(space, 'space');
   mkdirSync(join(dir, 'folder'));
   const sha = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
-  const paths = ['/dev/null', odd, join(dir, 'missing'), join(dir, 'folder'), big];
-  const expected = [`ok ${sha('')}`, `ok ${sha('hello')}`, 'err', 'err', `ok ${sha(body)}`];
+  const paths = ['/dev/null', odd, dash, space, join(dir, 'missing'), join(dir, 'folder'), big];
+  const expected = [
+    `ok ${sha('')}`,
+    `ok ${sha('hello')}`,
+    `ok ${sha('dash')}`,
+    `ok ${sha('space')}`,
+    'err',
+    'err',
+    `ok ${sha(body)}`,
+  ];
 
   const perl = which('perl');
   (perl ? it : it.skip)("answers in order with Perl's Digest::SHA; names are never echoed", () => {
-    expect(run(paths)).toEqual(expected);
+    expect(run(paths)).toEqual(['medsync-digest perl', ...expected]);
   });
 
   it('answers the same with the sha256sum loop where Perl is missing', () => {
@@ -56,6 +68,6 @@ describe('the server-side digest program', () => {
       expect(at).toBeDefined();
       symlinkSync(at!, join(bin, cmd));
     }
-    expect(run(paths, { PATH: bin })).toEqual(expected);
+    expect(run(paths, { PATH: bin })).toEqual(['medsync-digest sha256sum', ...expected]);
   });
 });

@@ -53,18 +53,19 @@ type Cb<T> = (err: Error | undefined | null, value?: T) => void;
 const FLUSH_TIMEOUT_MS = 10 * 60_000;
 
 /**
- * The program behind {@link SftpSession.sha256}: reads one path per line and answers `ok <hex>`
- * (SHA-256 of the file) or `err`, in order, never echoing a name. Perl's Digest::SHA where the
+ * The program behind {@link SftpSession.sha256}: says `medsync-digest <perl|sha256sum>` when
+ * it starts, then reads one path per line and answers `ok <hex>` (SHA-256 of the file) or `err`,
+ * in order, never echoing a name. Perl's Digest::SHA where the
  * server has it (one process for every file: ~0.2 ms a file), else a POSIX sh loop running
  * `sha256sum` per file (a process each: ~4 ms a file on a small VM). Started with `sh -c`,
  * whatever the account's login shell is.
  */
 const DIGEST_PERL =
-  '$|=1; while (defined(my $p = <STDIN>)) { chomp $p; my $d = Digest::SHA->new(256); ' +
+  '$|=1; print qq(medsync-digest perl\n); while (defined(my $p = <STDIN>)) { chomp $p; my $d = Digest::SHA->new(256); ' +
   'my $f; my $ok = open($f, q(<), $p) && eval { binmode $f; $d->addfile($f); 1 }; ' +
   'print $ok ? q(ok ) . $d->hexdigest . qq(\n) : qq(err\n) }';
 const DIGEST_SH =
-  'while IFS= read -r p; do if h=$(sha256sum 2>/dev/null < "$p"); then echo "ok ${h%% *}"; else echo err; fi; done';
+  'echo medsync-digest sha256sum; while IFS= read -r p; do if h=$(sha256sum 2>/dev/null < "$p"); then echo "ok ${h%% *}"; else echo err; fi; done';
 /** `s` in sh double quotes. */
 const dq = (s: string) => `"${s.replace(/[\\$`"]/g, '\\$&')}"`;
 /** The whole command (no single quote inside, so it fits in `sh -c '…'`). */
@@ -93,13 +94,18 @@ export class SftpSession {
   private corked = false;
   private readonly pending = new Set<(e: Error) => void>();
   private readonly closeHooks: (() => void)[] = [];
-  /** The shell loop that hashes files on the server: started at the first digest, then kept. */
-  private digester: Promise<Digester | undefined> | undefined;
-  private noDigests = false;
+  /** The program that hashes files on the server: started at the first digest, then kept. */
+  private digester: Promise<Digester | DigesterFailure> | undefined;
+  /** Why this session gets no digests (undefined while it may). */
+  private noDigests: DigesterFailure | undefined;
 
-  /** True once {@link sha256} found that this account cannot hash files on the server. */
+  /**
+   * True once {@link sha256} found that this account cannot run the digest program (no shell,
+   * no sha256sum): the server's setup, the same for every connection. A probe that timed out
+   * stops digests on this connection only.
+   */
   get digestsUnavailable(): boolean {
-    return this.noDigests;
+    return this.noDigests === 'unavailable';
   }
 
   constructor(
@@ -159,27 +165,54 @@ export class SftpSession {
   }
 
   /**
-   * SHA-256 of a file on the server, lower-case hex, from `sha256sum` run by one shell loop per
-   * connection (one SSH exec channel opened at the first call, then reused: a new channel per
-   * file costs ~60 ms on OpenSSH). Resolves undefined when the account cannot run it (an
-   * sftp-only account, no `sha256sum`, a non-POSIX shell): the first call probes with /dev/null.
-   * `size` stretches the timeout (the server reads the whole file). A timeout closes the session.
+   * SHA-256 of a file on the server, lower-case hex, from one digest program per connection
+   * (see DIGEST_COMMAND: one SSH exec channel opened at the first call, then reused; a channel
+   * per file would cost ~60 ms on OpenSSH). Resolves undefined when this connection gets no
+   * digests: the account cannot run the program (sftp-only, no sha256sum, a non-POSIX shell),
+   * or its start-up probe (/dev/null) timed out. `size` stretches the timeout (the server reads
+   * the whole file). Rejects as a lost connection when the session closes; a timeout of an
+   * answer closes the session.
    */
   async sha256(absPath: string, size: number): Promise<string | undefined> {
-    if (this.isClosed) throw connectionLost();
     if (/[\r\n]/.test(absPath)) return undefined;
-    this.digester ??= Digester.start(this.client, this.timeoutMs);
-    const d = await this.digester;
-    if (!d) {
-      this.noDigests = true;
-      return undefined;
-    }
+    const d = await this.startDigester();
+    if (!d) return undefined;
     const answer = await this.race(
       d.ask(absPath),
       this.timeoutMs + Math.ceil(size / DIGEST_MIN_BYTES_PER_MS),
     );
     const m = /^ok ([0-9a-f]{64})$/.exec(answer);
     return m ? m[1] : undefined;
+  }
+
+  /** What {@link sha256} uses on this connection, for the connection report. */
+  async digestReport(): Promise<string> {
+    try {
+      const d = await this.startDigester();
+      if (d) return `sha256 (${d.program === 'perl' ? "Perl's Digest::SHA" : 'sha256sum'} on the server)`;
+    } catch {
+      return 'unknown (the connection closed while checking)';
+    }
+    return this.noDigests === 'timeout'
+      ? 'none on this connection (the digest program did not answer in time): uploads are checked by size'
+      : 'none (this account cannot run commands on the server): uploads are checked by size';
+  }
+
+  private async startDigester(): Promise<Digester | undefined> {
+    if (this.isClosed) throw connectionLost();
+    if (this.noDigests) return undefined;
+    this.digester ??= Digester.start(this.client, this.timeoutMs);
+    // The session closing fails the wait at once (the probe itself gives up after timeoutMs).
+    const d = await this.race(this.digester, this.timeoutMs + 1000);
+    if (this.isClosed) throw connectionLost();
+    if (d instanceof Digester) return d;
+    if (d === 'lost') {
+      // The connection broke, not the account: a later call (on a new session) tries again.
+      this.digester = undefined;
+      throw connectionLost();
+    }
+    this.noDigests = d;
+    return undefined;
   }
 
   /** `p`, or a timeout (which closes the session), or the session's end, whichever comes first. */
@@ -359,8 +392,11 @@ export class SftpSession {
   }
 }
 
+/** Why a digest program could not be had: the account cannot run it, it did not answer, or the connection broke. */
+type DigesterFailure = 'unavailable' | 'timeout' | 'lost';
+
 /**
- * One `sh -c` loop on an SSH exec channel: a line in (a path), a line out, in order. Requests
+ * The digest program on an SSH exec channel: a line in (a path), a line out, in order. Requests
  * on one session come one at a time (a pooled session serves one call), but answers are matched
  * in order all the same.
  */
@@ -368,21 +404,36 @@ class Digester {
   private buffered = '';
   private readonly waiting: { resolve: (line: string) => void; reject: (e: Error) => void }[] = [];
   private gone = false;
+  /** Which program answers: known once its first line (the banner) came. */
+  program: 'perl' | 'sha256sum' | undefined;
+  private readonly started: Promise<boolean>;
 
   private constructor(private readonly channel: ClientChannel) {
+    let onBanner: (ok: boolean) => void = () => undefined;
+    this.started = new Promise<boolean>((resolve) => (onBanner = resolve));
     channel.setEncoding('utf8');
     channel.on('data', (chunk: string) => {
       this.buffered += chunk;
       for (let nl = this.buffered.indexOf('\n'); nl >= 0; nl = this.buffered.indexOf('\n')) {
         const line = this.buffered.slice(0, nl);
         this.buffered = this.buffered.slice(nl + 1);
-        this.waiting.shift()?.resolve(line);
+        if (this.program) {
+          this.waiting.shift()?.resolve(line);
+          continue;
+        }
+        // Before the banner, lines are the login shell's (an rc file that prints): skipped.
+        const m = /^medsync-digest (perl|sha256sum)$/.exec(line);
+        if (m) {
+          this.program = m[1] as 'perl' | 'sha256sum';
+          onBanner(true);
+        }
       }
     });
     // What the shell says on stderr (a missing command, a forced sftp-only account) is not needed.
     channel.stderr.resume();
     const end = () => {
       this.gone = true;
+      onBanner(false);
       const err = connectionLost();
       for (const w of this.waiting.splice(0)) w.reject(err);
     };
@@ -390,37 +441,56 @@ class Digester {
     channel.on('error', end);
   }
 
-  /** Opens the channel and probes it; undefined when the server cannot run the loop. */
-  static start(client: Client, timeoutMs: number): Promise<Digester | undefined> {
-    return new Promise<Digester | undefined>((resolve) => {
-      const timer = setTimeout(() => resolve(undefined), timeoutMs);
+  /**
+   * Opens the channel and checks the program answers (its banner, then the SHA-256 of
+   * /dev/null) within `timeoutMs`. A refused channel or one that closes before answering while
+   * the connection stays up means the account cannot run it ('unavailable'); no answer in time
+   * is 'timeout' (the channel is closed); a connection that broke meanwhile is 'lost'.
+   */
+  static start(client: Client, timeoutMs: number): Promise<Digester | DigesterFailure> {
+    return new Promise<Digester | DigesterFailure>((resolve) => {
+      let settled = false;
+      let digester: Digester | undefined;
+      // ssh2's client has no public "connected" flag; its socket does.
+      const connected = () =>
+        (client as unknown as { _sock?: { destroyed?: boolean } })._sock?.destroyed === false;
+      const finish = (r: Digester | DigesterFailure) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        if (!(r instanceof Digester)) digester?.close();
+        if (r !== 'unavailable') {
+          resolve(r);
+          return;
+        }
+        // A channel refused or closed as the whole connection goes down is not the account's
+        // doing: give the socket a moment to show it, so one blip does not stop every digest.
+        setTimeout(() => resolve(connected() ? 'unavailable' : 'lost'), 100).unref();
+      };
+      const timer = setTimeout(() => finish(connected() ? 'timeout' : 'lost'), timeoutMs);
       timer.unref();
       try {
         client.exec(DIGEST_COMMAND, (err, channel) => {
           if (err) {
-            clearTimeout(timer);
-            resolve(undefined);
+            finish('unavailable');
             return;
           }
           const d = new Digester(channel);
-          d.ask('/dev/null').then(
-            (line) => {
-              clearTimeout(timer);
-              if (line === `ok ${EMPTY_SHA256}`) resolve(d);
-              else {
-                d.close();
-                resolve(undefined);
-              }
-            },
-            () => {
-              clearTimeout(timer);
-              resolve(undefined);
-            },
-          );
+          digester = d;
+          // Answered too late: the probe already gave up on it.
+          if (settled) {
+            d.close();
+            return;
+          }
+          d.started
+            .then((ok) => (ok ? d.ask('/dev/null') : Promise.reject(connectionLost())))
+            .then(
+              (line) => finish(line === `ok ${EMPTY_SHA256}` ? d : 'unavailable'),
+              () => finish('unavailable'),
+            );
         });
       } catch {
-        clearTimeout(timer);
-        resolve(undefined);
+        finish('lost');
       }
     });
   }

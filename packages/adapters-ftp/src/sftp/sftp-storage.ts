@@ -308,11 +308,7 @@ export class SftpStorage implements Storage {
             extensions: info.extensions,
             atomicRename: this.caps.atomicRename,
             fsync: o.fsync && s.has('fsync@openssh.com'),
-            serverDigest: !o.serverDigest
-              ? 'off'
-              : (await s.sha256('/dev/null', 0)) !== undefined
-                ? 'sha256sum (shell)'
-                : 'none (no shell on this account: uploads are checked by size)',
+            serverDigest: o.serverDigest ? await s.digestReport() : 'off',
             ...(totalBytes !== undefined ? { totalBytes } : {}),
           },
           ...(writable
