@@ -34,7 +34,8 @@ function run(paths: string[], env?: NodeJS.ProcessEnv): string[] {
 describe('the server-side digest program', () => {
   const odd = join(dir, 'it\'s a "name" with $HOME, `x` and \\ spaces ');
   const big = join(dir, 'big.bin');
-  const body = randomBytes(3_000_001);
+  // Over 4 MiB: hashed by openssl where the Perl program finds it.
+  const body = randomBytes(5_000_001);
   writeFileSync(odd, 'hello');
   writeFileSync(big, body);
   const dash = join(dir, '-n');
@@ -54,20 +55,47 @@ describe('the server-side digest program', () => {
     `ok ${sha(body)}`,
   ];
 
-  const perl = which('perl');
-  (perl ? it : it.skip)("answers in order with Perl's Digest::SHA; names are never echoed", () => {
-    expect(run(paths)).toEqual(['medsync-digest perl', ...expected]);
-  });
-
-  it('answers the same with the sha256sum loop where Perl is missing', () => {
-    // A PATH with the few commands the loop needs, and no perl.
-    const bin = join(dir, 'bin');
+  /** A PATH holding only these commands (symlinks to the real ones). */
+  const pathWith = (name: string, cmds: string[]): string => {
+    const bin = join(dir, name);
     mkdirSync(bin, { recursive: true });
-    for (const cmd of ['sh', 'sha256sum']) {
+    for (const cmd of cmds) {
       const at = which(cmd);
       expect(at).toBeDefined();
       symlinkSync(at!, join(bin, cmd));
     }
-    expect(run(paths, { PATH: bin })).toEqual(['medsync-digest sha256sum', ...expected]);
+    return bin;
+  };
+
+  const perl = which('perl');
+  const openssl = which('openssl');
+  (perl && openssl ? it : it.skip)(
+    "answers in order with Perl's Digest::SHA (openssl for large files); names are never echoed",
+    () => {
+      expect(run(paths)).toEqual(['medsync-digest perl openssl', ...expected]);
+    },
+  );
+
+  (perl ? it : it.skip)('answers the same with Perl alone', () => {
+    expect(run(paths, { PATH: pathWith('perl-only', ['sh', 'perl']) })).toEqual([
+      'medsync-digest perl',
+      ...expected,
+    ]);
+  });
+
+  (perl ? it : it.skip)('hands files of 4 MiB or more to openssl, smaller ones to Digest::SHA', () => {
+    // An "openssl" that answers a recognisable digest shows which files went to it.
+    const bin = pathWith('fake-openssl', ['sh', 'perl']);
+    writeFileSync(join(bin, 'openssl'), `#!/bin/sh\necho "${'f'.repeat(64)} *$4"\n`, { mode: 0o755 });
+    const out = run(paths, { PATH: bin });
+    expect(out[0]).toBe('medsync-digest perl openssl');
+    expect(out.slice(1)).toEqual([...expected.slice(0, -1), `ok ${'f'.repeat(64)}`]);
+  });
+
+  it('answers the same with the sha256sum loop where Perl is missing', () => {
+    expect(run(paths, { PATH: pathWith('no-perl', ['sh', 'sha256sum']) })).toEqual([
+      'medsync-digest sha256sum',
+      ...expected,
+    ]);
   });
 });
