@@ -40,11 +40,13 @@ const BENCHES = {
     describe:
       'local -> loopback pure-ftpd: medsync vs lftp mirror -R vs rclone copy (throughput, re-run, RSS)',
     run: benchFtp,
+    rows: ['ftp-copy-256k', 'ftp-copy-4k', 'ftp-copy-big', 'ftp-no-change-rerun'],
   },
   sftp: {
     describe:
       'local -> loopback OpenSSH sshd: medsync vs rclone copy (sftp backend) vs OpenSSH sftp put -r (throughput, re-run, RSS)',
     run: benchSftp,
+    rows: ['sftp-copy-256k', 'sftp-copy-4k', 'sftp-copy-big', 'sftp-no-change-rerun'],
   },
 };
 
@@ -58,6 +60,7 @@ options:
   --concurrency N  medsync --concurrency N, rclone --transfers N, lftp --parallel=N (default 4; rclone --checkers stays 8)
   --trials N       runs of each timed measurement per tool; the best is kept (default 2)
   --small          small corpora for a quick check (also MEDSYNC_BENCH_SMALL=1)
+  --only ROW,...   ftp and sftp: only these rows (the re-run row brings its 4 KiB row along)
   --keep           keep the temp folder (its path is printed on stderr)
   --check          exit 3 if a target is missed
   --no-fsync       run medsync with --no-fsync (rclone does not fsync either)
@@ -98,6 +101,8 @@ function parseArgs(argv) {
     else if (a === '--keep') o.keep = true;
     else if (a === '--check') o.check = true;
     else if (a === '--no-fsync') o.noFsync = true;
+    else if (a === '--only') o.only = (argv[++i] ?? '').split(',').filter(Boolean);
+    else if (a.startsWith('--only=')) o.only = a.slice(7).split(',').filter(Boolean);
     else if (a === '-h' || a === '--help') {
       process.stdout.write(USAGE);
       process.exit(0);
@@ -106,6 +111,15 @@ function parseArgs(argv) {
   }
   if (!o.name) usage('no bench named');
   if (!Object.hasOwn(BENCHES, o.name)) usage(`unknown bench: ${o.name}`);
+  if (o.only) {
+    const rows = BENCHES[o.name].rows;
+    if (!rows) usage(`--only: the ${o.name} bench always runs all its rows`);
+    const bad = o.only.filter((r) => !rows.includes(r));
+    if (bad.length || o.only.length === 0) usage(`--only takes rows of ${o.name}: ${rows.join(', ')}`);
+    // The re-run row runs over the 4 KiB row's destinations.
+    const rerun = rows[3];
+    if (o.only.includes(rerun) && !o.only.includes(rows[1])) o.only.push(rows[1]);
+  }
   return o;
 }
 
@@ -774,11 +788,12 @@ async function benchFtp(ctx) {
     };
 
     // (a)-(c) transfers into fresh destination folders; (d) re-runs over the last 4 KiB destinations.
-    await copyCase('256k', 'ftp-copy-256k', S.files256k, false);
-    const src4k = await copyCase('4k', 'ftp-copy-4k', S.files4k, true);
-    await copyCase('1g', 'ftp-copy-big', S.bigFile, false);
+    const want = (row) => !ctx.only || ctx.only.includes(row);
+    if (want('ftp-copy-256k')) await copyCase('256k', 'ftp-copy-256k', S.files256k, false);
+    const src4k = want('ftp-copy-4k') ? await copyCase('4k', 'ftp-copy-4k', S.files4k, true) : undefined;
+    if (want('ftp-copy-big')) await copyCase('1g', 'ftp-copy-big', S.bigFile, false);
 
-    {
+    if (src4k && want('ftp-no-change-rerun')) {
       const c = S.files4k;
       const before = {};
       for (const tool of tools) before[tool] = await walk(join(server.root, kept[tool].name));
@@ -830,7 +845,7 @@ async function benchFtp(ctx) {
         pass: ratio >= rerunTarget,
       });
       await fsp.rm(src4k, { recursive: true, force: true });
-    }
+    } else if (src4k) await fsp.rm(src4k, { recursive: true, force: true });
 
     const peak = kbToMB(maxKB(...medsyncRuns));
     results.push({
@@ -1025,11 +1040,14 @@ async function benchSftp(ctx) {
     };
 
     const all = ['medsync', 'rclone', 'openssh'];
-    await copyCase('256k', 'sftp-copy-256k', S.files256k, all, false);
-    const src4k = await copyCase('4k', 'sftp-copy-4k', S.files4k, ['medsync', 'rclone', 'openssh'], true);
-    await copyCase('1g', 'sftp-copy-big', S.bigFile, all, false);
+    const want = (row) => !ctx.only || ctx.only.includes(row);
+    if (want('sftp-copy-256k')) await copyCase('256k', 'sftp-copy-256k', S.files256k, all, false);
+    const src4k = want('sftp-copy-4k')
+      ? await copyCase('4k', 'sftp-copy-4k', S.files4k, ['medsync', 'rclone', 'openssh'], true)
+      : undefined;
+    if (want('sftp-copy-big')) await copyCase('1g', 'sftp-copy-big', S.bigFile, all, false);
 
-    {
+    if (src4k && want('sftp-no-change-rerun')) {
       // OpenSSH's sftp has no incremental mode: the re-run compares medsync and rclone.
       const c = S.files4k;
       const tools = ['medsync', 'rclone'];
@@ -1080,7 +1098,7 @@ async function benchSftp(ctx) {
         pass: f.rclone.seconds / f.medsync.seconds >= 5,
       });
       await fsp.rm(src4k, { recursive: true, force: true });
-    }
+    } else if (src4k) await fsp.rm(src4k, { recursive: true, force: true });
 
     const peak = kbToMB(maxKB(...medsyncRuns));
     results.push({
