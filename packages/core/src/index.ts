@@ -40,3 +40,4 @@ export { RetryPolicy, type RetryPolicyOptions, type RetryEvent, type RetryRunOpt
 export { systemClock, type Clock } from './util/clock.js';
 export { noopLogger, redactingLogger, type Logger } from './util/logger.js';
 export { HashingStream, TokenBucket, parseRate, hashStream } from './util/streams.js';
+export type { OffThreadHasher } from './util/streams.js';

@@ -1054,6 +1054,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         const body = await this.o.source.read(op.path, { signal }).catch((e: unknown) => {
           throw sourceError(e);
         });
+        // Large files: MD5 and SHA-256 on a worker thread, beside the upload (the main thread
+        // often encrypts or frames the same bytes: SFTP, FTPS).
         const hasher = new HashingStream(
           kinds,
           (n) => {
@@ -1062,6 +1064,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           },
           bucket,
           signal,
+          sharedHashPool().stream(kinds),
         );
         body.on('error', (e) => hasher.destroy(e));
         body.pipe(hasher);
@@ -1090,6 +1093,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           throw e;
         } finally {
           body.destroy();
+          // Frees its off-thread hasher when the destination stopped reading early (the
+          // digests of a stream that ended are kept).
+          hasher.destroy();
         }
         digests = hasher.result();
       }

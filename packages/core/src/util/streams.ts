@@ -16,9 +16,23 @@ export function digestBuffer(buf: Uint8Array, kinds: readonly HashKind[]): Diges
 }
 
 /**
+ * Hashes a stream's chunks somewhere else (a worker thread: HashPool.stream), in the order given.
+ * `update` resolves once the chunk is handed over (the caller may reuse it), `finish` with the
+ * digests; `abort` drops the work.
+ */
+export interface OffThreadHasher {
+  update(chunk: Uint8Array): Promise<void>;
+  finish(): Promise<Digests>;
+  abort(): void;
+}
+
+/**
  * A pass-through that computes the asked-for digests (SHA-256, MD5) of the bytes flowing to the
  * destination, counts them, and (with a {@link TokenBucket}) holds them to a bandwidth limit.
- * Digests are read after the stream ended, so hashing costs no second pass over the file.
+ * Digests are read after the stream ended, so hashing costs no second pass over the file. With
+ * an `offThread` hasher the hashing runs on another thread while the bytes go on to the
+ * destination; the stream ends only once the digests are in, so `result()` is ready at its end
+ * either way.
  */
 export class HashingStream extends Transform {
   private readonly hashes: Array<[HashKind, Hash]>;
@@ -30,26 +44,56 @@ export class HashingStream extends Transform {
     private readonly onBytes?: (n: number) => void,
     private readonly bucket?: TokenBucket,
     private readonly signal?: AbortSignal,
+    private readonly offThread?: OffThreadHasher,
   ) {
     super({ highWaterMark: 1024 * 1024 });
-    this.hashes = kinds.map((k) => [k, createHash(k)]);
+    this.hashes = offThread ? [] : kinds.map((k) => [k, createHash(k)]);
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    const pass = () => {
+      this.bytes += chunk.length;
+      this.onBytes?.(chunk.length);
+      if (this.bucket) {
+        this.bucket.take(chunk.length, this.signal).then(
+          () => cb(null, chunk),
+          (e: unknown) => cb(e as Error),
+        );
+      } else cb(null, chunk);
+    };
+    if (this.offThread) {
+      this.offThread.update(chunk).then(pass, (e: unknown) => cb(e as Error));
+      return;
+    }
     for (const [, h] of this.hashes) h.update(chunk);
-    this.bytes += chunk.length;
-    this.onBytes?.(chunk.length);
-    if (this.bucket) {
-      this.bucket.take(chunk.length, this.signal).then(
-        () => cb(null, chunk),
-        (e: unknown) => cb(e as Error),
-      );
-    } else cb(null, chunk);
+    pass();
+  }
+
+  override _flush(cb: TransformCallback): void {
+    if (!this.offThread) {
+      cb();
+      return;
+    }
+    this.offThread.finish().then(
+      (d) => {
+        this.digests = d;
+        cb();
+      },
+      (e: unknown) => cb(e as Error),
+    );
+  }
+
+  override _destroy(err: Error | null, cb: (error?: Error | null) => void): void {
+    if (this.digests === null) this.offThread?.abort();
+    cb(err);
   }
 
   /** Hex digests; valid once the stream has ended. */
   result(): Digests {
-    if (!this.digests) this.digests = Object.fromEntries(this.hashes.map(([k, h]) => [k, h.digest('hex')]));
+    if (!this.digests) {
+      if (this.offThread) throw new Error('The digests are known only once the stream has ended.');
+      this.digests = Object.fromEntries(this.hashes.map(([k, h]) => [k, h.digest('hex')]));
+    }
     return this.digests;
   }
 }

@@ -1,0 +1,104 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { Readable, Writable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { describe, expect, it } from 'vitest';
+import { HashPool } from '../src/util/hash-pool.js';
+import { HashingStream } from '../src/util/streams.js';
+
+const digestsOf = (buf: Buffer) => ({
+  md5: createHash('md5').update(buf).digest('hex'),
+  sha256: createHash('sha256').update(buf).digest('hex'),
+});
+
+/** Sends `chunks` through a HashingStream into a sink that can be slow; returns what arrived. */
+async function through(h: HashingStream, chunks: Buffer[], slowSink = false): Promise<Buffer> {
+  const got: Buffer[] = [];
+  await pipeline(
+    Readable.from(chunks),
+    h,
+    new Writable({
+      write(chunk: Buffer, _e, cb) {
+        got.push(chunk);
+        if (slowSink) setTimeout(cb, 1);
+        else cb();
+      },
+    }),
+  );
+  return Buffer.concat(got);
+}
+
+describe('hashing a stream on a worker thread', () => {
+  it('gives the same digests and bytes as hashing inline, for chunks of every size', async () => {
+    const pool = new HashPool(1);
+    try {
+      // Larger than the ring (16 × 512 KiB), chunks smaller and larger than a slot, and empty ones.
+      const sizes = [0, 1, 1000, 512 * 1024, 512 * 1024 + 1, 9 * 1024 * 1024 + 7, 0, 65_536, 2_000_000];
+      const chunks = sizes.map((n) => randomBytes(n));
+      const all = Buffer.concat(chunks);
+      const counted: number[] = [];
+      const off = pool.stream(['md5', 'sha256']);
+      expect(off).toBeDefined();
+      const h = new HashingStream(['md5', 'sha256'], (n) => counted.push(n), undefined, undefined, off);
+      const out = await through(h, chunks, true);
+      expect(out.equals(all)).toBe(true);
+      expect(h.bytes).toBe(all.length);
+      expect(counted.reduce((a, b) => a + b, 0)).toBe(all.length);
+      expect(h.result()).toEqual(digestsOf(all));
+      // Two streams at once on the same worker keep their own state; a third hashes inline.
+      const bodies = [randomBytes(9_000_000), randomBytes(1_500_000), randomBytes(10)];
+      const hs = bodies.map(
+        () => new HashingStream(['sha256'], undefined, undefined, undefined, pool.stream(['sha256'])),
+      );
+      await Promise.all(
+        hs.map((x, i) => through(x, [bodies[i]!.subarray(0, 700_000), bodies[i]!.subarray(700_000)])),
+      );
+      hs.forEach((x, i) => expect(x.result()).toEqual({ sha256: digestsOf(bodies[i]!).sha256 }));
+      expect(pool.stream(['sha256'])).toBeDefined(); // all released: off-thread again
+      expect(pool.stream(['sha256'])).toBeDefined();
+      expect(pool.stream(['sha256'])).toBeUndefined(); // two at a time
+    } finally {
+      await pool.close();
+    }
+  });
+
+  it('a worker that dies fails the streams it was hashing; later streams hash inline', async () => {
+    const pool = new HashPool(1);
+    const off = pool.stream(['sha256'])!;
+    const h = new HashingStream(['sha256'], undefined, undefined, undefined, off);
+    const source = new Readable({ read() {} });
+    const failed = pipeline(source, h, new Writable({ write: (_c, _e, cb) => cb() })).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    source.push(randomBytes(100_000));
+    await new Promise((r) => setTimeout(r, 50));
+    // The worker dies mid-stream (killed, out of memory).
+    await (pool as unknown as { workers: { terminate(): Promise<number> }[] }).workers[0]!.terminate();
+    source.push(randomBytes(3_000_000));
+    source.push(null);
+    expect(await failed).toMatchObject({ code: 'E_IO', retryable: true });
+    expect(pool.stream(['sha256'])).toBeUndefined();
+    // Inline hashing still gives the right digests.
+    const body = randomBytes(1_000_000);
+    const inline = new HashingStream(['sha256'], undefined, undefined, undefined, pool.stream(['sha256']));
+    await through(inline, [body]);
+    expect(inline.result()).toEqual({ sha256: digestsOf(body).sha256 });
+    await pool.close();
+  });
+
+  it('a stream destroyed half way lets the process exit (its worker is released)', async () => {
+    const pool = new HashPool(1);
+    try {
+      const h = new HashingStream(['sha256'], undefined, undefined, undefined, pool.stream(['sha256']));
+      h.write(randomBytes(100_000));
+      h.destroy();
+      await new Promise((r) => setTimeout(r, 20));
+      const internals = pool as unknown as { streams: Map<number, unknown>; pending: Map<number, unknown> };
+      expect(internals.streams.size).toBe(0);
+      expect(internals.pending.size).toBe(0);
+      expect(() => h.result()).toThrow(/ended/);
+    } finally {
+      await pool.close();
+    }
+  });
+});
