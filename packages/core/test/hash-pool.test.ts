@@ -31,7 +31,7 @@ describe('hashing a stream on a worker thread', () => {
   it('gives the same digests and bytes as hashing inline, for chunks of every size', async () => {
     const pool = new HashPool(1);
     try {
-      // Larger than the ring (16 × 512 KiB), chunks smaller and larger than a slot, and empty ones.
+      // Larger than the ring (16 × 256 KiB), chunks smaller and larger than a slot, and empty ones.
       const sizes = [0, 1, 1000, 512 * 1024, 512 * 1024 + 1, 9 * 1024 * 1024 + 7, 0, 65_536, 2_000_000];
       const chunks = sizes.map((n) => randomBytes(n));
       const all = Buffer.concat(chunks);

@@ -38,13 +38,13 @@ parentPort.on('message', (m) => {
 
 /**
  * Slots of a stream's shared ring: chunks are copied in, hashed by the worker, then reused.
- * 8 MiB lets the sender run ahead of the hashing by 8 chunks of 1 MiB: a 1 GiB upload over FTP
- * took 3.35–4.21 s instead of 4.76–5.40 s on 2 cores (4 MiB: 4.44–4.75 s), over SFTP 8.15–9.12 s
- * instead of 9.0–10.05 s (4 MiB: no gain).
+ * 4 MiB lets the sender run ahead of the hashing by 4 chunks of 1 MiB. On 2 cores, 1 GiB to a
+ * loopback FTP server: median 4.47 s instead of 5.24 s inline (3 runs each; 8 MiB was no
+ * faster); to SFTP no gain there (ssh2 and sshd already keep both cores busy).
  */
-const STREAM_SLOT_BYTES = 512 * 1024;
+const STREAM_SLOT_BYTES = 256 * 1024;
 const STREAM_SLOTS = 16;
-/** Streams hashed off-thread at once (8 MiB of shared memory each); more hash inline. */
+/** Streams hashed off-thread at once (4 MiB of shared memory each); more hash inline. */
 const MAX_STREAMS = 2;
 
 interface Pending {
@@ -143,7 +143,7 @@ export class HashPool {
 
   /**
    * A hasher for one stream whose chunks are hashed on a worker thread while the caller goes on
-   * sending them: each chunk is copied into a ring of shared memory (16 × 512 KiB; no message
+   * sending them: each chunk is copied into a ring of shared memory (16 × 256 KiB; no message
    * carries the bytes) and hashed there in order. `update` waits while the ring is full.
    * Undefined where hashing stays inline: no workers, a worker failed before, no kinds, or two
    * streams already hashed this way (a bound on the shared memory).
