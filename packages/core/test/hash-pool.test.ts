@@ -29,7 +29,7 @@ async function through(h: HashingStream, chunks: Buffer[], slowSink = false): Pr
 
 describe('hashing a stream on a worker thread', () => {
   it('gives the same digests and bytes as hashing inline, for chunks of every size', async () => {
-    const pool = new HashPool(1);
+    const pool = new HashPool(1, 64 * 1024, true);
     try {
       // Larger than the ring (16 × 256 KiB), chunks smaller and larger than a slot, and empty ones.
       const sizes = [0, 1, 1000, 512 * 1024, 512 * 1024 + 1, 9 * 1024 * 1024 + 7, 0, 65_536, 2_000_000];
@@ -62,7 +62,7 @@ describe('hashing a stream on a worker thread', () => {
   });
 
   it('a worker that dies fails the streams it was hashing; later streams hash inline', async () => {
-    const pool = new HashPool(1);
+    const pool = new HashPool(1, 64 * 1024, true);
     const off = pool.stream(['sha256'])!;
     const h = new HashingStream(['sha256'], undefined, undefined, undefined, off);
     const source = new Readable({ read() {} });
@@ -87,7 +87,7 @@ describe('hashing a stream on a worker thread', () => {
   });
 
   it('a stream destroyed half way lets the process exit (its worker is released)', async () => {
-    const pool = new HashPool(1);
+    const pool = new HashPool(1, 64 * 1024, true);
     try {
       const h = new HashingStream(['sha256'], undefined, undefined, undefined, pool.stream(['sha256']));
       h.write(randomBytes(100_000));
@@ -100,5 +100,16 @@ describe('hashing a stream on a worker thread', () => {
     } finally {
       await pool.close();
     }
+  });
+});
+
+describe('when streams are hashed off-thread', () => {
+  it('only where the pool allows it (MEDSYNC_HASH_STREAMS, by default more than 2 cores)', async () => {
+    const off = new HashPool(1, 64 * 1024, false);
+    expect(off.stream(['sha256'])).toBeUndefined();
+    await off.close();
+    const none = new HashPool(0, 64 * 1024, true);
+    expect(none.stream(['sha256'])).toBeUndefined();
+    await none.close();
   });
 });

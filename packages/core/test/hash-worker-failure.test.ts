@@ -10,6 +10,9 @@ import { MemoryStore, SyncJob, type Storage } from '@medsync/core';
 import { createMemoryStorage } from '@medsync/core/testing';
 import { sharedHashPool } from '../src/util/hash-pool.js';
 
+// Off-thread stream hashing is on by default only with more than 2 cores; this file needs it.
+process.env.MEDSYNC_HASH_STREAMS = '1';
+
 it('a hashing worker that dies mid-file: the file is retried, hashed inline, and delivered whole', async () => {
   const body = randomBytes(20_000_000); // over smallFileBytes (8 MiB): streamed, hashed off-thread
   const source = createMemoryStorage();

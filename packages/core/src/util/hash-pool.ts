@@ -38,9 +38,9 @@ parentPort.on('message', (m) => {
 
 /**
  * Slots of a stream's shared ring: chunks are copied in, hashed by the worker, then reused.
- * 4 MiB lets the sender run ahead of the hashing by 4 chunks of 1 MiB. On 2 cores, 1 GiB to a
- * loopback FTP server: median 4.47 s instead of 5.24 s inline (3 runs each; 8 MiB was no
- * faster); to SFTP no gain there (ssh2 and sshd already keep both cores busy).
+ * 4 MiB lets the sender run ahead of the hashing by 4 chunks of 1 MiB. Measured on 2 cores
+ * (MEDSYNC_HASH_STREAMS=1), 1 GiB to a loopback FTP server: median 4.47 s instead of 5.24 s
+ * inline (8 MiB was no faster); to SFTP no gain there, for ~15 MB more RSS (the worker).
  */
 const STREAM_SLOT_BYTES = 256 * 1024;
 const STREAM_SLOTS = 16;
@@ -70,6 +70,12 @@ export class HashPool {
     private readonly size = defaultSize(),
     /** Buffers smaller than this are hashed inline (a round trip costs more). */
     private readonly inlineBelow = 64 * 1024,
+    /**
+     * Whether {@link stream} hashes large streams off-thread. Default: with more than 2 cores
+     * (or MEDSYNC_HASH_STREAMS=1/0): on 2 cores the sender, the server and the hashing already
+     * share both, and the worker's ~15 MB did not pay for itself over SFTP.
+     */
+    private readonly streamsOffThread = defaultStreams(),
   ) {}
 
   private worker(): Worker {
@@ -145,11 +151,17 @@ export class HashPool {
    * A hasher for one stream whose chunks are hashed on a worker thread while the caller goes on
    * sending them: each chunk is copied into a ring of shared memory (16 × 256 KiB; no message
    * carries the bytes) and hashed there in order. `update` waits while the ring is full.
-   * Undefined where hashing stays inline: no workers, a worker failed before, no kinds, or two
-   * streams already hashed this way (a bound on the shared memory).
+   * Undefined where hashing stays inline: off (see the constructor), no workers, a worker failed
+   * before, no kinds, or two streams already hashed this way (a bound on the shared memory).
    */
   stream(kinds: readonly HashKind[]): OffThreadHasher | undefined {
-    if (this.broken || this.size === 0 || kinds.length === 0 || this.streams.size >= MAX_STREAMS) {
+    if (
+      !this.streamsOffThread ||
+      this.broken ||
+      this.size === 0 ||
+      kinds.length === 0 ||
+      this.streams.size >= MAX_STREAMS
+    ) {
       return undefined;
     }
     const id = ++this.seq;
@@ -267,6 +279,12 @@ function defaultSize(): number {
   if (process.env.MEDSYNC_HASH_WORKERS !== undefined && Number.isInteger(env) && env >= 0)
     return Math.min(env, 16);
   return Math.max(1, Math.min(4, availableParallelism() - 1));
+}
+
+function defaultStreams(): boolean {
+  const env = process.env.MEDSYNC_HASH_STREAMS;
+  if (env === '1' || env === '0') return env === '1';
+  return availableParallelism() > 2;
 }
 
 /** One pool per process: hashing is CPU work, shared by every job. */
