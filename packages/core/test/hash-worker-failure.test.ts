@@ -46,7 +46,7 @@ it('a hashing worker that dies mid-file: the file is retried, hashed inline, and
   }) as Storage;
   const dest = createMemoryStorage();
   const store = new MemoryStore();
-  const fast = { attempts: 3, initialDelayMs: 1, maxDelayMs: 1, jitter: false };
+  const fast = { retries: 3, initialDelayMs: 1, jitter: 0 };
   const job = new SyncJob({
     id: 'hw',
     source: src,
