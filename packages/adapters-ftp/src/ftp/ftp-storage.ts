@@ -26,6 +26,7 @@ import type { Socket } from 'node:net';
 import type { ConnectionOptions } from 'node:tls';
 import { isFtpReply, toFtpError, type FtpOp } from './errors.js';
 import { parseFtpOptions, type FtpStorageOptions, type ResolvedFtpStorageOptions } from './options.js';
+import { digestTimeoutMs } from '../shared/digest.js';
 import { ConnectionPool, type PoolLease } from '../shared/pool.js';
 
 type Lease = PoolLease<Client>;
@@ -39,12 +40,6 @@ const MAX_425_RETRIES = 2;
 
 /** Uploads of at least this size resume after a dropped connection (see the `resume` option). */
 const RESUME_MIN_BYTES = 8 * 1024 * 1024;
-/**
- * The slowest rate (bytes per ms, 25 MB/s) at which a server is assumed to read a file back for
- * its digest: a digest command gets `timeoutMs` plus the file's size at this rate, so the HASH of
- * a 10 GiB file (minutes on a NAS) is not cut by the 30 s control timeout and resent forever.
- */
-const DIGEST_MIN_BYTES_PER_MS = 25_000;
 
 /** Storage ids whose disabled certificate verification was already reported in this process. */
 const warnedInsecure = new Set<string>();
@@ -466,7 +461,7 @@ export class FtpStorage implements Storage {
     const sendSlow = (command: string): Promise<FTPResponse> => {
       const ctx = c.ftp as { timeout: number };
       const before = ctx.timeout;
-      ctx.timeout = this.options.timeoutMs + Math.ceil(size / DIGEST_MIN_BYTES_PER_MS);
+      ctx.timeout = digestTimeoutMs(this.options.timeoutMs, size);
       try {
         return c.sendIgnoringError(command);
       } finally {

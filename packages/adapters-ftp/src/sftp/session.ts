@@ -1,5 +1,6 @@
 import { MedsyncError } from '@medsync/core';
 import type { Client, Attributes, ClientChannel, ConnectConfig, FileEntry, SFTPWrapper, Stats } from 'ssh2';
+import { digestTimeoutMs } from '../shared/digest.js';
 import { ssh2 } from './ssh2.js';
 import { SftpStatusError, toSftpError } from './errors.js';
 import {
@@ -82,11 +83,6 @@ const dq = (s: string) => `"${s.replace(/[\\$`"]/g, '\\$&')}"`;
 export const DIGEST_COMMAND = `sh -c 'if perl -MDigest::SHA -e 1 2>/dev/null; then exec perl -MDigest::SHA -e ${dq(DIGEST_PERL)}; fi; ${DIGEST_SH}'`;
 /** SHA-256 of nothing: the answer to the probe (`/dev/null`) that shows the shell loop works. */
 const EMPTY_SHA256 = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855';
-/**
- * The slowest rate (bytes per ms, 25 MB/s) at which the server is assumed to read a file back
- * for its digest: a digest waits the request timeout plus the file's size at this rate.
- */
-const DIGEST_MIN_BYTES_PER_MS = 25_000;
 
 /** A connection-level failure of a request (the session is gone), not a server STATUS reply. */
 function connectionLost(): Error {
@@ -187,10 +183,7 @@ export class SftpSession {
     if (/[\r\n]/.test(absPath)) return undefined;
     const d = await this.startDigester();
     if (!d) return undefined;
-    const answer = await this.race(
-      d.ask(absPath),
-      this.timeoutMs + Math.ceil(size / DIGEST_MIN_BYTES_PER_MS),
-    );
+    const answer = await this.race(d.ask(absPath), digestTimeoutMs(this.timeoutMs, size));
     const m = /^ok ([0-9a-f]{64})$/.exec(answer);
     return m ? m[1] : undefined;
   }
@@ -258,7 +251,6 @@ export class SftpSession {
     });
   }
 
-  /** One request: resolves with its answer, rejects with a STATUS or a connection error. */
   /**
    * Holds the socket's writes until the end of this tick: ssh2 writes every SSH packet (at most
    * 32 KiB on OpenSSH) with its own syscall, and the requests issued together (a window of
@@ -276,41 +268,21 @@ export class SftpSession {
     });
   }
 
+  /** One request: resolves with its answer, rejects with a STATUS or a connection error. */
   private call<T>(start: (cb: Cb<T>) => void, timeoutMs = this.timeoutMs): Promise<T> {
     if (this.isClosed) return Promise.reject(connectionLost());
     this.cork();
-    return new Promise<T>((resolve, reject) => {
-      let done = false;
-      const fail = (e: Error) => {
-        if (done) return;
-        done = true;
-        clearTimeout(timer);
-        this.pending.delete(fail);
-        reject(e);
-      };
-      const timer = setTimeout(() => {
-        fail(Object.assign(new Error('The SFTP request timed out.'), { level: 'client-timeout' }));
-        this.markClosed();
-      }, timeoutMs);
-      timer.unref();
-      this.pending.add(fail);
-      try {
-        start((err, value) => {
-          if (done) return;
-          if (err) {
-            const code = (err as { code?: unknown }).code;
-            fail(typeof code === 'number' && !this.isClosed ? new SftpStatusError(code, err.message) : err);
-            return;
-          }
-          done = true;
-          clearTimeout(timer);
-          this.pending.delete(fail);
+    const answer = new Promise<T>((resolve, reject) =>
+      start((err, value) => {
+        if (!err) {
           resolve(value as T);
-        });
-      } catch (e) {
-        fail(e as Error);
-      }
-    });
+          return;
+        }
+        const code = (err as { code?: unknown }).code;
+        reject(typeof code === 'number' && !this.isClosed ? new SftpStatusError(code, err.message) : err);
+      }),
+    );
+    return this.race(answer, timeoutMs);
   }
 
   stat(path: string): Promise<Stats> {

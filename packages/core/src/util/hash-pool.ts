@@ -98,10 +98,7 @@ export class HashPool {
           cause,
         });
         this.broken = true;
-        for (const p of this.pending.values()) p.reject(e);
-        this.pending.clear();
-        for (const st of this.streams.values()) st.fail(e);
-        this.streams.clear();
+        this.failAll(e);
       };
       w.on('error', fail);
       // A worker that exits on its own (killed, out of memory) must not leave digests waiting.
@@ -184,16 +181,9 @@ export class HashPool {
   awaitDigests(id: number): Promise<Digests> {
     return new Promise<{ digests: Digests; buffer: ArrayBuffer | undefined }>((resolve, reject) =>
       this.pending.set(id, { resolve, reject }),
-    ).then(
-      (r) => {
-        this.unrefIdle();
-        return r.digests;
-      },
-      (e: unknown) => {
-        this.unrefIdle();
-        throw e;
-      },
-    );
+    )
+      .then((r) => r.digests)
+      .finally(() => this.unrefIdle());
   }
 
   /** Stops the workers. */
@@ -201,8 +191,11 @@ export class HashPool {
     const ws = this.workers;
     this.workers = [];
     await Promise.all(ws.map((w) => w.terminate()));
-    // Nothing may wait for a worker that is gone.
-    const e = new Error('The hashing pool was closed.');
+    this.failAll(new Error('The hashing pool was closed.'));
+  }
+
+  /** Nothing may wait for a worker that is gone: every digest and stream waiting fails with `e`. */
+  private failAll(e: unknown): void {
     for (const p of this.pending.values()) p.reject(e);
     this.pending.clear();
     for (const st of this.streams.values()) st.fail(e);
