@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { FtpSrv } from 'ftp-srv';
+import { FileSystem, FtpSrv } from 'ftp-srv';
 import { generate } from 'selfsigned';
 
 /** A bunyan-shaped logger that drops everything (ftp-srv logs every command otherwise). */
@@ -32,7 +32,17 @@ export interface TestFtpServer {
  * random range below Linux's ephemeral ports, a temp root and one user. `tls` turns on explicit
  * FTPS (AUTH TLS) with a fresh self-signed certificate for 127.0.0.1.
  */
-export async function startFtpServer(opts: { tls?: boolean } = {}): Promise<TestFtpServer> {
+export async function startFtpServer(
+  opts: {
+    tls?: boolean;
+    /**
+     * Refuses these calls of the server's file system with a bare 550 (no "permission" in it), as
+     * vsftpd answers a delete the disk refuses: `true` for a path (as the client sent it) fails
+     * that call. `get` backs RNFR, SIZE and MDTM alike.
+     */
+    refuse?: { delete?: (path: string) => boolean; get?: (path: string) => boolean };
+  } = {},
+): Promise<TestFtpServer> {
   const dir = mkdtempSync(join(tmpdir(), 'medsync-ftp-'));
   const user = 'medsync';
   const password = `pw-${Math.random().toString(36).slice(2)}-secret`;
@@ -73,10 +83,23 @@ export async function startFtpServer(opts: { tls?: boolean } = {}): Promise<Test
       stats.peakConnections = Math.max(stats.peakConnections, newConnectionCount);
     },
   );
-  server.on('login', ({ username, password: given }, resolve, reject) => {
+  server.on('login', ({ connection, username, password: given }, resolve, reject) => {
     stats.logins++;
-    if (username === user && given === password) resolve({ root: dir });
-    else reject(new Error('Invalid username or password'));
+    if (username === user && given === password) {
+      const refuse = opts.refuse;
+      if (!refuse) return resolve({ root: dir });
+      class RefusingFs extends FileSystem {
+        override delete(path: string): Promise<unknown> {
+          if (refuse!.delete?.(path)) return Promise.reject(new Error('Delete operation failed.'));
+          return super.delete(path) as Promise<unknown>;
+        }
+        override get(fileName: string): Promise<unknown> {
+          if (refuse!.get?.(fileName)) return Promise.reject(new Error('Operation failed.'));
+          return super.get(fileName) as Promise<unknown>;
+        }
+      }
+      resolve({ root: dir, fs: new RefusingFs(connection, { root: dir, cwd: '/' }) });
+    } else reject(new Error('Invalid username or password'));
   });
   await server.listen();
   const port = (server as unknown as { server: { address(): AddressInfo } }).server.address().port;

@@ -309,6 +309,38 @@ describe('FtpStorage against ftp-srv', () => {
     expect(await s.cleanupPartials('no/such')).toBe(0);
   });
 
+  it('a bare 550 on DELE or RNFR of a file that is still there is E_PERMISSION, not "already gone"', async () => {
+    // vsftpd answers "550 Delete operation failed." when the disk refuses (a retention share);
+    // only a file seen missing counts as removed.
+    let rnfrRefusals = 0;
+    const refusing = await startFtpServer({
+      refuse: {
+        delete: (p) => p.endsWith('/kept.dcm'),
+        // RNFR is the first `get` of moved.dcm; the SIZE that follows it finds the file.
+        get: (p) => p.endsWith('/moved.dcm') && rnfrRefusals++ === 0,
+      },
+    });
+    try {
+      const s = storage(refusing);
+      await s.write('d/kept.dcm', Buffer.from('keep me'));
+      await s.write('d/moved.dcm', Buffer.from('stay'));
+      const del = await caught(s.remove('d/kept.dcm'));
+      expect(del).toMatchObject({ code: 'E_PERMISSION', retryable: false, path: 'd/kept.dcm' });
+      expect(del.message).toMatch(/refused \(550\) and the file is still there/);
+      expect(del.message).not.toContain('kept');
+      expect((await s.stat('d/kept.dcm')).size).toBe(7);
+      const mv = await caught(s.rename('d/moved.dcm', 'd/elsewhere.dcm'));
+      expect(mv).toMatchObject({ code: 'E_PERMISSION', path: 'd/moved.dcm' });
+      expect(rnfrRefusals).toBeGreaterThan(0);
+      // A missing file still counts as removed, and its rename as not found.
+      await expect(s.remove('d/never-there.dcm')).resolves.toBeUndefined();
+      await expect(s.rename('d/never-there.dcm', 'd/x.dcm')).rejects.toMatchObject({ code: 'E_NOT_FOUND' });
+      await s.close();
+    } finally {
+      await refusing.close();
+    }
+  });
+
   it('rejects CR/LF in paths before any I/O, and calls after close', async () => {
     const s = storage(ftp);
     await expect(s.stat('a\r\nDELE x')).rejects.toMatchObject({ code: 'E_INVALID_PATH' });

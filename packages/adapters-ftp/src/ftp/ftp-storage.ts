@@ -696,43 +696,71 @@ export class FtpStorage implements Storage {
     }
   }
 
+  /**
+   * Size and mtime of a file on this connection (at `abs`, reported as `rel`); null when it is not
+   * there or not a file.
+   */
+  private async statOn(c: Client, rel: string, abs = this.abs(rel)): Promise<StorageEntry | null> {
+    const f = await this.feats(c);
+    if (f.mlst) {
+      const res = await c.send(`MLST ${abs}`);
+      const facts = parseMlst(res.message);
+      if (facts && facts.type !== undefined && facts.type !== 'file') return null;
+      if (facts && facts.size !== undefined && Number.isFinite(facts.size)) {
+        return {
+          path: rel,
+          size: facts.size,
+          ...(facts.mtimeMs !== undefined ? { mtimeMs: facts.mtimeMs } : {}),
+        };
+      }
+    }
+    const size = f.size ? await sizeOf(c, abs) : undefined;
+    if (size !== undefined) {
+      let mtimeMs: number | undefined;
+      if (f.mdtm) {
+        const res = await c.sendIgnoringError(`MDTM ${abs}`);
+        if (res.code === 213) mtimeMs = parseTimeVal(res.message.slice(4));
+      }
+      return { path: rel, size, ...(mtimeMs !== undefined ? { mtimeMs } : {}) };
+    }
+    // Neither MLST nor a usable SIZE: find the file in its folder's listing.
+    const name = abs.slice(abs.lastIndexOf('/') + 1);
+    const hit = (await c.list(dirnameAbs(abs))).find((x) => x.name === name);
+    if (!hit || hit.type !== FileType.File) return null;
+    return { path: rel, size: hit.size, ...(hit.modifiedAt ? { mtimeMs: hit.modifiedAt.getTime() } : {}) };
+  }
+
+  /**
+   * Whether a file the server answered 550 about is there after all. Servers answer 550 for a
+   * missing file and for one they refuse to touch alike (vsftpd: "Delete operation failed." on a
+   * read-only or retention share), so a delete or rename is only taken as "already gone" once
+   * the file is seen missing.
+   */
+  private async stillThere(c: Client, abs: string): Promise<boolean> {
+    try {
+      return (await this.statOn(c, '', abs)) !== null;
+    } catch (e) {
+      if (isFtpReply(e) && e.code >= 500) return false;
+      throw e;
+    }
+  }
+
+  /** The error for a 550 on a file that is still there: refused, not missing. */
+  private refusedButThere(res: FTPResponse, what: string, rel: string): MedsyncError {
+    return new MedsyncError(
+      'E_PERMISSION',
+      `${what}: the server refused (${res.code}) and the file is still there: check that the account may delete and rename files here (a read-only or retention share refuses it).`,
+      { adapter: this.kind, path: rel, cause: replyError(res), retryable: false },
+    );
+  }
+
   async stat(path: string, opts: OpOptions = {}): Promise<StorageEntry> {
     this.check();
     const rel = this.path(path);
     throwIfAborted(opts.signal);
     const notFound = (cause?: unknown) =>
       new MedsyncError('E_NOT_FOUND', 'No such file.', { adapter: this.kind, path: rel, cause });
-    const found = await this.withClient('stat', rel, opts.signal, async (c): Promise<StorageEntry | null> => {
-      const f = await this.feats(c);
-      const abs = this.abs(rel);
-      if (f.mlst) {
-        const res = await c.send(`MLST ${abs}`);
-        const facts = parseMlst(res.message);
-        if (facts && facts.type !== undefined && facts.type !== 'file') return null;
-        if (facts && facts.size !== undefined && Number.isFinite(facts.size)) {
-          return {
-            path: rel,
-            size: facts.size,
-            ...(facts.mtimeMs !== undefined ? { mtimeMs: facts.mtimeMs } : {}),
-          };
-        }
-      }
-      const size = f.size ? await sizeOf(c, abs) : undefined;
-      if (size !== undefined) {
-        let mtimeMs: number | undefined;
-        if (f.mdtm) {
-          const res = await c.sendIgnoringError(`MDTM ${abs}`);
-          if (res.code === 213) mtimeMs = parseTimeVal(res.message.slice(4));
-        }
-        return { path: rel, size, ...(mtimeMs !== undefined ? { mtimeMs } : {}) };
-      }
-      // Neither MLST nor a usable SIZE: find the file in its folder's listing.
-      const dir = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/')) : '';
-      const name = rel.slice(dir.length === 0 ? 0 : dir.length + 1);
-      const hit = (await c.list(this.abs(dir))).find((x) => x.name === name);
-      if (!hit || hit.type !== FileType.File) return null;
-      return { path: rel, size: hit.size, ...(hit.modifiedAt ? { mtimeMs: hit.modifiedAt.getTime() } : {}) };
-    });
+    const found = await this.withClient('stat', rel, opts.signal, (c) => this.statOn(c, rel));
     if (!found) throw notFound();
     return found;
   }
@@ -949,7 +977,7 @@ export class FtpStorage implements Storage {
     await c.sendIgnoringError(`RMD ${madePath}`);
     throw new MedsyncError(
       'E_UNSUPPORTED',
-      `Creating folder "${absDir}": the server made "${madePath}" instead (it renames such names, e.g. pure-ftpd replaces a trailing space with "_"), so this name cannot be stored there.`,
+      'Creating a folder: the server stored it under another name than asked (it rewrites such names, e.g. pure-ftpd replaces a trailing space with "_"), so this name cannot be stored there.',
       { adapter: this.kind, path: absDir, retryable: false },
     );
   }
@@ -979,7 +1007,12 @@ export class FtpStorage implements Storage {
           { adapter: this.kind, path: fromRel, cause: replyError(rnfr), retryable: false },
         );
       }
-      if (rnfr.code >= 400) throw this.err(replyError(rnfr), 'rename-source', fromRel);
+      if (rnfr.code >= 400) {
+        const me = this.err(replyError(rnfr), 'rename-source', fromRel);
+        if (me.code === 'E_NOT_FOUND' && (await this.stillThere(c, fromAbs)))
+          throw this.refusedButThere(rnfr, 'Renaming the file', fromRel);
+        throw me;
+      }
       return c.sendIgnoringError(`RNTO ${toAbs}`);
     };
     let res = await attempt();
@@ -1096,6 +1129,7 @@ export class FtpStorage implements Storage {
     };
     let lease: Lease | undefined;
     let tempMayExist = false;
+    let transferred = false;
     let dataRetries = 0;
     const onAbort = () => {
       source.destroy();
@@ -1126,6 +1160,7 @@ export class FtpStorage implements Storage {
           } else {
             await c.uploadFrom(uploadBody(), tmpAbs);
           }
+          transferred = true;
           break;
         } catch (failure) {
           let e = failure;
@@ -1243,7 +1278,10 @@ export class FtpStorage implements Storage {
       if (lease) {
         const l = lease;
         lease = undefined;
-        const broken = FtpStorage.broken(e, l.conn) || signal?.aborted === true;
+        // A transfer that failed on our side (not with a server reply) may still owe its reply:
+        // the session is not reused, or its next command would read that reply as its own.
+        const midTransfer = pulled && !transferred && !isFtpReply(e);
+        const broken = FtpStorage.broken(e, l.conn) || signal?.aborted === true || midTransfer;
         if (tempMayExist && !broken) {
           await l.conn.sendIgnoringError(`DELE ${tmpAbs}`).catch(noop);
           tempMayExist = false;
@@ -1266,8 +1304,9 @@ export class FtpStorage implements Storage {
       const res = await c.sendIgnoringError(`DELE ${this.abs(rel)}`);
       if (res.code < 400) return;
       const me = this.err(replyError(res), 'remove', rel);
-      // Idempotent: a file that is not there is removed already.
       if (me.code !== 'E_NOT_FOUND') throw me;
+      // Idempotent: a file that is not there is removed already; one that is, was refused.
+      if (await this.stillThere(c, this.abs(rel))) throw this.refusedButThere(res, 'Removing the file', rel);
     });
   }
 
