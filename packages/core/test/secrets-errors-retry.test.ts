@@ -1,10 +1,16 @@
 import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
   MedsyncError,
   MemoryStore,
+  createLocalStorage,
+  isPartialName,
   normalizePath,
   parseRate,
+  partialNameFor,
   redactingLogger,
   RetryPolicy,
   SecretBox,
@@ -107,6 +113,32 @@ describe('errors and paths', () => {
     expect(normalizePath('', { allowRoot: true })).toBe('');
     for (const bad of ['../x', 'a/../../x', '/abs', 'a\0b', 'a\\b', '']) {
       expect(() => normalizePath(bad)).toThrow(expect.objectContaining({ code: 'E_INVALID_PATH' }));
+    }
+  });
+
+  it('temporary names stay within 255 bytes for the longest names, cut between characters', async () => {
+    const bytes = (n: string) => Buffer.byteLength(n.slice(n.lastIndexOf('/') + 1));
+    // 83 CJK characters (249 bytes), 62 emoji (248 bytes, surrogate pairs), 250 ASCII bytes.
+    const names = ['患'.repeat(83) + '.dcm', '🩻'.repeat(62) + '.dcm', 'a'.repeat(250) + '.dcm'];
+    for (const n of names) {
+      expect(bytes(n)).toBeLessThanOrEqual(255);
+      const tmp = partialNameFor(`study/${n}`, 'r0123456789abcdef');
+      expect(tmp.startsWith('study/.')).toBe(true);
+      expect(isPartialName(tmp.slice('study/'.length))).toBe(true);
+      expect(bytes(tmp)).toBeLessThanOrEqual(255);
+      // No lone surrogate: the name survives a UTF-8 round trip unchanged.
+      expect(Buffer.from(tmp, 'utf8').toString('utf8')).toBe(tmp);
+    }
+    expect(partialNameFor('a/short.dcm', 'u1')).toBe('a/.short.dcm.u1.medsync-part');
+    // And such files can be written: the temporary name used to overflow (ENAMETOOLONG).
+    const root = mkdtempSync(join(tmpdir(), 'medsync-longname-'));
+    try {
+      const local = createLocalStorage({ root });
+      for (const n of names) await local.write(`s/${n}`, Buffer.from(n));
+      expect(readdirSync(join(root, 's')).sort()).toEqual([...names].sort());
+      expect(readFileSync(join(root, 's', names[0]!), 'utf8')).toBe(names[0]);
+    } finally {
+      rmSync(root, { recursive: true, force: true });
     }
   });
 });

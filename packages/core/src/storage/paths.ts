@@ -57,9 +57,31 @@ export function isPartialName(name: string): boolean {
   return name.startsWith('.') && name.endsWith(PARTIAL_MARKER);
 }
 
-/** A temporary sibling name for `path`: hidden, unique, recognisable by {@link isPartialName}. */
+/** Bytes of the final name kept in a temporary name: room is left for the rest within 255 bytes. */
+const PARTIAL_NAME_BYTES = 120;
+
+/** `name` cut to at most `max` UTF-8 bytes, on a code point boundary. */
+function utf8Prefix(name: string, max: number): string {
+  // A UTF-16 unit takes at most 3 bytes (a surrogate pair 4 for 2 units): short names fit whole.
+  if (name.length * 3 <= max) return name;
+  let bytes = 0;
+  let end = 0;
+  for (const ch of name) {
+    const cp = ch.codePointAt(0)!;
+    bytes += cp < 0x80 ? 1 : cp < 0x800 ? 2 : cp < 0x10000 ? 3 : 4;
+    if (bytes > max) break;
+    end += ch.length;
+  }
+  return name.slice(0, end);
+}
+
+/**
+ * A temporary sibling name for `path`: hidden, unique, recognisable by {@link isPartialName}, and
+ * within the 255-byte name limit of common file systems whenever `unique` is short (the final
+ * name is cut to 120 UTF-8 bytes in it, never inside a character).
+ */
 export function partialNameFor(path: string, unique: string): string {
   const dir = dirname(path);
-  const name = `.${basename(path).slice(0, 120)}.${unique}${PARTIAL_MARKER}`;
+  const name = `.${utf8Prefix(basename(path), PARTIAL_NAME_BYTES)}.${unique}${PARTIAL_MARKER}`;
   return dir ? `${dir}/${name}` : name;
 }
