@@ -103,6 +103,16 @@ interface Task {
   scope: ManifestScope;
   op: PlanOp;
   source?: StorageEntry;
+  /**
+   * A delete whose path differs only in letter case (or Unicode form) from a source path: on a
+   * destination that folds case it names the file delivered under the new spelling.
+   */
+  caseTwin?: boolean;
+}
+
+/** A path as a case-insensitive file system compares it. */
+function foldName(p: string): string {
+  return p.normalize('NFC').toLowerCase();
 }
 
 const MAX_KEPT_ERRORS = 1000;
@@ -805,6 +815,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       }
     }
 
+    if (deletes.length > 0) {
+      const folded = new Set<string>();
+      for (const p of sources.keys()) folded.add(foldName(p));
+      for (const d of deletes) if (folded.has(foldName(d.op.path))) d.caseTwin = true;
+    }
+
     const tasks: Task[] = [];
     // Moves: a new path whose content equals a file about to be deleted is renamed, not resent.
     if (deletes.length > 0 && (this.o.detectMoves ?? true)) {
@@ -890,6 +906,17 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     }
   }
 
+  /** Whether the destination lists `path` under exactly this spelling (not a case variant). */
+  private async listedExactly(dest: Storage, path: string, signal: AbortSignal): Promise<boolean> {
+    const dir = path.includes('/') ? path.slice(0, path.lastIndexOf('/')) : '';
+    try {
+      for await (const e of dest.list(dir, { signal })) if (e.path === path) return true;
+    } catch (e) {
+      if (toMedsyncError(e).code !== 'E_NOT_FOUND') throw e;
+    }
+    return false;
+  }
+
   private async hashSource(path: string, signal: AbortSignal): Promise<{ md5: string; sha256: string }> {
     const stream = await this.o.source.read(path, { signal });
     return hashStream(stream);
@@ -950,6 +977,16 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const { dest, scope, op } = t;
     const store = this.o.store;
     if (op.kind === 'delete') {
+      if (t.caseTwin && !(await this.listedExactly(dest, op.path, signal))) {
+        // The destination does not tell the two spellings apart (SMB, Windows, macOS): the old
+        // name is the file just delivered under its new one. Forget the name, keep the file.
+        await writer.flush();
+        await store.manifest.remove(scope, [op.path]);
+        this.log.info('A file renamed only in letter case was kept at a case-insensitive destination', {
+          jobId: this.id,
+        });
+        return;
+      }
       await dest.remove(op.path, { signal });
       await writer.flush();
       await store.manifest.remove(scope, [op.path]);
