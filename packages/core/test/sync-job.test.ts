@@ -523,6 +523,61 @@ describe('SyncJob copy', () => {
     expect(await mk(again).rebuildManifest()).toBe(6);
   });
 
+  it('without mtimes at the destination, adopts only copies: by digest, or written after the source changed', async () => {
+    // Like FTP without MFMT: the destination keeps the upload time, not the source's mtime.
+    class NoMtimes extends MemoryStorage {
+      constructor(readonly listsDigests: boolean) {
+        super();
+      }
+      override readonly capabilities = {
+        ...new MemoryStorage().capabilities,
+        preservesMtime: false,
+        mtimePrecisionMs: null,
+        hashes: [],
+      };
+      override async write(
+        path: string,
+        body: Readable | Uint8Array,
+        o?: Parameters<MemoryStorage['write']>[2],
+      ): Promise<StorageEntry> {
+        const {
+          hashes: _h,
+          mtimeMs: _m,
+          ...entry
+        } = await super.write(path, body, { ...o, mtimeMs: undefined });
+        return entry;
+      }
+      override async *list(prefix?: string, o?: Parameters<MemoryStorage['list']>[1]) {
+        for await (const e of super.list(prefix, o)) {
+          const { hashes, ...rest } = e;
+          yield this.listsDigests ? { ...rest, hashes: { sha256: hashes!.sha256!.toUpperCase() } } : rest;
+        }
+      }
+    }
+    for (const listsDigests of [false, true]) {
+      const src = tmp();
+      writeTree(src, { 'a.dcm': 'aaaa', 'b.dcm': 'bbbb', 'c.dcm': 'cccc' });
+      const past = new Date(Date.now() - 3_600_000);
+      for (const f of ['a.dcm', 'b.dcm', 'c.dcm']) utimesSync(join(src, f), past, past);
+      const dst = new NoMtimes(listsDigests);
+      const mk = (store: MemoryStore) =>
+        job({ source: new LocalStorage({ root: src }), destinations: [dst] }, store);
+      expect(await mk(new MemoryStore()).run()).toMatchObject({ status: 'success', filesSynced: 3 });
+      // The Store is lost; meanwhile b.dcm was corrected in place (same size). With digests the
+      // edit is seen whatever its mtime; without, only by an mtime after the upload.
+      writeFileSync(join(src, 'b.dcm'), 'BBBB');
+      const edited = listsDigests ? past : new Date(Date.now() + 60_000);
+      utimesSync(join(src, 'b.dcm'), edited, edited);
+      const fresh = new MemoryStore();
+      const r = await mk(fresh).run();
+      expect(r).toMatchObject({ status: 'success', filesSynced: 1, filesSkipped: 2 });
+      expect(dst.peek('b.dcm')?.toString()).toBe('BBBB');
+      const a = await fresh.manifest.get({ jobId: 'job-1', destination: dst.id }, 'a.dcm');
+      expect(a?.verifiedBy).toBe('listing');
+      if (listsDigests) expect(a?.sha256).toMatch(/^[0-9a-f]{64}$/);
+    }
+  });
+
   it('keeps the recovery pending when the first run after a crash fails early', async () => {
     const src = tmp();
     writeTree(src, { 'a.dcm': 'a' });

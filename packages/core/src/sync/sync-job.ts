@@ -917,12 +917,16 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     return false;
   }
 
-  private async hashSource(path: string, signal: AbortSignal): Promise<{ md5: string; sha256: string }> {
+  private async hashSource(path: string, signal?: AbortSignal): Promise<{ md5: string; sha256: string }> {
     const stream = await this.o.source.read(path, { signal });
     return hashStream(stream);
   }
 
-  /** Lists the destination once and records files whose size and mtime match the source. */
+  /**
+   * Lists the destination once and records the files there that are copies of the source: same
+   * size, and the source's mtime where the destination keeps mtimes; elsewhere the same digest
+   * where the listing has one, or else a copy written after the source last changed.
+   */
   private async adoptFromListing(
     dest: Storage,
     scope: ManifestScope,
@@ -936,20 +940,33 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       for await (const d of dest.list('', { signal })) {
         const s = byPath.get(d.path);
         if (!s || s.size !== d.size || s.size < 0) continue;
+        let hashes = d.hashes;
         // Read per entry: a network adapter learns its capabilities (MFMT…) when it connects.
         const precision = dest.capabilities.mtimePrecisionMs;
         if (dest.capabilities.preservesMtime && precision !== null) {
           if (d.mtimeMs === undefined || s.mtimeMs === undefined) continue;
           // Timestamps pass through seconds-as-doubles on the way (utimes), so allow one unit.
           if (Math.abs(d.mtimeMs - s.mtimeMs) > Math.max(1, precision)) continue;
+        } else if (d.hashes?.sha256 || d.hashes?.md5) {
+          // No source mtime there to compare: the destination's digest must match the source's.
+          const h = await this.hashSource(s.path, signal).catch(() => undefined);
+          const same = d.hashes.sha256
+            ? h?.sha256 === d.hashes.sha256.toLowerCase()
+            : h?.md5 === d.hashes.md5!.toLowerCase();
+          if (!h || !same) continue;
+          hashes = h;
+        } else {
+          // Size alone does not tell an edited file (a corrected header keeps its size) from a
+          // copy: only a copy written after the source last changed is taken; others are resent.
+          if (d.mtimeMs === undefined || s.mtimeMs === undefined || d.mtimeMs < s.mtimeMs) continue;
         }
         batch.push({
           ...scope,
           path: s.path,
           size: s.size,
           mtimeMs: s.mtimeMs ?? 0,
-          md5: d.hashes?.md5,
-          sha256: d.hashes?.sha256,
+          md5: hashes?.md5,
+          sha256: hashes?.sha256,
           remoteId: d.remoteId,
           verifiedBy: 'listing',
           deliveredAt: this.clock.now(),
