@@ -430,16 +430,22 @@ function define(s: SshdInfo): void {
         writeFileSync(part, 'half');
         const fresh = join(root, 'real/.c.dcm.5678.medsync-part');
         writeFileSync(fresh, 'writing');
+        // Written just now but already given the source's old mtime (fsync, digest and rename
+        // still to come): its access time says it is fresh.
+        const finishing = join(root, 'real/.d.dcm.9abc.medsync-part');
+        writeFileSync(finishing, 'finishing');
         const old = new Date(Date.now() - 3_600_000);
         utimesSync(part, old, old);
-        for (const p of [part, fresh]) chownSync(p, s.uid, s.gid);
+        utimesSync(finishing, new Date(), old);
+        for (const p of [part, fresh, finishing]) chownSync(p, s.uid, s.gid);
         const listed: string[] = [];
         for await (const e of st.list('')) listed.push(e.path);
         expect(listed.sort()).toEqual(['link.dcm', 'real/a.dcm']);
         expect(await st.cleanupPartials('', { olderThanMs: Date.now() - 60_000 })).toBe(1);
         expect(existsSync(part)).toBe(false);
         expect(existsSync(fresh)).toBe(true);
-        expect(await st.cleanupPartials('')).toBe(1);
+        expect(existsSync(finishing)).toBe(true);
+        expect(await st.cleanupPartials('')).toBe(2);
       } finally {
         await st.close();
         removeRoot(st);
@@ -628,6 +634,38 @@ function define(s: SshdInfo): void {
         await off.close();
         removeRoot(only);
         removeRoot(off);
+        rmSync(key, { force: true });
+        rmSync(`${key}.pub`, { force: true });
+      }
+    });
+
+    it('a server that refuses to set times still gets the file; mtimes are no longer promised', async () => {
+      // sftp-server -P denies SETSTAT/FSETSTAT with SSH_FX_PERMISSION_DENIED, as object-store
+      // gateways do.
+      const key = join(tmpdir(), `medsync-nosetstat-${randomBytes(4).toString('hex')}`);
+      execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', key]);
+      const authorized = join(dirname(s.privateKey), 'authorized_keys');
+      const saved = readFileSync(authorized, 'utf8');
+      writeFileSync(
+        authorized,
+        `${saved.trimEnd()}\nrestrict,command="/usr/lib/openssh/sftp-server -P setstat,fsetstat" ${readFileSync(`${key}.pub`, 'utf8')}`,
+      );
+      const st = storageOn(s, { password: undefined, privateKey: readFileSync(key, 'utf8') });
+      try {
+        expect(st.capabilities.preservesMtime).toBe(true);
+        const body = Buffer.from('no times here');
+        const mtimeMs = Date.parse('2020-05-01T10:00:00Z');
+        const w = await st.write('t/a.dcm', body, { size: body.length, mtimeMs });
+        expect(w).toMatchObject({ path: 't/a.dcm', size: body.length });
+        expect(w.mtimeMs).toBeUndefined();
+        expect(readFileSync(join(st.options.root, 't/a.dcm'))).toEqual(body);
+        expect(statSync(join(st.options.root, 't/a.dcm')).mtimeMs).not.toBe(mtimeMs);
+        expect(st.capabilities).toMatchObject({ preservesMtime: false, mtimePrecisionMs: null });
+        expect(readdirSync(join(st.options.root, 't'))).toEqual(['a.dcm']);
+      } finally {
+        writeFileSync(authorized, saved);
+        await st.close();
+        removeRoot(st);
         rmSync(key, { force: true });
         rmSync(`${key}.pub`, { force: true });
       }

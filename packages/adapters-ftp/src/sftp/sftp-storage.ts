@@ -868,8 +868,28 @@ export class SftpStorage implements Storage {
         );
       }
       // fstat and futimes go out together (one round trip): setting times does not change the size.
-      const secs = opts.mtimeMs !== undefined ? Math.floor(opts.mtimeMs / 1000) : undefined;
-      const [st] = await Promise.all([s.fstat(h), secs !== undefined ? s.futimes(h, secs, secs) : undefined]);
+      // The access time says when this temporary file was written (its mtime is the source's), so
+      // cleanupPartials can tell a fresh one from a leftover. A server that refuses to set times
+      // (an object-store gateway) still gets the file, without the mtime.
+      let secs = opts.mtimeMs !== undefined ? Math.floor(opts.mtimeMs / 1000) : undefined;
+      const [st, timesSet] = await Promise.all([
+        s.fstat(h),
+        secs !== undefined
+          ? s.futimes(h, Math.floor(Date.now() / 1000), secs).then(
+              () => true,
+              (e: unknown) => {
+                if (!isSftpStatus(e) || isSftpStatus(e, SFTP_STATUS.NO_SUCH_FILE)) throw e;
+                return false;
+              },
+            )
+          : false,
+      ]);
+      if (secs !== undefined && !timesSet) {
+        secs = undefined;
+        // Stop promising mtimes (the sync then compares what it recorded, not the server's times).
+        if (this.caps.preservesMtime)
+          this.caps = { ...this.caps, preservesMtime: false, mtimePrecisionMs: null };
+      }
       if (st.size !== sent) {
         throw new MedsyncError(
           'E_INTEGRITY',
@@ -1010,7 +1030,10 @@ export class SftpStorage implements Storage {
         const child = joinPath(dir, f.filename);
         if (isType(f.attrs.mode, S_IFDIR)) stack.push(child);
         else if (isType(f.attrs.mode, S_IFREG) && isPartialName(f.filename)) {
-          if (opts.olderThanMs !== undefined && f.attrs.mtime * 1000 >= opts.olderThanMs) continue;
+          // A temporary file gets the source's (old) mtime before its rename, and the time it was
+          // written as its access time: the later of the two is its age.
+          const touched = Math.max(f.attrs.mtime, f.attrs.atime) * 1000;
+          if (opts.olderThanMs !== undefined && touched >= opts.olderThanMs) continue;
           const done = await this.withSession('cleanup', child, opts.signal, async (s) => {
             try {
               await s.unlink(this.abs(child));
