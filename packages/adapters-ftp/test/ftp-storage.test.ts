@@ -245,6 +245,16 @@ describe('FtpStorage against ftp-srv', () => {
     expect((await s.stat('big.bin')).size).toBe(4 * 1024 * 1024);
   });
 
+  it('a read cancelled while it starts rejects with E_ABORTED instead of streaming', async () => {
+    const s = storage(ftp);
+    await s.write('r/a.dcm', Buffer.from('some bytes'));
+    const ac = new AbortController();
+    const reading = s.read('r/a.dcm', { signal: ac.signal });
+    ac.abort();
+    await expect(reading).rejects.toMatchObject({ code: 'E_ABORTED' });
+    expect((await text(s, 'r/a.dcm')).toString()).toBe('some bytes');
+  });
+
   it('replaces connections the server dropped', async () => {
     const s = storage(ftp, { maxConnections: 1 });
     await s.write('a.dcm', Buffer.from('abc'));

@@ -639,6 +639,21 @@ function define(s: SshdInfo): void {
       }
     });
 
+    it('a read cancelled while the file opens rejects with E_ABORTED instead of streaming it', async () => {
+      const st = storageOn(s);
+      try {
+        await put(st, 'r/a.dcm', 'some bytes');
+        const ac = new AbortController();
+        const reading = st.read('r/a.dcm', { signal: ac.signal });
+        ac.abort();
+        await expect(reading).rejects.toMatchObject({ code: 'E_ABORTED' });
+        expect((await st.readBuffer('r/a.dcm')).toString()).toBe('some bytes');
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
     it('a server that refuses to set times still gets the file; mtimes are no longer promised', async () => {
       // sftp-server -P denies SETSTAT/FSETSTAT with SSH_FX_PERMISSION_DENIED, as object-store
       // gateways do.

@@ -111,6 +111,16 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     expect(readdirSync(b)).toEqual([]);
   });
 
+  it('a read cancelled while the file opens rejects with E_ABORTED instead of streaming', async () => {
+    const a = tmp();
+    writeFileSync(join(a, 'f.bin'), randomBytes(1024));
+    const src = new LocalStorage({ root: a });
+    const ac = new AbortController();
+    const reading = src.read('f.bin', { signal: ac.signal });
+    ac.abort();
+    await expect(reading).rejects.toMatchObject({ code: 'E_ABORTED' });
+  });
+
   it('a destination folder removed between copies is made again', async () => {
     const a = tmp();
     const b = tmp();

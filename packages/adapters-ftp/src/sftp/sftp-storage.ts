@@ -477,6 +477,8 @@ export class SftpStorage implements Storage {
             path: rel,
           });
         }
+        // A cancel that came while opening: the stream's abort listener would never hear it.
+        throwIfAborted(signal);
       } catch (e) {
         const broken = s.closed || isConnectionFailure(e);
         if (handle && !broken) await s.closeHandle(handle).catch(noop);

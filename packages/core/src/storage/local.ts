@@ -404,18 +404,19 @@ export class LocalStorage implements Storage {
     const rel = normalizePath(path);
     throwIfAborted(opts.signal);
     const abs = this.abs(rel);
-    let fh: fsp.FileHandle;
+    let fh: fsp.FileHandle | undefined;
     try {
       fh = await fsp.open(abs, 'r');
       const st = await fh.stat();
       if (!st.isFile()) {
-        await fh.close();
         throw new MedsyncError('E_NOT_FOUND', 'The path is a folder, not a file.', {
           adapter: 'local',
           path: rel,
         });
       }
+      throwIfAborted(opts.signal);
     } catch (e) {
+      await fh?.close().catch(() => undefined);
       throw this.err(e, 'Opening the file', rel);
     }
     const stream = fh.createReadStream({
