@@ -169,8 +169,10 @@ describe('FtpStorage against ftp-srv', () => {
       features: expect.arrayContaining(['AUTH TLS', 'SIZE', 'MDTM']),
     });
     expect(r.details?.tlsProtocol).toMatch(/^TLS/);
-    // ftp-srv has no MFMT: mtimes are not kept.
+    // ftp-srv has no MFMT: mtimes are not kept; nor a digest command.
     expect(s.capabilities).toMatchObject({ preservesMtime: false, mtimePrecisionMs: null });
+    expect(r.details?.serverDigest).toBe('none');
+    expect((await storage(ftps, { serverDigest: false }).test()).details?.serverDigest).toBe('off');
   });
 
   it('test() reports a missing root folder', async () => {

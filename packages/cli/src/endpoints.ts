@@ -30,6 +30,8 @@ export interface EndpointOptions {
   hostFingerprint?: string | undefined;
   /** SFTP: known_hosts file to check the host key against (default: ~/.ssh/known_hosts). */
   knownHostsFile?: string | undefined;
+  /** FTP/SFTP: `false` turns off the server digest check of uploads (`--no-server-digest`). */
+  serverDigest?: boolean | undefined;
   env?: NodeJS.ProcessEnv;
 }
 
@@ -91,7 +93,10 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
     }
   }
   const limit = typeof extra.maxConnections === 'number' ? extra.maxConnections : 64;
-  const pool = { maxConnections: Math.min(limit, Math.max(1, o.connections ?? 4)) };
+  const common = {
+    maxConnections: Math.min(limit, Math.max(1, o.connections ?? 4)),
+    ...(o.serverDigest === false ? { serverDigest: false } : {}),
+  };
   if (!isUrl(url)) return local(resolve(opts.baseDir ?? process.cwd(), url));
   let u: URL;
   try {
@@ -123,7 +128,7 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
     }
     return createFtpStorage({
       ...extra,
-      ...pool,
+      ...common,
       host: u.hostname,
       ...(u.port ? { port: Number(u.port) } : {}),
       user,
@@ -137,7 +142,7 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
         : {}),
     });
   }
-  if (u.protocol === 'sftp:') return openSftp(u, o, { ...extra, ...pool });
+  if (u.protocol === 'sftp:') return openSftp(u, o, { ...extra, ...common });
   const pkg = PLANNED[u.protocol];
   if (pkg) {
     // Resolve the secret now so a missing variable or key is reported before any work starts.

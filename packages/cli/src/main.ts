@@ -72,10 +72,14 @@ interface SyncFlags {
   passphraseEnv?: string;
   hostFingerprint?: string;
   knownHosts?: string;
+  serverDigest?: boolean;
 }
 
 /** The SFTP flags `sync` and `test` take. */
-type SftpFlags = Pick<SyncFlags, 'identity' | 'passphraseEnv' | 'hostFingerprint' | 'knownHosts'>;
+type SftpFlags = Pick<
+  SyncFlags,
+  'identity' | 'passphraseEnv' | 'hostFingerprint' | 'knownHosts' | 'serverDigest'
+>;
 
 function addSftpOptions(cmd: Command): Command {
   return cmd
@@ -88,6 +92,10 @@ function addSftpOptions(cmd: Command): Command {
     .option(
       '--known-hosts <file>',
       'known_hosts file to check the SFTP host key with (default: ~/.ssh/known_hosts)',
+    )
+    .option(
+      '--no-server-digest',
+      "FTP/SFTP: do not check uploads against the server's SHA-256 (HASH/XSHA256, or over SSH); sizes are still checked",
     );
 }
 
@@ -97,6 +105,7 @@ function sftpEndpointOptions(f: SftpFlags) {
     passphraseEnv: f.passphraseEnv,
     hostFingerprint: f.hostFingerprint,
     knownHostsFile: f.knownHosts,
+    serverDigest: f.serverDigest,
   };
 }
 

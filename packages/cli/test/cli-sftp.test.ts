@@ -54,6 +54,22 @@ function define(s: SshdInfo): void {
         details: { hostKey: { fingerprint: s.hostFingerprint, verified: 'fingerprint' } },
       });
       expect(t.json.id).toBe(dest);
+      expect(t.json.details.serverDigest).toMatch(/^sha256/);
+      const off = await medsync(['test', dest, '--json', '--no-server-digest', ...flags]);
+      expect(off.json).toMatchObject({ ok: true, details: { serverDigest: 'off' } });
+      writeFileSync(join(src, 'PAT 1/STUDY/IM3.dcm'), randomBytes(1000));
+      const r3 = await medsync([
+        'sync',
+        src,
+        dest,
+        '--state',
+        state,
+        '--json',
+        '--no-server-digest',
+        ...flags,
+      ]);
+      expect(r3.json).toMatchObject({ status: 'success', filesSynced: 1 });
+      expect(readTree(join(root, 'archive'))).toEqual(readTree(src));
     }, 60_000);
 
     it('logs in with --password-env and checks the host with --known-hosts, or ~/.ssh/known_hosts', async () => {

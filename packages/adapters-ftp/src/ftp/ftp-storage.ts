@@ -549,8 +549,11 @@ export class FtpStorage implements Storage {
               ? { tlsProtocol: socket.getProtocol(), cipher: socket.getCipher?.().name }
               : {}),
             features: feats.names,
-            serverDigest:
-              feats.digest && o.serverDigest ? `${feats.digest.via} (${feats.digest.kind})` : 'none',
+            serverDigest: !o.serverDigest
+              ? 'off'
+              : feats.digest
+                ? `${feats.digest.via} (${feats.digest.kind})`
+                : 'none',
             preservesMtime: this.caps.preservesMtime,
           },
           ...(writable
