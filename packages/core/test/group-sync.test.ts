@@ -1,5 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -128,6 +129,55 @@ describe('GroupSync', () => {
   it.runIf(process.platform === 'linux')('the real syncfs runs on Linux', async () => {
     expect(await syncfs(tmp())).toBe(true);
   });
+
+  it.runIf(process.platform === 'linux')(
+    'the syncfs helper answers requests in order, reports errors without the path, and stays usable',
+    async () => {
+      const dirs = [tmp(), tmp(), tmp()];
+      expect(await Promise.all(dirs.map((d) => syncfs(d)))).toEqual([true, true, true]);
+      const missing = join(tmp(), 'no such folder');
+      const err = await syncfs(missing).then(
+        () => undefined,
+        (e: unknown) => e as Error & { code?: string },
+      );
+      expect(err?.code).toBe('ENOENT');
+      expect(err?.message).toMatch(/syncfs\) failed: No such file or directory/);
+      expect(err?.message).not.toContain('no such folder');
+      expect(
+        await Promise.all([syncfs(dirs[0]!), syncfs(missing).catch(() => 'rejected'), syncfs(dirs[1]!)]),
+      ).toEqual([true, 'rejected', true]);
+      // A folder name with a line break cannot go through the helper's line protocol.
+      const odd = join(tmp(), 'line\nbreak');
+      mkdirSync(odd);
+      expect(await syncfs(odd)).toBe(true);
+    },
+  );
+
+  it.runIf(process.platform === 'linux')(
+    'a process that flushed in groups exits by itself (the helper does not hold it)',
+    () => {
+      const src = tmp();
+      const dst = tmp();
+      writeTree(src, Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`s/${i}.dcm`, `file ${i}`])));
+      const code = `
+      import { LocalStorage, SyncJob, createMemoryStore } from '@medsync/core';
+      const job = new SyncJob({ id: 'exit', source: new LocalStorage({ root: ${JSON.stringify(src)} }),
+        destinations: [new LocalStorage({ root: ${JSON.stringify(dst)} })], store: createMemoryStore() });
+      const r = await job.run();
+      console.log(r.status, r.filesSynced);`;
+      const t0 = Date.now();
+      const r = spawnSync(process.execPath, ['--input-type=module', '-e', code], {
+        cwd: join(__dirname, '..'),
+        encoding: 'utf8',
+        timeout: 30_000,
+      });
+      expect(r.stderr).toBe('');
+      expect(r.stdout.trim()).toBe('success 40');
+      expect(r.status).toBe(0);
+      expect(Date.now() - t0).toBeLessThan(30_000);
+      expect(readTree(dst)).toEqual(readTree(src));
+    },
+  );
 });
 
 describe('LocalStorage groupSync (durable in groups for callers that overlap writes)', () => {

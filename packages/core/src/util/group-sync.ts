@@ -1,6 +1,7 @@
-import { execFile } from 'node:child_process';
+import { execFile, spawn, type ChildProcessByStdio } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { release } from 'node:os';
+import type { Readable, Writable } from 'node:stream';
 
 /**
  * Makes everything written to one file system durable: resolves true when done, false when this
@@ -38,20 +39,153 @@ export function syncfsAvailable(): boolean {
   return findSync() !== null;
 }
 
+/** What a failed `sync -f` said (its first line), as the error a flush rejects with. */
+function syncError(stderr: string): Error {
+  // "sync: error syncing '<dir>': Input/output error": keep the errno text, not the path.
+  const reason = stderr.trim().split('\n')[0]?.split(': ').pop() || 'sync -f failed';
+  const errno = ERRNO_TEXT.find(([re]) => re.test(reason))?.[1] ?? 'EIO';
+  return Object.assign(new Error(`Making written files durable (syncfs) failed: ${reason}`), { code: errno });
+}
+
+/** A `sync` that cannot flush one file system (busybox has no -f): fsync file by file from now on. */
+const NO_FS_FLAG = /invalid option|unrecognized option|^usage/im;
+
+const FLUSH_TIMEOUT_MS = 120_000;
+
 /**
- * syncfs(2) through coreutils' `sync --file-system` (Node has no binding for it): one journal
- * commit and one device flush for every file written since, where an fdatasync per file costs one
- * of each per file.
+ * Reads folder paths, one per line, and answers each in order with `ok` or `err <what sync said>`.
+ * The folder is an argument of `sync`, never part of a command line the shell parses.
  */
-export const syncfs: SyncFileSystem = (dir) => {
-  const bin = findSync();
-  if (!bin) return Promise.resolve(false);
+const HELPER_SCRIPT = `while IFS= read -r d; do
+  if e=$("$0" -f -- "$d" 2>&1 >/dev/null); then echo ok; else printf 'err %s\\n' "$(printf '%s' "$e" | tr '\\n' ' ')"; fi
+done`;
+
+interface Pending {
+  resolve: (durable: boolean) => void;
+  reject: (e: unknown) => void;
+  timer: ReturnType<typeof setTimeout>;
+}
+
+/**
+ * One long-lived `sh` that runs `sync -f` for each request: the Node process forks once, not once
+ * per flush (forking a large process held its main thread ~10 ms per flush, and each child
+ * brought pipes and sockets to collect). Kept unreferenced while idle, so it never keeps the
+ * process alive; it exits when the process does (end of its input).
+ */
+class SyncHelper {
+  private child: ChildProcessByStdio<Writable, Readable, null> | undefined;
+  private pending: Pending[] = [];
+  private out = '';
+  /** Set once the helper could not be started: flushes spawn `sync` each (the old way). */
+  broken = false;
+
+  constructor(private readonly bin: string) {}
+
+  flush(dir: string): Promise<boolean> {
+    return new Promise<boolean>((resolve, reject) => {
+      const child = this.start();
+      if (!child) return resolve(false);
+      const timer = setTimeout(() => {
+        this.fail(
+          Object.assign(new Error('Making written files durable (syncfs) timed out.'), { code: 'ETIMEDOUT' }),
+        );
+      }, FLUSH_TIMEOUT_MS);
+      this.pending.push({ resolve, reject, timer });
+      this.ref(true);
+      child.stdin.write(`${dir}\n`);
+    });
+  }
+
+  private start(): ChildProcessByStdio<Writable, Readable, null> | undefined {
+    if (this.child) return this.child;
+    let child: ChildProcessByStdio<Writable, Readable, null>;
+    try {
+      child = spawn('/bin/sh', ['-c', HELPER_SCRIPT, this.bin], {
+        stdio: ['pipe', 'pipe', 'ignore'],
+        windowsHide: true,
+      });
+    } catch {
+      this.broken = true;
+      return undefined;
+    }
+    this.child = child;
+    child.stdout.setEncoding('utf8');
+    // Events of a helper already replaced (killed after a timeout) are ignored.
+    child.stdout.on('data', (chunk: string) => {
+      if (this.child === child) this.read(chunk);
+    });
+    child.stdin.on('error', () => undefined);
+    child.on('error', () => {
+      // Not started (no /bin/sh, EAGAIN): these flushes fall back to an fsync per file.
+      if (this.child !== child) return;
+      this.broken = true;
+      this.fail(undefined);
+    });
+    child.on('exit', () => {
+      if (this.child === child) this.fail(undefined);
+    });
+    return child;
+  }
+
+  private read(chunk: string): void {
+    this.out += chunk;
+    for (let nl = this.out.indexOf('\n'); nl >= 0; nl = this.out.indexOf('\n')) {
+      const line = this.out.slice(0, nl);
+      this.out = this.out.slice(nl + 1);
+      const p = this.pending.shift();
+      if (!p) continue;
+      clearTimeout(p.timer);
+      if (line === 'ok') p.resolve(true);
+      else if (NO_FS_FLAG.test(line)) {
+        syncBin = null;
+        p.resolve(false);
+      } else p.reject(syncError(line.replace(/^err /, '')));
+    }
+    if (this.pending.length === 0) this.ref(false);
+  }
+
+  /**
+   * Ends the helper and settles what waits on it: with `e` (a timeout), or, when the helper went
+   * away by itself, false (those files are fsynced one by one).
+   */
+  private fail(e: unknown): void {
+    const child = this.child;
+    this.child = undefined;
+    this.out = '';
+    if (child && child.exitCode === null) child.kill();
+    const waiting = this.pending;
+    this.pending = [];
+    for (const p of waiting) {
+      clearTimeout(p.timer);
+      if (e === undefined) p.resolve(false);
+      else p.reject(e);
+    }
+  }
+
+  private ref(on: boolean): void {
+    const c = this.child;
+    if (!c) return;
+    const streams = [c.stdin, c.stdout] as unknown as Array<{ ref?: () => void; unref?: () => void }>;
+    if (on) {
+      c.ref();
+      for (const s of streams) s.ref?.();
+    } else {
+      c.unref();
+      for (const s of streams) s.unref?.();
+    }
+  }
+}
+
+let helper: SyncHelper | undefined;
+
+/** `sync -f` in a process of its own, for a folder the helper's line protocol cannot carry. */
+function syncOnce(bin: string, dir: string): Promise<boolean> {
   return new Promise((resolve, reject) => {
-    execFile(bin, ['-f', dir], { timeout: 120_000, windowsHide: true }, (err, _out, stderr) => {
+    execFile(bin, ['-f', dir], { timeout: FLUSH_TIMEOUT_MS, windowsHide: true }, (err, _out, stderr) => {
       if (!err) return resolve(true);
       const code = (err as { code?: unknown }).code;
       // No `sync` binary, or one without -f (busybox): fsync file by file from now on.
-      if (code === 'ENOENT' || /invalid option|unrecognized option|^usage/im.test(String(stderr))) {
+      if (code === 'ENOENT' || NO_FS_FLAG.test(String(stderr))) {
         syncBin = null;
         return resolve(false);
       }
@@ -62,14 +196,22 @@ export const syncfs: SyncFileSystem = (dir) => {
           Object.assign(new Error('Making written files durable (syncfs) timed out.'), { code: 'ETIMEDOUT' }),
         );
       }
-      // "sync: error syncing '<dir>': Input/output error": keep the errno text, not the path.
-      const reason = String(stderr).trim().split('\n')[0]?.split(': ').pop() || 'sync -f failed';
-      const errno = ERRNO_TEXT.find(([re]) => re.test(reason))?.[1] ?? 'EIO';
-      reject(
-        Object.assign(new Error(`Making written files durable (syncfs) failed: ${reason}`), { code: errno }),
-      );
+      reject(syncError(String(stderr)));
     });
   });
+}
+
+/**
+ * syncfs(2) through coreutils' `sync --file-system` (Node has no binding for it): one journal
+ * commit and one device flush for every file written since, where an fdatasync per file costs one
+ * of each per file. Requests go to one long-lived helper shell.
+ */
+export const syncfs: SyncFileSystem = (dir) => {
+  const bin = findSync();
+  if (!bin) return Promise.resolve(false);
+  if (dir.includes('\n') || helper?.broken) return syncOnce(bin, dir);
+  helper ??= new SyncHelper(bin);
+  return helper.flush(dir);
 };
 
 export interface GroupSyncOptions {
