@@ -414,7 +414,6 @@ async function benchSync(ctx) {
         });
         log(`copy: trial ${t + 1} medsync ${r.seconds.toFixed(2)} s`);
         await verifyCopy('medsync', src, dst, c);
-        await fsp.rm(dst, { recursive: true, force: true });
         return r;
       },
       rclone: async (t) => {
@@ -422,7 +421,6 @@ async function benchSync(ctx) {
         const r = await rclone(src, dst);
         log(`copy: trial ${t + 1} rclone  ${r.seconds.toFixed(2)} s`);
         await verifyCopy('rclone', src, dst, c);
-        await fsp.rm(dst, { recursive: true, force: true });
         return r;
       },
     });
@@ -460,7 +458,6 @@ async function benchSync(ctx) {
       target: `medsync peak RSS < ${rssTarget} MB`,
       pass: m.peakRssMB !== null && m.peakRssMB < rssTarget,
     });
-    await fsp.rm(src, { recursive: true, force: true });
   }
 
   // 2. No-change re-run: each tool copies once into its own destination, then re-runs over it.
@@ -751,7 +748,6 @@ async function benchFtp(ctx) {
           const dst = join(server.root, name);
           await verifyFtpCopy(tool, src, dst, c);
           if (keepLast && t === ctx.trials - 1) kept[tool] = { name, state };
-          else await fsp.rm(dst, { recursive: true, force: true });
           return r;
         };
       }
@@ -783,7 +779,6 @@ async function benchFtp(ctx) {
         target: 'filesPerSecVsLftp >= 1 and MBpsVsLftp >= 1',
         pass: f.medsync.filesPerSec >= f.lftp.filesPerSec && f.medsync.MBps >= f.lftp.MBps,
       });
-      if (!keepLast) await fsp.rm(src, { recursive: true, force: true });
       return src;
     };
 
@@ -844,8 +839,7 @@ async function benchFtp(ctx) {
         target: `ratio >= ${rerunTarget}`,
         pass: ratio >= rerunTarget,
       });
-      await fsp.rm(src4k, { recursive: true, force: true });
-    } else if (src4k) await fsp.rm(src4k, { recursive: true, force: true });
+    }
 
     const peak = kbToMB(maxKB(...medsyncRuns));
     results.push({
@@ -1003,7 +997,6 @@ async function benchSftp(ctx) {
           const dst = join(server.root, name);
           await verifyFtpCopy(tool, src, dst, c);
           if (keepLast && t === ctx.trials - 1) kept[tool] = { name, state };
-          else await fsp.rm(dst, { recursive: true, force: true });
           return r;
         };
       }
@@ -1035,7 +1028,6 @@ async function benchSftp(ctx) {
         target: 'MBpsVsRclone >= 1 (the FTP target applied to the SFTP anchor)',
         pass: f.medsync.MBps >= f.rclone.MBps,
       });
-      if (!keepLast) await fsp.rm(src, { recursive: true, force: true });
       return src;
     };
 
@@ -1097,8 +1089,7 @@ async function benchSftp(ctx) {
         target: 'ratio >= 5 (the FTP re-run target applied to SFTP)',
         pass: f.rclone.seconds / f.medsync.seconds >= 5,
       });
-      await fsp.rm(src4k, { recursive: true, force: true });
-    } else if (src4k) await fsp.rm(src4k, { recursive: true, force: true });
+    }
 
     const peak = kbToMB(maxKB(...medsyncRuns));
     results.push({
