@@ -135,6 +135,93 @@ describe('Scheduler', () => {
     await b.stop();
   });
 
+  it('an instance that finds the job running elsewhere waits for the next slot: no spinning, no second run', async () => {
+    const clock = new FakeClock();
+    const store = new MemoryStore();
+    const starts: Array<[string, number]> = [];
+    let running = 0;
+    let maxRunning = 0;
+    const run = (who: string) => async () => {
+      starts.push([who, clock.now()]);
+      maxRunning = Math.max(maxRunning, ++running);
+      await clock.sleep(5 * MIN);
+      running--;
+    };
+    const a = new Scheduler({ store, clock, owner: 'A' });
+    const b = new Scheduler({ store, clock, owner: 'B' });
+    let skips = 0;
+    for (const s of [a, b]) s.on('task:skipped', () => skips++);
+    await a.add({ id: 'job', schedule: { intervalMinutes: 10 }, run: run('A'), catchUp: false });
+    await b.add({ id: 'job', schedule: { intervalMinutes: 10 }, run: run('B'), catchUp: false });
+    a.start();
+    b.start();
+    // Five slots, each run 5 minutes long, with both instances knowing the last run.
+    for (let i = 0; i < 5; i++) await clock.advance(10 * MIN);
+    expect(maxRunning).toBe(1);
+    expect(starts).toHaveLength(5);
+    // One run per slot, ten minutes apart, whichever instance ran it.
+    const at = starts.map(([, t]) => t);
+    for (let i = 1; i < at.length; i++) expect(at[i]! - at[i - 1]!).toBe(10 * MIN);
+    expect(skips).toBeLessThanOrEqual(5);
+    await clock.advance(5 * MIN); // the last run ends
+    await a.stop();
+    await b.stop();
+  });
+
+  it('a slot that comes during a long manual run waits for it, then plans the next', async () => {
+    const clock = new FakeClock();
+    const s = new Scheduler({ store: new MemoryStore(), clock });
+    const triggers: string[] = [];
+    let skips = 0;
+    s.on('task:skipped', () => skips++);
+    await s.add({
+      id: 'job',
+      schedule: { intervalMinutes: 1 },
+      catchUp: false,
+      run: async (ctx) => {
+        triggers.push(ctx.trigger);
+        if (ctx.trigger === 'manual') await clock.sleep(3 * MIN);
+      },
+    });
+    s.start();
+    const manual = s.runNow('job');
+    await clock.advance(3 * MIN);
+    await manual;
+    // The slot due at 1 min was skipped once and runs when the manual run ends, then every minute.
+    expect(skips).toBe(1);
+    expect(triggers).toEqual(['manual', 'schedule']);
+    await clock.advance(MIN);
+    expect(triggers).toEqual(['manual', 'schedule', 'schedule']);
+    expect(skips).toBe(1);
+    await s.stop();
+  });
+
+  it('a run cut short by a crash is redone at start-up (catch-up), even before its next slot', async () => {
+    const clock = new FakeClock(Date.UTC(2026, 0, 1, 2, 10));
+    const store = new MemoryStore();
+    // The 02:00 run started and the process died at 02:05: no finish recorded.
+    await store.settings.set('scheduler:job', {
+      enabled: true,
+      schedule: { cron: '0 2 * * *' },
+      lastRunAt: Date.UTC(2026, 0, 1, 2, 0),
+      lastFinishedAt: Date.UTC(2025, 11, 31, 2, 40),
+    });
+    const c = counter();
+    const s = new Scheduler({ store, clock });
+    await s.add({ id: 'job', schedule: { cron: '0 2 * * *' }, run: c.run });
+    s.start();
+    await clock.advance(1);
+    expect(c.runs.map((r) => r.trigger)).toEqual(['catch-up']);
+    // A finished run is not redone.
+    await s.stop();
+    const s2 = new Scheduler({ store, clock });
+    await s2.add({ id: 'job', schedule: { cron: '0 2 * * *' }, run: c.run });
+    s2.start();
+    await clock.advance(MIN);
+    expect(c.runs).toHaveLength(1);
+    await s2.stop();
+  });
+
   it('stop() lets the running task finish its files in flight', async () => {
     const clock = new FakeClock();
     const s = new Scheduler({ store: new MemoryStore(), clock });
@@ -172,6 +259,14 @@ describe('Scheduler', () => {
     expect(() => validateSchedule({ intervalMinutes: 1441 })).toThrow(
       expect.objectContaining({ code: 'E_CONFIG' }),
     );
+    expect(() => validateSchedule({ cron: '0 2 * * *', timezone: 'Europe/Atlantis' })).toThrow(
+      expect.objectContaining({ code: 'E_CONFIG' }),
+    );
+    const tzs = new Scheduler({ store: new MemoryStore(), clock: new FakeClock() });
+    await expect(
+      tzs.add({ id: 'tz', schedule: { cron: '0 2 * * *', timezone: 'Mars/Olympus' }, run: async () => {} }),
+    ).rejects.toMatchObject({ code: 'E_CONFIG' });
+    expect(tzs.state()).toEqual([]);
     expect(() => validateSchedule({ cron: 'not a cron' })).toThrow(
       expect.objectContaining({ code: 'E_CONFIG' }),
     );

@@ -237,5 +237,24 @@ describe('config schema', () => {
         jobs: [{ id: 'a', source: 's', destinations: [{ url: 'ftp://h/x', password: 'plaintext' }] }],
       }),
     ).toThrow(expect.objectContaining({ message: expect.stringMatching(/encrypted/) }));
+    // A misspelt endpoint key and an unknown time zone are errors, not silently dropped.
+    const job = { id: 'a', source: 's' };
+    expect(() =>
+      parseConfig({
+        jobs: [{ ...job, destinations: [{ url: 'sftp://u@h/x', hostfingerprint: 'SHA256:x' }] }],
+      }),
+    ).toThrow(
+      expect.objectContaining({ code: 'E_CONFIG', message: expect.stringMatching(/hostfingerprint/) }),
+    );
+    expect(() =>
+      parseConfig({
+        jobs: [{ ...job, destinations: ['d'], schedule: { cron: '0 2 * * *', timezone: 'Europe/Atlantis' } }],
+      }),
+    ).toThrow(expect.objectContaining({ code: 'E_CONFIG', message: expect.stringMatching(/time zone/) }));
+    expect(
+      parseConfig({
+        jobs: [{ ...job, destinations: ['d'], schedule: { cron: '0 2 * * *', timezone: 'Europe/Berlin' } }],
+      }).jobs[0]!.schedule,
+    ).toEqual({ cron: '0 2 * * *', timezone: 'Europe/Berlin' });
   });
 });

@@ -14,33 +14,54 @@ const Rate = z.union([z.number().positive(), z.string()]).refine((v) => {
 /** A source or destination: a path or URL, with optional credentials by reference or encrypted. */
 export const EndpointSchema = z.union([
   z.string().min(1),
-  z.object({
-    url: z.string().min(1),
-    /** Name of an environment variable holding the password. */
-    passwordEnv: z.string().optional(),
-    /** The password encrypted with `medsync secret encrypt` (msenc:v1:…). */
-    password: z
-      .string()
-      .regex(/^msenc:v1:/, 'must be encrypted: use `medsync secret encrypt`, or passwordEnv')
-      .optional()
-      .meta({ sensitive: true }),
-    options: z.record(z.string(), z.unknown()).optional(),
-    /** FTPS: PEM file of the CA or self-signed certificate to trust (relative to the config file). */
-    caFile: z.string().min(1).optional(),
-    /** SFTP: private key file to log in with (relative to the config file). */
-    identityFile: z.string().min(1).optional(),
-    /** SFTP: name of an environment variable holding the passphrase of `identityFile`. */
-    passphraseEnv: z.string().min(1).optional(),
-    /** SFTP: the server's host key fingerprint, `SHA256:…` as `ssh-keygen -lf` prints it. */
-    hostFingerprint: z.string().min(1).optional(),
-    /** SFTP: known_hosts file to check the host key with (default: ~/.ssh/known_hosts). */
-    knownHostsFile: z.string().min(1).optional(),
-  }),
+  z
+    .object({
+      url: z.string().min(1),
+      /** Name of an environment variable holding the password. */
+      passwordEnv: z.string().optional(),
+      /** The password encrypted with `medsync secret encrypt` (msenc:v1:…). */
+      password: z
+        .string()
+        .regex(/^msenc:v1:/, 'must be encrypted: use `medsync secret encrypt`, or passwordEnv')
+        .optional()
+        .meta({ sensitive: true }),
+      options: z.record(z.string(), z.unknown()).optional(),
+      /** FTPS: PEM file of the CA or self-signed certificate to trust (relative to the config file). */
+      caFile: z.string().min(1).optional(),
+      /** SFTP: private key file to log in with (relative to the config file). */
+      identityFile: z.string().min(1).optional(),
+      /** SFTP: name of an environment variable holding the passphrase of `identityFile`. */
+      passphraseEnv: z.string().min(1).optional(),
+      /** SFTP: the server's host key fingerprint, `SHA256:…` as `ssh-keygen -lf` prints it. */
+      hostFingerprint: z.string().min(1).optional(),
+      /** SFTP: known_hosts file to check the host key with (default: ~/.ssh/known_hosts). */
+      knownHostsFile: z.string().min(1).optional(),
+    })
+    // A misspelt key (`hostfingerprint`) would otherwise be dropped without a word.
+    .strict(),
 ]);
+
+/** True for a time zone this runtime knows (IANA names such as Europe/Berlin, and UTC). */
+function isTimeZone(tz: string): boolean {
+  try {
+    new Intl.DateTimeFormat('en-US', { timeZone: tz });
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 const ScheduleSchema = z.union([
   z.object({ intervalMinutes: z.number().int().min(1).max(1440) }).strict(),
-  z.object({ cron: z.string().min(1), timezone: z.string().optional() }).strict(),
+  z
+    .object({
+      cron: z.string().min(1),
+      timezone: z
+        .string()
+        .refine(isTimeZone, 'an IANA time zone such as "Europe/Berlin" or "UTC"')
+        .optional(),
+    })
+    .strict(),
 ]);
 
 /** One sync job in a config file. */

@@ -86,7 +86,10 @@ export function validateSchedule(s: Schedule): void {
     return;
   }
   try {
-    new Cron(s.cron, { paused: true, ...(s.timezone ? { timezone: s.timezone } : {}) }).stop();
+    // croner checks the time zone only when it computes a time: compute one now.
+    const c = new Cron(s.cron, { paused: true, ...(s.timezone ? { timezone: s.timezone } : {}) });
+    c.nextRun();
+    c.stop();
   } catch (e) {
     throw new MedsyncError('E_CONFIG', `The cron pattern is invalid: ${(e as Error).message}`, { cause: e });
   }
@@ -175,7 +178,9 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       next = now;
     } else if (atStart && (e.task.catchUp ?? true) && e.lastRunAt !== undefined) {
       const due = nextRunTime(e.schedule, e.lastRunAt, e.lastRunAt);
-      if (due <= now) {
+      // A run that started and never finished (the process was killed) is redone too.
+      const interrupted = e.lastFinishedAt === undefined || e.lastFinishedAt < e.lastRunAt;
+      if (due <= now || interrupted) {
         next = now;
         trigger = 'catch-up';
       } else next = due;
@@ -197,8 +202,10 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     e.timer = undefined;
     if (!e.enabled || this.stopping) return;
     if (e.running) {
+      // A manual run still going: plan again once it ends (planning now could find the slot due
+      // again at once, and spin until the run ends).
       this.emit('task:skipped', { id: e.task.id, reason: 'running' });
-      this.plan(e, false);
+      void e.running.then(() => this.plan(e, false));
       return;
     }
     await this.execute(e, trigger).catch(() => undefined);
@@ -217,6 +224,12 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     try {
       held = await acquireLease(this.o.store.locks, lock, this.owner, ttl, this.clock.now());
       if (!held) {
+        // Another instance runs this slot: it counts as run here too, so the next attempt is the
+        // next slot (not at once, again and again, until the other run ends, then a second run).
+        const saved = await this.o.store.settings
+          .get<{ lastRunAt?: number }>(STATE_PREFIX + e.task.id)
+          .catch(() => undefined);
+        e.lastRunAt = Math.max(e.lastRunAt ?? 0, saved?.lastRunAt ?? 0, started);
         this.emit('task:skipped', { id: e.task.id, reason: 'locked' });
         return undefined;
       }
@@ -255,6 +268,14 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   }
 
   private async persist(e: Entry): Promise<void> {
+    // Instances sharing a Store share this record: never move its times back.
+    const saved = await this.o.store.settings.get<{ lastRunAt?: number; lastFinishedAt?: number }>(
+      STATE_PREFIX + e.task.id,
+    );
+    if (saved?.lastRunAt !== undefined && saved.lastRunAt > (e.lastRunAt ?? -Infinity))
+      e.lastRunAt = saved.lastRunAt;
+    if (saved?.lastFinishedAt !== undefined && saved.lastFinishedAt > (e.lastFinishedAt ?? -Infinity))
+      e.lastFinishedAt = saved.lastFinishedAt;
     await this.o.store.settings.set(STATE_PREFIX + e.task.id, {
       enabled: e.enabled,
       schedule: e.schedule,
