@@ -447,23 +447,49 @@ async function runCommand(f: { config: string; once?: boolean }, io: CliIO): Pro
       });
     }
     if (f.once) {
-      let worst: number = EXIT.success;
-      for (const j of config.jobs) {
-        if (!j.enabled) continue;
-        let c: number;
-        try {
-          const r = (await scheduler.runNow(j.id)) as { status: string } | undefined;
-          // undefined: another instance holds the job's lease and runs it.
-          if (!r) log('job skipped: running on another instance', { job: j.id });
-          c = r ? exitCodeFor(r.status) : EXIT.success;
-        } catch (e) {
-          const me = toMedsyncError(e);
-          log('job failed', { job: j.id, code: me.code, error: me.message });
-          c = EXIT.failed;
+      // As in the daemon: a first SIGTERM/SIGINT finishes the files in flight and starts no
+      // further job; a second one cancels at once.
+      let signals = 0;
+      const onSignal = (sig: NodeJS.Signals) => {
+        if (++signals === 1) {
+          log('stopping: finishing the files in flight', { signal: sig });
+          void scheduler.stop();
+        } else {
+          log('second signal: cancelling running jobs now', { signal: sig });
+          void scheduler.stop({ timeoutMs: 0 });
         }
-        if (c === EXIT.failed || (c === EXIT.partial && worst === EXIT.success)) worst = c;
+      };
+      process.on('SIGTERM', onSignal);
+      process.on('SIGINT', onSignal);
+      try {
+        let worst: number = EXIT.success;
+        for (const j of config.jobs) {
+          if (!j.enabled) continue;
+          if (signals > 0) {
+            log('job not started: stopping', { job: j.id });
+            worst = worst === EXIT.failed ? worst : EXIT.cancelled;
+            continue;
+          }
+          let c: number;
+          try {
+            const r = (await scheduler.runNow(j.id)) as { status: string } | undefined;
+            // undefined: another instance holds the job's lease and runs it.
+            if (!r) log('job skipped: running on another instance', { job: j.id });
+            c = r ? exitCodeFor(r.status) : EXIT.success;
+          } catch (e) {
+            const me = toMedsyncError(e);
+            log('job failed', { job: j.id, code: me.code, error: me.message });
+            c = EXIT.failed;
+          }
+          if (c === EXIT.failed) worst = c;
+          else if (c === EXIT.cancelled && worst !== EXIT.failed) worst = c;
+          else if (c === EXIT.partial && worst === EXIT.success) worst = c;
+        }
+        return worst;
+      } finally {
+        process.off('SIGTERM', onSignal);
+        process.off('SIGINT', onSignal);
       }
-      return worst;
     }
     scheduler.on('task:error', (e) =>
       log('job failed', { job: e.id, code: e.error.code, error: e.error.message }),

@@ -302,6 +302,43 @@ describe('medsync run', () => {
     expect(r.stderr).toMatch(/intervalMinutes/);
   }, 30_000);
 
+  it('--once stops on SIGTERM after the files in flight, starts no further job (exit 130), and a re-run finishes', async () => {
+    const d = dir('once-term');
+    const files = Object.fromEntries(
+      Array.from({ length: 30 }, (_, i) => [`s/${i}.dcm`, randomBytes(50_000)]),
+    );
+    writeTree(join(d, 'pacs'), files);
+    writeTree(join(d, 'other'), { 'x.dcm': 'x' });
+    // 1.5 MB at 300 KB/s: about five seconds, so the signal comes mid-run.
+    const file = config(d, [
+      { id: 'slow', source: 'pacs', destinations: ['host'], bwlimit: '300K', concurrency: 2 },
+      { id: 'second', source: 'other', destinations: ['host2'] },
+    ]);
+    const child = spawn(process.execPath, [BIN, 'run', '--config', file, '--once'], { cwd: base });
+    let stderr = '';
+    child.stderr.on('data', (x) => (stderr += x));
+    const host = join(d, 'host');
+    const deadline = Date.now() + 15_000;
+    const delivered = () =>
+      existsSync(join(host, 's')) ? readdirSync(join(host, 's')).filter((n) => !n.startsWith('.')) : [];
+    while (delivered().length < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    child.kill('SIGTERM');
+    const code = await new Promise((r) => child.on('exit', r));
+    expect(stderr).toContain('stopping: finishing the files in flight');
+    expect(code).toBe(130);
+    const got = readTree(host);
+    expect(Object.keys(got).length).toBeGreaterThan(0);
+    expect(Object.keys(got).length).toBeLessThan(30);
+    // Only whole files, each byte-identical; no temporary file; the second job never started.
+    for (const [p, b64] of Object.entries(got)) expect(b64).toBe(files[p]!.toString('base64'));
+    expect(readdirSync(join(host, 's')).filter((n) => n.startsWith('.'))).toEqual([]);
+    expect(existsSync(join(d, 'host2'))).toBe(false);
+    const again = await medsync(['run', '--config', file, '--once'], { cwd: base });
+    expect(again.code).toBe(0);
+    expect(readTree(host)).toEqual(readTree(join(d, 'pacs')));
+    expect(readTree(join(d, 'host2'))).toEqual(readTree(join(d, 'other')));
+  }, 60_000);
+
   it('long-running: runs a never-run job at start, stays up, stops cleanly on SIGTERM', async () => {
     const d = dir('daemon');
     writeTree(join(d, 'pacs'), { 'a.dcm': 'a' });
