@@ -862,6 +862,43 @@ describe('SyncJob mirror', () => {
     }
   });
 
+  it('a move is made durable at the destination before the manifest records it', async () => {
+    const src = tmp();
+    writeTree(src, { 'a/one.dcm': randomBytes(3000), 'a/two.dcm': randomBytes(3001) });
+    const dstRoot = tmp();
+    const events: string[] = [];
+    class Spy extends LocalStorage {
+      override async rename(from: string, to: string, o?: Parameters<LocalStorage['rename']>[2]) {
+        await super.rename(from, to, o);
+        events.push(`rename ${to}`);
+      }
+      override async flush(o?: Parameters<LocalStorage['flush']>[0]) {
+        events.push('flush');
+        await super.flush(o);
+      }
+    }
+    const store = new MemoryStore();
+    const put = store.manifest.put.bind(store.manifest);
+    store.manifest.put = async (e) => {
+      for (const x of Array.isArray(e) ? e : [e]) events.push(`record ${x.path}`);
+      return put(e);
+    };
+    const j = job(
+      { source: new LocalStorage({ root: src }), destinations: [new Spy({ root: dstRoot })], mode: 'mirror' },
+      store,
+    );
+    await j.run();
+    mkdirSync(join(src, 'b'));
+    renameSync(join(src, 'a/one.dcm'), join(src, 'b/one.dcm'));
+    events.length = 0;
+    expect(await j.run()).toMatchObject({ status: 'success', filesMoved: 1, filesSynced: 0 });
+    const renamed = events.indexOf('rename b/one.dcm');
+    const recorded = events.indexOf('record b/one.dcm');
+    expect(renamed).toBeGreaterThanOrEqual(0);
+    expect(recorded).toBeGreaterThan(renamed);
+    expect(events.slice(renamed, recorded)).toContain('flush');
+  });
+
   it('detects a move by content hash and renames at the destination instead of re-uploading', async () => {
     const files = ten();
     const src = tmp();

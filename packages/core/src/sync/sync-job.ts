@@ -1313,18 +1313,23 @@ class ManifestWriter {
     }
   }
 
-  /** Writes everything pending; rejects if any batch failed. */
+  /**
+   * Makes what the destinations did so far durable, then writes everything pending; rejects if
+   * any batch failed.
+   */
   flush(): Promise<void> {
     if (this.timer !== undefined) this.clock.clearTimeout(this.timer);
     this.timer = undefined;
     const batch = this.pending;
     this.pending = [];
     this.flushing = this.flushing.then(async () => {
-      if (batch.length === 0 || this.failure) return;
+      if (this.failure) return;
       for (let attempt = 1; ; attempt++) {
         try {
+          // Even with nothing to record: a move or delete about to be recorded by the caller
+          // must be durable at its destination first (a renamed folder entry, for one).
           await Promise.all(this.destinations.map((d) => d.flush?.()));
-          await this.store.manifest.put(batch);
+          if (batch.length > 0) await this.store.manifest.put(batch);
           return;
         } catch (e) {
           const me = toMedsyncError(e);
