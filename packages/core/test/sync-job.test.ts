@@ -484,6 +484,23 @@ describe('SyncJob copy', () => {
     expect(dst.size).toBe(r.filesSynced);
   });
 
+  it('a graceful stop during a long scan ends the run at once, cancelled, with nothing sent', async () => {
+    const src = new MemoryStorage();
+    for (let i = 0; i < 5; i++) await src.write(`${i}.dcm`, Readable.from([Buffer.from(String(i))]));
+    // A slow NAS listing: the stop must not wait for it (systemd kills after 90 s).
+    src.faults.latency('list', 30_000);
+    const dst = new MemoryStorage();
+    const stop = new AbortController();
+    const j = job({ source: src, destinations: [dst] });
+    setTimeout(() => stop.abort(), 50);
+    const t0 = Date.now();
+    const r = await j.run({ stopSignal: stop.signal });
+    expect(Date.now() - t0).toBeLessThan(5_000);
+    expect(r.status).toBe('cancelled');
+    expect(r.filesSynced).toBe(0);
+    expect(dst.size).toBe(0);
+  });
+
   it('only one run of a job at a time (lease in the store)', async () => {
     const src = new MemoryStorage();
     await src.write('a.dcm', Readable.from([Buffer.from('a')]));

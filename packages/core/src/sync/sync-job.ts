@@ -328,7 +328,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       this.safeEmit('run:start', { runId, jobId: this.id, trigger, dryRun });
       this.log.info('Sync run started', { jobId: this.id, runId, trigger, dryRun });
 
-      const sources = await this.scanSource(inner.signal, opts.only);
+      // A graceful stop (stopSignal) has no files in flight to wait for while scanning and
+      // planning: it ends those at once, as a cancel does.
+      const planSignal = opts.stopSignal ? AbortSignal.any([inner.signal, opts.stopSignal]) : inner.signal;
+      const sources = await this.scanSource(planSignal, opts.only);
       if (this.mode === 'mirror' && sources.size === 0 && !opts.only) {
         throw new MedsyncError(
           'E_SAFETY',
@@ -348,13 +351,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             dryRun,
             runStart: startedAt,
             only: opts.only,
-            signal: inner.signal,
+            signal: planSignal,
           });
         } catch (e) {
           // One destination that cannot be planned (login refused, unmounted, unreachable) does
           // not hold back the others; it gets nothing this run and the run says why.
           const me = toMedsyncError(e, 'Planning a destination');
-          if (me.code === 'E_ABORTED' || inner.signal.aborted) throw me;
+          if (me.code === 'E_ABORTED' || planSignal.aborted) throw me;
           addError(me, undefined, dest.id);
           this.log.error('A destination was skipped this run', { jobId: this.id, code: me.code });
           unplanned++;
