@@ -117,6 +117,12 @@ export async function openEndpoint(spec: Endpoint, opts: EndpointOptions = {}): 
     if (password === undefined) {
       throw new MedsyncError('E_CONFIG', 'This FTP destination needs a password: pass --password-env VAR.');
     }
+    if (u.protocol === 'ftp:' && typeof spec !== 'string' && spec.caFile) {
+      throw new MedsyncError(
+        'E_CONFIG',
+        'A destination with "caFile" is plain ftp://, which sends the password unencrypted: use ftps:// (or drop caFile).',
+      );
+    }
     const { createFtpStorage } = await import('@medsync/adapters-ftp');
     let ca: string | undefined;
     if (o.caFile) {

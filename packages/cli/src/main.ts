@@ -258,7 +258,18 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
   }
 }
 
+/** `--ca` only means something for ftps://: with plain ftp:// the password would go unencrypted. */
+function checkCaFlag(ca: string | undefined, urls: string[]): void {
+  if (ca !== undefined && !urls.some((u) => /^ftps:\/\//i.test(u))) {
+    throw new MedsyncError(
+      'E_CONFIG',
+      '--ca trusts the certificate of an FTPS server, but no destination is ftps://: plain ftp:// sends the password unencrypted. Use ftps://host/path.',
+    );
+  }
+}
+
 async function syncCommand(source: string, destinations: string[], f: SyncFlags, io: CliIO): Promise<number> {
+  checkCaFlag(f.ca, destinations);
   const src = await openEndpoint(source, { baseDir: io.cwd, env: io.env });
   const dests: Storage[] = [];
   for (const d of destinations)
@@ -351,6 +362,7 @@ async function testCommand(
   f: { json?: boolean; passwordEnv?: string; ca?: string } & SftpFlags,
   io: CliIO,
 ): Promise<number> {
+  checkCaFlag(f.ca, [dest]);
   const s = await openEndpoint(dest, {
     baseDir: io.cwd,
     passwordEnv: f.passwordEnv,

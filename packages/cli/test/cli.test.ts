@@ -253,6 +253,16 @@ describe('medsync sync', () => {
     expect(r3.stdout + r3.stderr).not.toContain('hunter2');
     const r4 = await medsync(['frobnicate']);
     expect(r4.code).toBe(2);
+    // --ca with plain ftp:// (the password would go unencrypted) is a mistake, not ignored.
+    const ca = join(dir('ca'), 'ca.pem');
+    writeFileSync(ca, 'not used');
+    const r5 = await medsync(['sync', dir('src'), 'ftp://bob@127.0.0.1:9/x', '--ca', ca, '--json'], {
+      env: { ...process.env, PW: 'x' },
+    });
+    expect(r5.code).toBe(2);
+    expect(r5.json.error).toMatchObject({ code: 'E_CONFIG', message: expect.stringMatching(/ftps:\/\//) });
+    const r6 = await medsync(['test', 'ftp://bob@127.0.0.1:9/x', '--ca', ca, '--json']);
+    expect(r6.code).toBe(2);
   }, 30_000);
 });
 
@@ -300,6 +310,22 @@ describe('medsync run', () => {
     expect(r.code).toBe(2);
     expect(r.stderr).toMatch(/destinations/);
     expect(r.stderr).toMatch(/intervalMinutes/);
+    // A misspelt endpoint key, and a CA for a plain ftp:// destination, are refused too.
+    const typo = config(d, [{ id: 'y', source: 'a', destinations: [{ url: 'b', pasword: 'x' }] }]);
+    const r2 = await medsync(['run', '--config', typo, '--once']);
+    expect(r2.code).toBe(2);
+    expect(r2.stderr).toMatch(/pasword/);
+    mkdirSync(join(d, 'a'), { recursive: true });
+    const plain = config(d, [
+      {
+        id: 'z',
+        source: 'a',
+        destinations: [{ url: 'ftp://u@127.0.0.1:9/x', passwordEnv: 'PW', caFile: 'ca.pem' }],
+      },
+    ]);
+    const r3 = await medsync(['run', '--config', plain, '--once'], { env: { ...process.env, PW: 'pw' } });
+    expect(r3.code).toBe(2);
+    expect(r3.stderr).toMatch(/caFile.*ftps:\/\//);
   }, 30_000);
 
   it('--once stops on SIGTERM after the files in flight, starts no further job (exit 130), and a re-run finishes', async () => {

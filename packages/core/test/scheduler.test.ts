@@ -78,6 +78,15 @@ describe('Scheduler', () => {
     await clock.advance(MIN);
     expect(c.runs).toHaveLength(3);
     await s.stop();
+    await s2.stop();
+    // The runtime schedule survives a restart while the code still gives the same one…
+    const s3 = new Scheduler({ store, clock });
+    await s3.add({ id: 'job', schedule: { intervalMinutes: 1 }, run: c.run });
+    expect(s3.state('job').schedule).toEqual({ intervalMinutes: 30 });
+    // …and a new schedule in the code (an edited config file) wins.
+    const s4 = new Scheduler({ store, clock });
+    await s4.add({ id: 'job', schedule: { cron: '0 3 * * *' }, run: c.run });
+    expect(s4.state('job').schedule).toEqual({ cron: '0 3 * * *' });
   });
 
   it('runs one catch-up after downtime, not one per missed slot', async () => {
@@ -221,6 +230,31 @@ describe('Scheduler', () => {
     expect(c.runs).toHaveLength(1);
     await s2.stop();
   });
+
+  it('a task whose lease is taken over by another instance is cancelled (never two runs at once)', async () => {
+    const store = new MemoryStore();
+    const s = new Scheduler({ store, clock: new FakeClock(), owner: 'A', leaseTtlMs: 3000 });
+    let reason: unknown;
+    let started!: () => void;
+    const running = new Promise<void>((r) => (started = r));
+    await s.add({
+      id: 'job',
+      schedule: { intervalMinutes: 60 },
+      run: async (ctx) => {
+        started();
+        await new Promise<void>((r) => ctx.signal.addEventListener('abort', () => r(), { once: true }));
+        reason = ctx.signal.reason;
+      },
+    });
+    const done = s.runNow('job');
+    await running;
+    // A stalled instance: its lease lapsed and another took the task over.
+    await store.locks.release('schedule:job', 'A');
+    expect(await store.locks.acquire('schedule:job', 'B', 60_000)).toBe(true);
+    await done;
+    expect(reason).toMatchObject({ code: 'E_LOCKED' });
+    await s.stop();
+  }, 10_000);
 
   it('stop() lets the running task finish its files in flight', async () => {
     const clock = new FakeClock();

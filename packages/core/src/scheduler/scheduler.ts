@@ -77,6 +77,12 @@ interface Entry {
 const STATE_PREFIX = 'scheduler:';
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
+function sameSchedule(a: Schedule, b: Schedule): boolean {
+  const key = (s: Schedule) =>
+    'intervalMinutes' in s ? `i:${s.intervalMinutes}` : `c:${s.cron}|${s.timezone ?? ''}`;
+  return key(a) === key(b);
+}
+
 /** Validates a schedule; throws E_CONFIG with what is wrong. */
 export function validateSchedule(s: Schedule): void {
   if ('intervalMinutes' in s) {
@@ -140,19 +146,22 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       lastRunAt?: number;
       lastFinishedAt?: number;
       schedule?: Schedule;
+      configured?: Schedule;
     }>(STATE_PREFIX + task.id);
     const entry: Entry = {
       task,
       // An explicit `enabled` (a config file) wins over the stored one; otherwise the last
       // runtime choice (setEnabled) is kept.
       enabled: task.enabled ?? saved?.enabled ?? true,
-      schedule: saved?.schedule ?? task.schedule,
+      // A schedule changed at runtime (setSchedule) is kept across restarts while the code or
+      // config file still gives the schedule it gave then; once that changes, it wins.
+      schedule:
+        saved?.schedule && saved.configured && sameSchedule(saved.configured, task.schedule)
+          ? saved.schedule
+          : task.schedule,
       ...(saved?.lastRunAt !== undefined ? { lastRunAt: saved.lastRunAt } : {}),
       ...(saved?.lastFinishedAt !== undefined ? { lastFinishedAt: saved.lastFinishedAt } : {}),
     };
-    // A schedule in the code or config file wins over a stale stored one only when it changed.
-    if (saved?.schedule && JSON.stringify(saved.schedule) !== JSON.stringify(task.schedule))
-      entry.schedule = task.schedule;
     this.entries.set(task.id, entry);
     await this.persist(entry);
     if (this.started) this.plan(entry, true);
@@ -219,6 +228,8 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     const lock = `schedule:${e.task.id}`;
     const ttl = this.o.leaseTtlMs ?? 60_000;
     let renew: ReturnType<typeof setInterval> | undefined;
+    let signal = this.hardStop.signal;
+    let stopListening = () => {};
     let held = false;
     const started = this.clock.now();
     try {
@@ -233,9 +244,26 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
         this.emit('task:skipped', { id: e.task.id, reason: 'locked' });
         return undefined;
       }
+      // The task stops when the scheduler stops hard, or when the lease is lost (another instance
+      // took the task over after this one could not renew in time): never two runs at once.
+      const cancel = new AbortController();
+      const onHardStop = () => cancel.abort(this.hardStop.signal.reason);
+      if (this.hardStop.signal.aborted) onHardStop();
+      else this.hardStop.signal.addEventListener('abort', onHardStop, { once: true });
+      stopListening = () => this.hardStop.signal.removeEventListener('abort', onHardStop);
+      signal = cancel.signal;
       renew = setInterval(
         () => {
-          void this.o.store.locks.renew(lock, this.owner, ttl, this.clock.now()).catch(() => undefined);
+          this.o.store.locks.renew(lock, this.owner, ttl, this.clock.now()).then(
+            (ok) => {
+              if (ok || cancel.signal.aborted) return;
+              this.log.error('Scheduled task lost its lease to another instance; cancelling it', {
+                id: e.task.id,
+              });
+              cancel.abort(new MedsyncError('E_LOCKED', 'The task lease was lost to another instance.'));
+            },
+            () => undefined,
+          );
         },
         Math.max(1000, Math.floor(ttl / 3)),
       );
@@ -243,11 +271,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       e.lastRunAt = started;
       await this.persist(e);
       this.emit('task:start', { id: e.task.id, trigger });
-      const result = await e.task.run({
-        trigger,
-        signal: this.hardStop.signal,
-        stopSignal: this.softStop.signal,
-      });
+      const result = await e.task.run({ trigger, signal, stopSignal: this.softStop.signal });
       this.emit('task:done', { id: e.task.id, trigger, durationMs: this.clock.now() - started, result });
       return result;
     } catch (err) {
@@ -257,6 +281,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       throw me;
     } finally {
       if (renew) clearInterval(renew);
+      stopListening();
       if (held) {
         e.lastFinishedAt = this.clock.now();
         await this.persist(e).catch(() => undefined);
@@ -279,6 +304,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     await this.o.store.settings.set(STATE_PREFIX + e.task.id, {
       enabled: e.enabled,
       schedule: e.schedule,
+      configured: e.task.schedule,
       ...(e.lastRunAt !== undefined ? { lastRunAt: e.lastRunAt } : {}),
       ...(e.lastFinishedAt !== undefined ? { lastFinishedAt: e.lastFinishedAt } : {}),
       ...(e.nextRunAt !== undefined ? { nextRunAt: e.nextRunAt } : {}),
