@@ -228,7 +228,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     const lock = `schedule:${e.task.id}`;
     const ttl = this.o.leaseTtlMs ?? 60_000;
     let renew: ReturnType<typeof setInterval> | undefined;
-    let signal = this.hardStop.signal;
+    let signal: AbortSignal;
     let stopListening = () => {};
     let held = false;
     const started = this.clock.now();
