@@ -11,6 +11,8 @@ import {
   normalizePath,
   parseRate,
   partialNameFor,
+  redact,
+  redactValue,
   redactingLogger,
   RetryPolicy,
   SecretBox,
@@ -87,6 +89,28 @@ describe('SecretBox', () => {
     redactingLogger(sink).info(`connecting with ${secret}`, { password: 'anything', detail: `x ${secret}` });
     expect(lines.join('\n')).not.toContain(secret);
     expect(lines.join('\n')).not.toContain('anything');
+    // An Error in the fields (a library's, echoing a URL) is redacted too, without its stack.
+    const libError = Object.assign(new Error(`connect to ftp://bob:${secret}@host failed`), {
+      code: 'ECONNREFUSED',
+    });
+    redactingLogger(sink).error('failed', { error: libError });
+    expect(lines.join('\n')).not.toContain(secret);
+    expect(redactValue({ error: libError })).toEqual({
+      error: { name: 'Error', message: 'connect to ftp://bob:***@host failed', code: 'ECONNREFUSED' },
+    });
+  });
+
+  it('hides URL passwords that hold "/" or "@" (unencoded)', () => {
+    for (const pw of ['pa/ss', 'p@ss', 'a:b/c@d']) {
+      const out = redact(`ftp://bob:${pw}@archive.example.org/in and sftp://u:${pw}@h:22/x`);
+      expect(out).not.toContain(pw);
+      expect(out).toContain('ftp://bob:***@');
+      expect(out).toContain('sftp://u:***@');
+    }
+    expect(redact('see "ftp://bob:pw1234@h/x", then "mail a@b"')).toBe(
+      'see "ftp://bob:***@h/x", then "mail a@b"',
+    );
+    expect(redact('plain ftp://host/path@v2 stays')).toBe('plain ftp://host/path@v2 stays');
   });
 });
 

@@ -484,6 +484,19 @@ describe('SyncJob copy', () => {
     expect(dst.size).toBe(r.filesSynced);
   });
 
+  it('a stop that comes after the last file is done leaves the run a success', async () => {
+    const src = new MemoryStorage();
+    for (let i = 0; i < 4; i++) await src.write(`${i}.dcm`, Readable.from([Buffer.from(String(i))]));
+    const stop = new AbortController();
+    const j = job({ source: src, destinations: [new MemoryStorage()], concurrency: 1 });
+    let done = 0;
+    j.on('file:done', () => {
+      if (++done === 4) stop.abort();
+    });
+    const r = await j.run({ stopSignal: stop.signal });
+    expect(r).toMatchObject({ status: 'success', filesSynced: 4 });
+  });
+
   it('a graceful stop during a long scan ends the run at once, cancelled, with nothing sent', async () => {
     const src = new MemoryStorage();
     for (let i = 0; i < 5; i++) await src.write(`${i}.dcm`, Readable.from([Buffer.from(String(i))]));

@@ -12,7 +12,9 @@ export function registerSecret(value: string | undefined | null): void {
 
 /** Replaces every registered secret, and the password part of URLs, with `***`. */
 export function redact(text: string): string {
-  let out = text.replace(/(\b[a-z][a-z0-9+.-]*:\/\/[^:/@\s]*:)[^@\s/]+@/gi, '$1***@');
+  // Up to the last "@" of the URL: a password may hold "/" or "@" itself (unencoded). A path
+  // with an "@" is hidden along with it: too much hidden beats a password shown.
+  let out = text.replace(/(\b[a-z][a-z0-9+.-]*:\/\/[^:/@\s"'<>]*:)[^\s"'<>]*@/gi, '$1***@');
   for (const s of secrets) {
     if (out.includes(s)) out = out.split(s).join('***');
   }
@@ -31,7 +33,11 @@ function redactInner(v: unknown, depth: number): unknown {
   if (depth > 8 || v === null || typeof v !== 'object') return v;
   if (Array.isArray(v)) return v.map((x) => redactInner(x, depth + 1));
   if (v instanceof Date) return v;
-  if (v instanceof Error) return v;
+  if (v instanceof Error) {
+    // Its message may hold a secret (a library's error echoing a URL); its stack, paths.
+    const code = (v as { code?: unknown }).code;
+    return { name: v.name, message: redact(v.message), ...(code !== undefined ? { code } : {}) };
+  }
   const out: Record<string, unknown> = {};
   for (const [k, x] of Object.entries(v)) {
     out[k] =

@@ -613,7 +613,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         }
         this.clock.clearTimeout(progressTimer);
         this.safeEmit('progress', snapshot());
-        if (opts.stopSignal?.aborted) record.status = 'cancelled';
+        // Stopped with work left undone: cancelled. A stop that came once every file was done
+        // (during the final sweep) leaves the run's own outcome.
+        if (opts.stopSignal?.aborted && progress.filesDone + record.filesFailed < progress.filesTotal)
+          record.status = 'cancelled';
       }
     } catch (e) {
       fatal = toMedsyncError(e, 'Sync run');
