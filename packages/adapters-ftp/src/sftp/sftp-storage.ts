@@ -174,7 +174,10 @@ export class SftpStorage implements Storage {
     if (this.closed) throw new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: 'sftp' });
   }
 
-  /** normalizePath, plus a guard for CR/LF (valid in SFTP, but never in a sane medical tree). */
+  /**
+   * normalizePath. CR and LF are valid in SFTP names and kept: such a file is uploaded and checked
+   * by size only (the server digest's line protocol cannot carry its name).
+   */
   private path(p: string, opts: { allowRoot?: boolean } = {}): string {
     return normalizePath(p, opts);
   }
