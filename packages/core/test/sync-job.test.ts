@@ -864,31 +864,42 @@ describe('SyncJob mirror', () => {
     expect((await j.run()).filesSynced).toBe(0);
   });
 
-  it('a rename in letter case only never deletes the new file at a case-insensitive destination', async () => {
-    for (const caseInsensitive of [true, false]) {
-      const src = tmp();
-      writeTree(src, { 'd/scan.dcm': 'old bytes', 'd/other.dcm': 'x' });
-      const dst = new MemoryStorage({ caseInsensitive });
-      const store = new MemoryStore();
-      // Moves off: the new spelling is uploaded, and the old one is a planned delete.
-      const j = job(
-        { source: new LocalStorage({ root: src }), destinations: [dst], mode: 'mirror', detectMoves: false },
-        store,
-      );
-      await j.run();
-      rmSync(join(src, 'd/scan.dcm'));
-      writeFileSync(join(src, 'd/SCAN.dcm'), 'new bytes!');
-      const r = await j.run();
-      expect(r).toMatchObject({ status: 'success', filesSynced: 1, filesFailed: 0 });
-      expect(r.filesDeleted).toBe(caseInsensitive ? 0 : 1);
-      expect(dst.peek('d/SCAN.dcm')?.toString()).toBe('new bytes!');
-      const listed: string[] = [];
-      for await (const e of dst.list('')) listed.push(e.path);
-      expect(listed.sort()).toEqual(['d/SCAN.dcm', 'd/other.dcm']);
-      const known: string[] = [];
-      for await (const m of store.manifest.list({ jobId: j.id, destination: dst.id })) known.push(m.path);
-      expect(known.sort()).toEqual(['d/SCAN.dcm', 'd/other.dcm']);
-      expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0, filesDeleted: 0 });
+  it('a rename in letter case only (file or folder) never deletes the new file at a case-insensitive destination', async () => {
+    const cases: Array<[string, string]> = [
+      ['d/scan.dcm', 'd/SCAN.dcm'],
+      ['STUDY/x.dcm', 'study/x.dcm'],
+    ];
+    for (const [before, after] of cases) {
+      for (const caseInsensitive of [true, false]) {
+        const src = tmp();
+        writeTree(src, { [before]: 'old bytes', 'other.dcm': 'x' });
+        const dst = new MemoryStorage({ caseInsensitive });
+        const store = new MemoryStore();
+        // Moves off: the new spelling is an upload, and the old one would be a delete.
+        const j = job(
+          {
+            source: new LocalStorage({ root: src }),
+            destinations: [dst],
+            mode: 'mirror',
+            detectMoves: false,
+          },
+          store,
+        );
+        await j.run();
+        rmSync(join(src, before.split('/')[0]!), { recursive: true });
+        writeTree(src, { [after]: 'new bytes!' });
+        const r = await j.run();
+        expect(r).toMatchObject({ status: 'success', filesSynced: 1, filesFailed: 0, filesDeleted: 0 });
+        expect(dst.peek(after)?.toString()).toBe('new bytes!');
+        const listed: string[] = [];
+        for await (const e of dst.list('')) listed.push(e.path);
+        expect(listed.sort()).toEqual([after, 'other.dcm'].sort());
+        const known: string[] = [];
+        for await (const m of store.manifest.list({ jobId: j.id, destination: dst.id })) known.push(m.path);
+        expect(known.sort()).toEqual([after, 'other.dcm'].sort());
+        expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0, filesDeleted: 0 });
+        expect(dst.peek(after)?.toString()).toBe('new bytes!');
+      }
     }
   });
 

@@ -104,10 +104,12 @@ interface Task {
   op: PlanOp;
   source?: StorageEntry;
   /**
-   * A delete whose path differs only in letter case (or Unicode form) from a source path: on a
-   * destination that folds case it names the file delivered under the new spelling.
+   * An upload whose path differs only in letter case (or Unicode form) from a delivered file the
+   * source no longer has: that file is renamed to the new spelling first, then overwritten. On a
+   * destination that folds case (SMB, Windows, macOS) the two names are one file, and deleting the
+   * old one after the upload would delete the new file.
    */
-  caseTwin?: boolean;
+  renameFrom?: string;
 }
 
 /** A path as a case-insensitive file system compares it. */
@@ -821,12 +823,6 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       }
     }
 
-    if (deletes.length > 0) {
-      const folded = new Set<string>();
-      for (const p of sources.keys()) folded.add(foldName(p));
-      for (const d of deletes) if (folded.has(foldName(d.op.path))) d.caseTwin = true;
-    }
-
     const tasks: Task[] = [];
     // Moves: a new path whose content equals a file about to be deleted is renamed, not resent.
     if (deletes.length > 0 && (this.o.detectMoves ?? true)) {
@@ -862,10 +858,26 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       }
       toSend = remaining;
     }
+    // Case twins: a delivered file the source lost, whose name differs only in case from a file
+    // to send, is renamed to the new spelling by that upload instead of being deleted.
+    const twins = new Map<string, Task>();
+    if (deletes.length > 0) {
+      const byFold = new Map<string, Task>();
+      for (const d of deletes) byFold.set(foldName(d.op.path), d);
+      for (const src of toSend) {
+        const d = manifest.has(src.path) ? undefined : byFold.get(foldName(src.path));
+        if (!d || twins.has(src.path)) continue;
+        byFold.delete(foldName(src.path));
+        twins.set(src.path, d);
+        deletes.splice(deletes.indexOf(d), 1);
+      }
+    }
     for (const s of toSend) {
+      const twin = twins.get(s.path);
       tasks.push({
         dest,
         scope,
+        ...(twin ? { renameFrom: twin.op.path } : {}),
         source: s,
         op: {
           kind: 'upload',
@@ -910,17 +922,6 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         'None of the sampled files this job delivered is at the destination: is the share mounted? If the archive was emptied on purpose, clear the job state (or use a new --state) to send everything again.',
       );
     }
-  }
-
-  /** Whether the destination lists `path` under exactly this spelling (not a case variant). */
-  private async listedExactly(dest: Storage, path: string, signal: AbortSignal): Promise<boolean> {
-    const dir = path.includes('/') ? path.slice(0, path.lastIndexOf('/')) : '';
-    try {
-      for await (const e of dest.list(dir, { signal })) if (e.path === path) return true;
-    } catch (e) {
-      if (toMedsyncError(e).code !== 'E_NOT_FOUND') throw e;
-    }
-    return false;
   }
 
   private async hashSource(path: string, signal?: AbortSignal): Promise<{ md5: string; sha256: string }> {
@@ -1000,16 +1001,6 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const { dest, scope, op } = t;
     const store = this.o.store;
     if (op.kind === 'delete') {
-      if (t.caseTwin && !(await this.listedExactly(dest, op.path, signal))) {
-        // The destination does not tell the two spellings apart (SMB, Windows, macOS): the old
-        // name is the file just delivered under its new one. Forget the name, keep the file.
-        await writer.flush();
-        await store.manifest.remove(scope, [op.path]);
-        this.log.info('A file renamed only in letter case was kept at a case-insensitive destination', {
-          jobId: this.id,
-        });
-        return;
-      }
       await dest.remove(op.path, { signal });
       await writer.flush();
       await store.manifest.remove(scope, [op.path]);
@@ -1055,6 +1046,17 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       await store.manifest.remove(scope, [op.from]);
       record.filesMoved++;
       return;
+    }
+    if (t.renameFrom !== undefined) {
+      // The old spelling first takes the new name (one file where the destination folds case);
+      // the upload below then replaces it. Gone already (a retry): nothing to rename.
+      try {
+        await dest.rename(t.renameFrom, op.path, { signal });
+      } catch (e) {
+        if (toMedsyncError(e).code !== 'E_NOT_FOUND') throw e;
+      }
+      await writer.flush();
+      await store.manifest.remove(scope, [t.renameFrom]);
     }
     const kinds = this.hashKinds(dest);
     // Passed to every destination: those that keep mtimes set it, and the others may still use it
