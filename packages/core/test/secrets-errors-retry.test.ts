@@ -101,7 +101,7 @@ describe('SecretBox', () => {
   });
 
   it('hides URL passwords that hold "/" or "@" (unencoded)', () => {
-    for (const pw of ['pa/ss', 'p@ss', 'a:b/c@d']) {
+    for (const pw of ['pa/ss', 'p@ss', 'a:b/c@d', "pa'ss", 'pa"ss<']) {
       const out = redact(`ftp://bob:${pw}@archive.example.org/in and sftp://u:${pw}@h:22/x`);
       expect(out).not.toContain(pw);
       expect(out).toContain('ftp://bob:***@');

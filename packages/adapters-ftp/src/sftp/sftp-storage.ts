@@ -884,15 +884,19 @@ export class SftpStorage implements Storage {
               () => true,
               (e: unknown) => {
                 if (!isSftpStatus(e) || isSftpStatus(e, SFTP_STATUS.NO_SUCH_FILE)) throw e;
-                return false;
+                const refused =
+                  isSftpStatus(e, SFTP_STATUS.PERMISSION_DENIED) ||
+                  isSftpStatus(e, SFTP_STATUS.OP_UNSUPPORTED);
+                return refused ? ('refused' as const) : ('failed' as const);
               },
             )
           : false,
       ]);
-      if (secs !== undefined && !timesSet) {
+      if (secs !== undefined && timesSet !== true) {
         secs = undefined;
-        // Stop promising mtimes (the sync then compares what it recorded, not the server's times).
-        if (this.caps.preservesMtime)
+        // Refused for good (denied, not supported): stop promising mtimes (the sync then compares
+        // what it recorded, not the server's times). Another failure costs this file its mtime only.
+        if (timesSet === 'refused' && this.caps.preservesMtime)
           this.caps = { ...this.caps, preservesMtime: false, mtimePrecisionMs: null };
       }
       if (st.size !== sent) {

@@ -12,9 +12,12 @@ export function registerSecret(value: string | undefined | null): void {
 
 /** Replaces every registered secret, and the password part of URLs, with `***`. */
 export function redact(text: string): string {
-  // Up to the last "@" of the URL: a password may hold "/" or "@" itself (unencoded). A path
-  // with an "@" is hidden along with it: too much hidden beats a password shown.
-  let out = text.replace(/(\b[a-z][a-z0-9+.-]*:\/\/[^:/@\s"'<>]*:)[^\s"'<>]*@/gi, '$1***@');
+  // A password may hold quotes, or "/" and "@" (unencoded): the first pass takes one without
+  // "/" and "@", the second one up to the URL's last "@" (a path with an "@" is hidden along with
+  // it: too much hidden beats a password shown).
+  let out = text
+    .replace(/(\b[a-z][a-z0-9+.-]*:\/\/[^:/@\s]*:)[^@\s/]+@/gi, '$1***@')
+    .replace(/(\b[a-z][a-z0-9+.-]*:\/\/[^:/@\s"'<>]*:)[^\s"'<>]*@/gi, '$1***@');
   for (const s of secrets) {
     if (out.includes(s)) out = out.split(s).join('***');
   }

@@ -394,7 +394,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       }
       record.filesSkipped = plan.skipped;
       // Recovery (leftover cleanup, adoption) stays pending until every destination got it.
-      if (interrupted && unplanned === 0) await store.settings.delete(recoverKey);
+      // A stop during planning may have cut the leftover cleanup short: keep it pending.
+      if (interrupted && unplanned === 0 && !planSignal.aborted) await store.settings.delete(recoverKey);
       const { ops: _ops, ...planSummary } = plan;
       this.safeEmit('plan', { runId, jobId: this.id, plan: planSummary });
 

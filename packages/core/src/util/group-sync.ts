@@ -51,6 +51,7 @@ function syncError(stderr: string): Error {
 const NO_FS_FLAG = /invalid option|unrecognized option|^usage/im;
 
 const FLUSH_TIMEOUT_MS = 120_000;
+const HELPER_IDLE_MS = 30_000;
 
 /**
  * Reads folder paths, one per line, and answers each in order with `ok` or `err <what sync said>`.
@@ -67,7 +68,7 @@ interface Pending {
 }
 
 /**
- * One long-lived `sh` that runs `sync -f` for each request: the Node process forks once, not once
+ * A long-lived `sh` that runs `sync -f` for each request: the Node process forks once, not once
  * per flush (forking a large process held its main thread ~10 ms per flush, and each child
  * brought pipes and sockets to collect). Kept unreferenced while idle, so it never keeps the
  * process alive; it exits when the process does (end of its input).
@@ -78,11 +79,14 @@ class SyncHelper {
   private out = '';
   /** Set once the helper could not be started: flushes spawn `sync` each (the old way). */
   broken = false;
+  private idle: ReturnType<typeof setTimeout> | undefined;
 
   constructor(private readonly bin: string) {}
 
   flush(dir: string): Promise<boolean> {
     return new Promise<boolean>((resolve, reject) => {
+      if (this.idle !== undefined) clearTimeout(this.idle);
+      this.idle = undefined;
       const child = this.start();
       if (!child) return resolve(false);
       const timer = setTimeout(() => {
@@ -141,7 +145,20 @@ class SyncHelper {
         p.resolve(false);
       } else p.reject(syncError(line.replace(/^err /, '')));
     }
-    if (this.pending.length === 0) this.ref(false);
+    if (this.pending.length === 0) {
+      this.ref(false);
+      // Not kept between runs: a helper idle for a while ends (the next flush starts another).
+      this.idle = setTimeout(() => this.close(), HELPER_IDLE_MS);
+      this.idle.unref?.();
+    }
+  }
+
+  /** Ends the helper once it has answered what it was sent (end of its input). */
+  close(): void {
+    const child = this.child;
+    if (!child) return;
+    if (this.pending.length === 0) this.child = undefined;
+    child.stdin.end();
   }
 
   /**
@@ -176,7 +193,12 @@ class SyncHelper {
   }
 }
 
-let helper: SyncHelper | undefined;
+/**
+ * One helper per folder flushed, i.e. per file system (GroupSync flushes one device through one
+ * folder, one flush at a time): a slow disk's flush never queues another disk's behind it, and
+ * its timeout fails only its own files.
+ */
+const helpers = new Map<string, SyncHelper>();
 
 /** `sync -f` in a process of its own, for a folder the helper's line protocol cannot carry. */
 function syncOnce(bin: string, dir: string): Promise<boolean> {
@@ -209,8 +231,18 @@ function syncOnce(bin: string, dir: string): Promise<boolean> {
 export const syncfs: SyncFileSystem = (dir) => {
   const bin = findSync();
   if (!bin) return Promise.resolve(false);
-  if (dir.includes('\n') || helper?.broken) return syncOnce(bin, dir);
-  helper ??= new SyncHelper(bin);
+  if (dir.includes('\n')) return syncOnce(bin, dir);
+  let helper = helpers.get(dir);
+  if (helper?.broken) return syncOnce(bin, dir);
+  if (!helper) {
+    helper = new SyncHelper(bin);
+    // Folders are few (one per device); a caller flushing many (tests) starts over past a bound.
+    if (helpers.size >= 64) {
+      for (const h of helpers.values()) h.close();
+      helpers.clear();
+    }
+    helpers.set(dir, helper);
+  }
   return helper.flush(dir);
 };
 
