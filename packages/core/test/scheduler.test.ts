@@ -231,6 +231,53 @@ describe('Scheduler', () => {
     await s2.stop();
   });
 
+  it('a restart within the lease of its own crashed run catches up once the lease lapses', async () => {
+    const clock = new FakeClock(Date.UTC(2026, 0, 1, 2, 1));
+    const store = new MemoryStore();
+    // The 02:00 run of the crashed process: started, never finished, its lease still alive.
+    await store.settings.set('scheduler:job', {
+      enabled: true,
+      schedule: { cron: '0 2 * * *' },
+      configured: { cron: '0 2 * * *' },
+      lastRunAt: Date.UTC(2026, 0, 1, 2, 0),
+      lastFinishedAt: Date.UTC(2025, 11, 31, 2, 30),
+    });
+    expect(await store.locks.acquire('schedule:job', 'crashed-pid', 60_000, clock.now())).toBe(true);
+    const c = counter();
+    const s = new Scheduler({ store, clock, leaseTtlMs: 60_000 });
+    const skipped: string[] = [];
+    s.on('task:skipped', (e) => skipped.push(e.reason));
+    await s.add({ id: 'job', schedule: { cron: '0 2 * * *' }, run: c.run });
+    s.start();
+    await clock.advance(1);
+    expect(skipped).toEqual(['locked']);
+    expect(c.runs).toHaveLength(0);
+    await clock.advance(62_000);
+    expect(c.runs.map((r) => r.trigger)).toEqual(['catch-up']);
+    await s.stop();
+  });
+
+  it('a task disabled on one instance stops running on the others sharing the Store', async () => {
+    const clock = new FakeClock();
+    const store = new MemoryStore();
+    const c = counter();
+    const a = new Scheduler({ store, clock, owner: 'A' });
+    const b = new Scheduler({ store, clock, owner: 'B' });
+    await a.add({ id: 'job', schedule: { intervalMinutes: 10 }, run: c.run, catchUp: false });
+    await b.add({ id: 'job', schedule: { intervalMinutes: 10 }, run: c.run, catchUp: false });
+    a.start();
+    b.start();
+    await clock.advance(10 * MIN);
+    expect(c.runs).toHaveLength(1);
+    await a.setEnabled('job', false);
+    await clock.advance(60 * MIN);
+    expect(c.runs).toHaveLength(1);
+    expect(b.state('job').enabled).toBe(false);
+    expect((await store.settings.get<{ enabled: boolean }>('scheduler:job'))?.enabled).toBe(false);
+    await a.stop();
+    await b.stop();
+  });
+
   it('a task whose lease is taken over by another instance is cancelled (never two runs at once)', async () => {
     const store = new MemoryStore();
     const s = new Scheduler({ store, clock: new FakeClock(), owner: 'A', leaseTtlMs: 3000 });

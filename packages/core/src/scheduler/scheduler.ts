@@ -71,10 +71,34 @@ interface Entry {
   nextRunAt?: number;
   lastRunAt?: number;
   lastFinishedAt?: number;
+  /** When `enabled` was last chosen (setEnabled, or an explicit flag at add): the latest wins. */
+  enabledAt?: number;
+  /** A catch-up that found the lease held: tried once more when the lease would have lapsed. */
+  catchUpRetryAt?: number;
+  catchUpRetried?: boolean;
   running?: Promise<void>;
 }
 
+interface Choice {
+  enabled: boolean;
+  at: number;
+}
+
+interface StoredState {
+  enabled?: boolean;
+  lastRunAt?: number;
+  lastFinishedAt?: number;
+  schedule?: Schedule;
+  configured?: Schedule;
+}
+
 const STATE_PREFIX = 'scheduler:';
+/**
+ * The latest enable/disable choice of a task, in a record of its own that only setEnabled (and
+ * an explicit flag at add) writes: instances sharing a Store rewrite the state record often, and
+ * would otherwise undo each other's choice.
+ */
+const CHOICE_SUFFIX = ':enabled';
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 function sameSchedule(a: Schedule, b: Schedule): boolean {
@@ -141,18 +165,14 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     if (this.entries.has(task.id))
       throw new MedsyncError('E_CONFIG', `A task with id ${task.id} exists already.`);
     validateSchedule(task.schedule);
-    const saved = await this.o.store.settings.get<{
-      enabled?: boolean;
-      lastRunAt?: number;
-      lastFinishedAt?: number;
-      schedule?: Schedule;
-      configured?: Schedule;
-    }>(STATE_PREFIX + task.id);
+    const saved = await this.o.store.settings.get<StoredState>(STATE_PREFIX + task.id);
+    const choice = await this.o.store.settings.get<Choice>(STATE_PREFIX + task.id + CHOICE_SUFFIX);
     const entry: Entry = {
       task,
       // An explicit `enabled` (a config file) wins over the stored one; otherwise the last
       // runtime choice (setEnabled) is kept.
-      enabled: task.enabled ?? saved?.enabled ?? true,
+      enabled: task.enabled ?? choice?.enabled ?? saved?.enabled ?? true,
+      ...(task.enabled === undefined && choice ? { enabledAt: choice.at } : {}),
       // A schedule changed at runtime (setSchedule) is kept across restarts while the code or
       // config file still gives the schedule it gave then; once that changes, it wins.
       schedule:
@@ -163,6 +183,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       ...(saved?.lastFinishedAt !== undefined ? { lastFinishedAt: saved.lastFinishedAt } : {}),
     };
     this.entries.set(task.id, entry);
+    if (task.enabled !== undefined) await this.choose(entry, task.enabled);
     await this.persist(entry);
     if (this.started) this.plan(entry, true);
   }
@@ -182,7 +203,16 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     const now = this.clock.now();
     let next: number;
     let trigger: RunTrigger = 'schedule';
-    if (atStart && (e.task.catchUp ?? true) && e.lastRunAt === undefined && 'intervalMinutes' in e.schedule) {
+    if (e.catchUpRetryAt !== undefined) {
+      next = e.catchUpRetryAt;
+      trigger = 'catch-up';
+      e.catchUpRetryAt = undefined;
+    } else if (
+      atStart &&
+      (e.task.catchUp ?? true) &&
+      e.lastRunAt === undefined &&
+      'intervalMinutes' in e.schedule
+    ) {
       // Never ran: an interval job starts at once rather than an interval after start-up.
       next = now;
     } else if (atStart && (e.task.catchUp ?? true) && e.lastRunAt !== undefined) {
@@ -209,7 +239,15 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
 
   private async fire(e: Entry, trigger: RunTrigger): Promise<void> {
     e.timer = undefined;
+    // Another instance on the same Store may have disabled the task since, or run this slot.
+    const slot = e.nextRunAt;
+    await this.merge(e).catch(() => undefined);
     if (!e.enabled || this.stopping) return;
+    if (trigger === 'schedule' && slot !== undefined && e.lastRunAt !== undefined && e.lastRunAt >= slot) {
+      this.emit('task:skipped', { id: e.task.id, reason: 'locked' });
+      this.plan(e, false);
+      return;
+    }
     if (e.running) {
       // A manual run still going: plan again once it ends (planning now could find the slot due
       // again at once, and spin until the run ends).
@@ -237,10 +275,17 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
       if (!held) {
         // Another instance runs this slot: it counts as run here too, so the next attempt is the
         // next slot (not at once, again and again, until the other run ends, then a second run).
-        const saved = await this.o.store.settings
-          .get<{ lastRunAt?: number }>(STATE_PREFIX + e.task.id)
-          .catch(() => undefined);
-        e.lastRunAt = Math.max(e.lastRunAt ?? 0, saved?.lastRunAt ?? 0, started);
+        // A catch-up is tried once more when the lease would have lapsed: the holder may be this
+        // task's own crashed run (a restart within the lease's lifetime).
+        if (trigger === 'catch-up' && !e.catchUpRetried) {
+          e.catchUpRetried = true;
+          e.catchUpRetryAt = started + ttl + 1000;
+        } else {
+          const saved = await this.o.store.settings
+            .get<{ lastRunAt?: number }>(STATE_PREFIX + e.task.id)
+            .catch(() => undefined);
+          e.lastRunAt = Math.max(e.lastRunAt ?? 0, saved?.lastRunAt ?? 0, started);
+        }
         this.emit('task:skipped', { id: e.task.id, reason: 'locked' });
         return undefined;
       }
@@ -292,15 +337,35 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
     }
   }
 
-  private async persist(e: Entry): Promise<void> {
-    // Instances sharing a Store share this record: never move its times back.
-    const saved = await this.o.store.settings.get<{ lastRunAt?: number; lastFinishedAt?: number }>(
-      STATE_PREFIX + e.task.id,
-    );
+  /**
+   * Takes in what other instances sharing the Store recorded: later run times, and a later
+   * enable/disable choice.
+   */
+  private async merge(e: Entry): Promise<void> {
+    const saved = await this.o.store.settings.get<StoredState>(STATE_PREFIX + e.task.id);
     if (saved?.lastRunAt !== undefined && saved.lastRunAt > (e.lastRunAt ?? -Infinity))
       e.lastRunAt = saved.lastRunAt;
     if (saved?.lastFinishedAt !== undefined && saved.lastFinishedAt > (e.lastFinishedAt ?? -Infinity))
       e.lastFinishedAt = saved.lastFinishedAt;
+    const choice = await this.o.store.settings.get<Choice>(STATE_PREFIX + e.task.id + CHOICE_SUFFIX);
+    if (choice && choice.at > (e.enabledAt ?? -Infinity)) {
+      e.enabled = choice.enabled;
+      e.enabledAt = choice.at;
+    }
+  }
+
+  /** Records an enable/disable choice for every instance sharing the Store. */
+  private async choose(e: Entry, enabled: boolean): Promise<void> {
+    e.enabled = enabled;
+    e.enabledAt = Math.max(this.clock.now(), (e.enabledAt ?? 0) + 1);
+    const choice: Choice = { enabled, at: e.enabledAt };
+    await this.o.store.settings.set(STATE_PREFIX + e.task.id + CHOICE_SUFFIX, choice);
+  }
+
+  private async persist(e: Entry): Promise<void> {
+    // Instances sharing a Store share this record: never move its times back, nor undo a later
+    // choice made elsewhere.
+    await this.merge(e);
     await this.o.store.settings.set(STATE_PREFIX + e.task.id, {
       enabled: e.enabled,
       schedule: e.schedule,
@@ -327,7 +392,7 @@ export class Scheduler extends EventEmitter<SchedulerEvents> {
   /** Enables or disables a task at runtime; the choice is stored. */
   async setEnabled(id: string, enabled: boolean): Promise<void> {
     const e = this.get(id);
-    e.enabled = enabled;
+    await this.choose(e, enabled);
     if (this.started) this.plan(e, false);
     await this.persist(e);
     await this.o.store.audit.append({
