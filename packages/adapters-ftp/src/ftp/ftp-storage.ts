@@ -752,7 +752,7 @@ export class FtpStorage implements Storage {
   private refusedButThere(res: FTPResponse, what: string, rel: string): MedsyncError {
     return new MedsyncError(
       'E_PERMISSION',
-      `${what}: the server refused (${res.code}) and the file is still there: check that the account may delete and rename files here (a read-only or retention share refuses it).`,
+      `${what}: the server refused (${res.code}) and the file is still there: check that the account may delete and rename files here (a read-only or retention share refuses it) and that no other program holds the file open.`,
       { adapter: this.kind, path: rel, cause: replyError(res), retryable: false },
     );
   }
