@@ -903,6 +903,26 @@ describe('SyncJob mirror', () => {
     }
   });
 
+  it('two source names that differ only in case: a case-insensitive destination keeps the one it had', async () => {
+    const src = tmp();
+    writeTree(src, { 'p/a.dcm': 'first', 'p/b.dcm': 'b' });
+    const dst = new MemoryStorage({ caseInsensitive: true });
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst] });
+    expect((await j.run()).filesSynced).toBe(2);
+    // A second file whose name differs only in case: it would overwrite the first there.
+    writeTree(src, { 'p/A.dcm': 'second', 'p/c.dcm': 'c' });
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'partial', filesSynced: 1, filesFailed: 1 });
+    expect(r.errors).toEqual([expect.objectContaining({ code: 'E_EXISTS', path: 'p/A.dcm' })]);
+    expect(r.errors[0]!.message).not.toContain('A.dcm');
+    expect(dst.peek('p/a.dcm')?.toString()).toBe('first');
+    expect(dst.peek('p/c.dcm')?.toString()).toBe('c');
+    // A case-sensitive destination takes both.
+    const both = new MemoryStorage();
+    const k = job({ id: 'k', source: new LocalStorage({ root: src }), destinations: [both] });
+    expect(await k.run()).toMatchObject({ status: 'success', filesSynced: 4 });
+  });
+
   it('a move is made durable at the destination before the manifest records it', async () => {
     const src = tmp();
     writeTree(src, { 'a/one.dcm': randomBytes(3000), 'a/two.dcm': randomBytes(3001) });

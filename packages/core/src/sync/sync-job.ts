@@ -343,6 +343,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
 
       const tasks: Task[] = [];
       let unplanned = 0;
+      /** Files that failed at planning (case conflicts): not among the run's transfers. */
+      let unplannedFailures = 0;
       const deletes: Task[] = [];
       for (const dest of this.o.destinations) {
         const scope = { jobId: this.id, destination: dest.id };
@@ -366,6 +368,19 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           continue;
         }
         plan.skipped += r.skipped;
+        for (const path of r.caseConflicts) {
+          record.filesFailed++;
+          unplannedFailures++;
+          addError(
+            new MedsyncError(
+              'E_EXISTS',
+              'Another source file has the same name but for letter case, and this destination does not tell them apart: rename one of them at the source.',
+              { retryable: false, path },
+            ),
+            path,
+            dest.id,
+          );
+        }
         for (const t of r.tasks) {
           tasks.push(t);
           if (t.op.kind === 'upload') {
@@ -618,7 +633,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         this.safeEmit('progress', snapshot());
         // Stopped with work left undone: cancelled. A stop that came once every file was done
         // (during the final sweep) leaves the run's own outcome.
-        if (opts.stopSignal?.aborted && progress.filesDone + record.filesFailed < progress.filesTotal)
+        const failedInRun = record.filesFailed - unplannedFailures;
+        if (opts.stopSignal?.aborted && progress.filesDone + failedInRun < progress.filesTotal)
           record.status = 'cancelled';
       }
     } catch (e) {
@@ -752,7 +768,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       only: readonly string[] | undefined;
       signal: AbortSignal;
     },
-  ): Promise<{ tasks: Task[]; deletes: Task[]; skipped: number; refused: boolean; limit: number }> {
+  ): Promise<{
+    tasks: Task[];
+    deletes: Task[];
+    skipped: number;
+    refused: boolean;
+    limit: number;
+    caseConflicts: string[];
+  }> {
     const store = this.o.store;
     // Sizes and times are all planning needs of most entries; the rest is read for the few that
     // changed.
@@ -793,6 +816,23 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       candidates.push(s);
     }
     if (touched.length && !ctx.dryRun) await store.manifest.put(touched);
+
+    // A destination that folds case cannot hold two source files whose names differ only in case
+    // (`a.dcm`, `A.dcm`): one would overwrite the other there. The one delivered before (else the
+    // first in code-point order) is kept; the others fail with E_EXISTS, named in the errors.
+    const caseConflicts: string[] = [];
+    if (dest.capabilities.caseInsensitive && candidates.length > 0) {
+      const owner = new Map<string, string>();
+      const paths = [...sources.keys()].sort();
+      for (const p of paths) if (manifest.has(p) && !owner.has(foldName(p))) owner.set(foldName(p), p);
+      for (const p of paths) if (!owner.has(foldName(p))) owner.set(foldName(p), p);
+      const kept = candidates.filter((c) => {
+        if (owner.get(foldName(c.path)) === c.path) return true;
+        caseConflicts.push(c.path);
+        return false;
+      });
+      candidates.splice(0, candidates.length, ...kept);
+    }
 
     // Files already at the destination that the manifest does not know: adopt them instead of
     // resending (after a crash between rename and record, or when the Store was lost).
@@ -892,7 +932,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
 
     const limit = this.o.maxDelete ?? Math.floor(manifest.size / 2);
     const refused = deletes.length > limit;
-    return { tasks, deletes, skipped, refused, limit };
+    return { tasks, deletes, skipped, refused, limit, caseConflicts };
   }
 
   /**
