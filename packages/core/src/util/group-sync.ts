@@ -27,12 +27,18 @@ function kernelAtLeast(major: number, minor: number): boolean {
 
 // An absolute path: no PATH search per flush, and no other `sync` picked up from the PATH.
 // Linux 5.8 and later only: before it, syncfs did not report write-back errors.
+// undefined: not looked up yet; null: none usable here (kept, so it is not looked up again, nor a
+// `sync` without -f tried again at every flush).
 let syncBin: string | undefined | null;
-const findSync = () =>
-  (syncBin ??=
-    process.platform === 'linux' && kernelAtLeast(5, 8)
-      ? (['/usr/bin/sync', '/bin/sync'].find((p) => existsSync(p)) ?? null)
-      : null);
+const findSync = (): string | null => {
+  if (syncBin === undefined) {
+    syncBin =
+      process.platform === 'linux' && kernelAtLeast(5, 8)
+        ? (['/usr/bin/sync', '/bin/sync'].find((p) => existsSync(p)) ?? null)
+        : null;
+  }
+  return syncBin;
+};
 
 /** True when {@link syncfs} can flush a whole file system here (as far as is known). */
 export function syncfsAvailable(): boolean {
