@@ -81,6 +81,29 @@ function logSince(s: SshdInfo, offset: number): string {
 
 const logSize = (s: SshdInfo) => statSync(s.log).size;
 
+/**
+ * A second key for the test user whose every session runs `command` (authorized_keys
+ * `restrict,command=`): its private key, and `remove()` to take it out again.
+ */
+function forcedCommandKey(s: SshdInfo, command: string): { privateKey: string; remove(): void } {
+  const key = join(tmpdir(), `medsync-forced-${randomBytes(4).toString('hex')}`);
+  execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', key]);
+  const authorized = join(dirname(s.privateKey), 'authorized_keys');
+  const saved = readFileSync(authorized, 'utf8');
+  writeFileSync(
+    authorized,
+    `${saved.trimEnd()}\nrestrict,command="${command}" ${readFileSync(`${key}.pub`, 'utf8')}`,
+  );
+  return {
+    privateKey: readFileSync(key, 'utf8'),
+    remove: () => {
+      writeFileSync(authorized, saved);
+      rmSync(key, { force: true });
+      rmSync(`${key}.pub`, { force: true });
+    },
+  };
+}
+
 function define(s: SshdInfo): void {
   describeStorageConformance({
     name: 'sftp (OpenSSH, password)',
@@ -606,15 +629,8 @@ function define(s: SshdInfo): void {
 
     it('an sftp-only account (forced sftp-server) and serverDigest: false upload checked by size, without digests', async () => {
       // A second key for the same user whose every session runs sftp-server: SFTP works, commands do not.
-      const key = join(tmpdir(), `medsync-sftponly-${randomBytes(4).toString('hex')}`);
-      execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', key]);
-      const authorized = join(dirname(s.privateKey), 'authorized_keys');
-      const saved = readFileSync(authorized, 'utf8');
-      writeFileSync(
-        authorized,
-        `${saved.trimEnd()}\nrestrict,command="/usr/lib/openssh/sftp-server" ${readFileSync(`${key}.pub`, 'utf8')}`,
-      );
-      const only = storageOn(s, { password: undefined, privateKey: readFileSync(key, 'utf8') });
+      const forced = forcedCommandKey(s, '/usr/lib/openssh/sftp-server');
+      const only = storageOn(s, { password: undefined, privateKey: forced.privateKey });
       const off = storageOn(s, { serverDigest: false });
       try {
         const body = Buffer.from('checked by size');
@@ -629,13 +645,11 @@ function define(s: SshdInfo): void {
         expect((await only.test()).details).toMatchObject({ serverDigest: expect.stringMatching(/^none/) });
         expect((await off.test()).details).toMatchObject({ serverDigest: 'off' });
       } finally {
-        writeFileSync(authorized, saved);
+        forced.remove();
         await only.close();
         await off.close();
         removeRoot(only);
         removeRoot(off);
-        rmSync(key, { force: true });
-        rmSync(`${key}.pub`, { force: true });
       }
     });
 
@@ -657,15 +671,8 @@ function define(s: SshdInfo): void {
     it('a server that refuses to set times still gets the file; mtimes are no longer promised', async () => {
       // sftp-server -P denies SETSTAT/FSETSTAT with SSH_FX_PERMISSION_DENIED, as object-store
       // gateways do.
-      const key = join(tmpdir(), `medsync-nosetstat-${randomBytes(4).toString('hex')}`);
-      execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', key]);
-      const authorized = join(dirname(s.privateKey), 'authorized_keys');
-      const saved = readFileSync(authorized, 'utf8');
-      writeFileSync(
-        authorized,
-        `${saved.trimEnd()}\nrestrict,command="/usr/lib/openssh/sftp-server -P setstat,fsetstat" ${readFileSync(`${key}.pub`, 'utf8')}`,
-      );
-      const st = storageOn(s, { password: undefined, privateKey: readFileSync(key, 'utf8') });
+      const forced = forcedCommandKey(s, '/usr/lib/openssh/sftp-server -P setstat,fsetstat');
+      const st = storageOn(s, { password: undefined, privateKey: forced.privateKey });
       try {
         expect(st.capabilities.preservesMtime).toBe(true);
         const body = Buffer.from('no times here');
@@ -678,11 +685,9 @@ function define(s: SshdInfo): void {
         expect(st.capabilities).toMatchObject({ preservesMtime: false, mtimePrecisionMs: null });
         expect(readdirSync(join(st.options.root, 't'))).toEqual(['a.dcm']);
       } finally {
-        writeFileSync(authorized, saved);
+        forced.remove();
         await st.close();
         removeRoot(st);
-        rmSync(key, { force: true });
-        rmSync(`${key}.pub`, { force: true });
       }
     });
 
