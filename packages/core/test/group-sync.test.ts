@@ -4,7 +4,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import {
   createMemoryStore,
   LocalStorage,
@@ -197,7 +197,8 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
     const writes = small.map((body, i) =>
       dst.write(`s/${i}.dcm`, body, { size: body.length, onStaged: staged(`s/${i}.dcm`) }),
     );
-    // Larger files and streams keep their own fdatasync: they never wait for a group.
+    // Larger buffers and streams keep their own fdatasync: they never wait for a group. A larger
+    // file copied from another LocalStorage (copyFrom) does.
     const big = randomBytes(200 * 1024);
     let bigStaged = 0;
     writes.push(dst.write('b/big.dcm', big, { onStaged: () => bigStaged++ }));
@@ -205,7 +206,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
     const copied = await dst.copyFrom(src, 'c/copied.dcm', {
       size: bigA.length,
       hashes: ['sha256'],
-      onStaged: () => bigStaged++,
+      onStaged: staged('c/copied.dcm'),
     });
     await Promise.all(writes);
     expect(copied?.digests.sha256).toBe(createHash('sha256').update(bigA).digest('hex'));
@@ -242,6 +243,42 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
       expect(e.code).toBe('E_IO');
     }
     expect(allNames(b)).toEqual([]);
+  });
+
+  it('a file written before a failed flush, but flushed by a later one that succeeds, is written again', async () => {
+    // syncfs reports a write-back error only to the first flush after it: the file it hit may
+    // wait in the next group, whose flush succeeds.
+    const b = tmp();
+    const flushes: Array<{ settle: (ok: boolean) => void }> = [];
+    const dst = new LocalStorage({
+      root: b,
+      groupSync: {
+        idleMs: 0,
+        syncFs: () =>
+          new Promise<boolean>((resolve, reject) =>
+            flushes.push({
+              settle: (ok) =>
+                ok ? resolve(true) : reject(Object.assign(new Error('Input/output error'), { code: 'EIO' })),
+            }),
+          ),
+      },
+    });
+    const x = dst.write('x.dcm', Buffer.from('x'), { onStaged: () => undefined });
+    await vi.waitFor(() => expect(flushes).toHaveLength(1));
+    // Written while the first flush runs: it waits for the second.
+    const a = dst.write('a.dcm', Buffer.from('a'), { onStaged: () => undefined });
+    await new Promise((r) => setTimeout(r, 10));
+    flushes[0]!.settle(false);
+    await expect(x).rejects.toMatchObject({ code: 'E_IO', retryable: true });
+    await vi.waitFor(() => expect(flushes).toHaveLength(2));
+    flushes[1]!.settle(true);
+    await expect(a).rejects.toMatchObject({ code: 'E_IO', retryable: true });
+    // Written after the failure was reported: nothing to doubt.
+    const later = dst.write('b.dcm', Buffer.from('b'), { onStaged: () => undefined });
+    await vi.waitFor(() => expect(flushes).toHaveLength(3));
+    flushes[2]!.settle(true);
+    await expect(later).resolves.toMatchObject({ path: 'b.dcm' });
+    expect(allNames(b)).toEqual(['b.dcm']);
   });
 
   it('where no file-system flush exists, each file is fsynced and the writes succeed', async () => {

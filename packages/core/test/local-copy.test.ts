@@ -6,12 +6,13 @@ import {
   readdirSync,
   readFileSync,
   rmSync,
+  statfsSync,
   statSync,
   writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { LocalStorage, MemoryStorage } from '@medsync/core';
 import { CopyPool } from '../src/util/copy-pool.js';
 import { readTree, writeTree } from '@medsync/core/testing';
@@ -25,6 +26,9 @@ function tmp(): string {
 afterEach(() => {
   for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
 });
+
+/** ext4 and XFS: O_DIRECT taken at open, a misaligned buffer refused. */
+const DIRECT_FS = new Set([0xef53, 0x58465342]);
 
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 const md5 = (b: Buffer) => createHash('md5').update(b).digest('hex');
@@ -177,4 +181,122 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     expect(workers()).toHaveLength(1);
     await pool.close();
   });
+
+  it('with onStaged, a durable copy waits for the group flush before its final name appears', async () => {
+    const a = tmp();
+    const b = tmp();
+    // A whole number of blocks; one chunk plus a partial block; several chunks plus a partial one.
+    const files = {
+      'x/aligned.dcm': randomBytes(64 * 1024),
+      'x/tail.dcm': randomBytes(1024 * 1024 + 4095),
+      'y/long.dcm': randomBytes(3 * 1024 * 1024 + 17),
+    };
+    writeTree(a, files);
+    let release!: () => void;
+    const flushed = new Promise<void>((r) => (release = r));
+    let flushes = 0;
+    const dst = new LocalStorage({
+      root: b,
+      groupSync: {
+        idleMs: 0,
+        syncFs: async () => {
+          flushes++;
+          await flushed;
+          return true;
+        },
+      },
+    });
+    const src = new LocalStorage({ root: a });
+    let staged = 0;
+    const copies = Object.entries(files).map(([path, body]) =>
+      dst.copyFrom(src, path, {
+        size: body.length,
+        hashes: ['md5', 'sha256'],
+        onStaged: () => staged++,
+      }),
+    );
+    await vi.waitFor(() => expect(staged).toBe(3));
+    await new Promise((r) => setTimeout(r, 20));
+    // Written and closed, but not durable yet: nothing under a final name.
+    expect(Object.keys(readTree(b)).filter((n) => !n.endsWith('.medsync-part'))).toEqual([]);
+    expect(flushes).toBeGreaterThan(0);
+    release();
+    const done = await Promise.all(copies);
+    for (const [i, [path, body]] of Object.entries(files).entries()) {
+      expect(done[i]!.digests).toEqual({ md5: md5(body), sha256: sha256(body) });
+      expect(readFileSync(join(b, path)).equals(body)).toBe(true);
+    }
+    expect(readTree(b)).toEqual(readTree(a));
+  });
+
+  it('a copy cancelled while it waits for the group flush leaves nothing behind', async () => {
+    const a = tmp();
+    const b = tmp();
+    writeFileSync(join(a, 'f.dcm'), randomBytes(300 * 1024));
+    let release!: () => void;
+    const flushed = new Promise<void>((r) => (release = r));
+    const dst = new LocalStorage({
+      root: b,
+      groupSync: { idleMs: 0, syncFs: () => flushed.then(() => true) },
+    });
+    const ac = new AbortController();
+    const copy = dst.copyFrom(new LocalStorage({ root: a }), 'f.dcm', {
+      size: 300 * 1024,
+      signal: ac.signal,
+      onStaged: () => ac.abort(),
+    });
+    const settled = expect(copy).rejects.toMatchObject({ code: 'E_ABORTED' });
+    release();
+    await settled;
+    expect(readdirSync(b)).toEqual([]);
+  });
+
+  // ext4 and XFS refuse a misaligned O_DIRECT buffer (EINVAL); tmpfs 6.6+ takes it, older tmpfs
+  // and ZFS before 2.3 refuse O_DIRECT at open.
+  it.runIf(DIRECT_FS.has(statfsSync(tmpdir()).type))(
+    'O_DIRECT writes whole blocks past the page cache; a refusal falls back to cached writes',
+    async () => {
+      const a = tmp();
+      const b = tmp();
+      const body = randomBytes(2 * 1024 * 1024 + 5000);
+      writeFileSync(join(a, 'f.bin'), body);
+      const pool = new CopyPool(1);
+      const job = (name: string, more: object) => ({
+        src: join(a, 'f.bin'),
+        dst: join(b, name),
+        tmp: join(b, `.${name}.x.medsync-part`),
+        dir: b,
+        mkdir: false,
+        mayMkdir: false,
+        expected: body.length,
+        kinds: ['sha256'] as const,
+        fsync: true,
+        ...more,
+      });
+      try {
+        const direct = await pool.copy(job('direct.bin', { direct: true }));
+        // Only the last partial block went through the cache (5000 bytes past the last 4 KiB).
+        expect(direct).toMatchObject({ size: body.length, cachedBytes: 5000 % 4096, directRefused: false });
+        const refused = await pool.copy(job('refused.bin', { direct: true, misalign: true }));
+        expect(refused).toMatchObject({ size: body.length, cachedBytes: body.length, directRefused: true });
+        const cached = await pool.copy(job('cached.bin', {}));
+        expect(cached).toMatchObject({ cachedBytes: body.length, directRefused: false });
+        for (const [name, d] of [
+          ['direct.bin', direct],
+          ['refused.bin', refused],
+          ['cached.bin', cached],
+        ] as const) {
+          expect(d.digests.sha256).toBe(sha256(body));
+          expect(readFileSync(join(b, name)).equals(body)).toBe(true);
+        }
+        // A staged copy is left under its temporary name for the caller to rename.
+        const staged = await pool.copy(job('staged.bin', { direct: true, stage: true }));
+        expect(staged.digests.sha256).toBe(sha256(body));
+        expect(existsSync(join(b, 'staged.bin'))).toBe(false);
+        expect(readFileSync(join(b, '.staged.bin.x.medsync-part')).equals(body)).toBe(true);
+      } finally {
+        await pool.close();
+      }
+    },
+  );
 });

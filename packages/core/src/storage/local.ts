@@ -7,8 +7,8 @@ import { pathToFileURL } from 'node:url';
 import type { Readable } from 'node:stream';
 import { MedsyncError, throwIfAborted, toMedsyncError } from '../errors/errors.js';
 import { isPartialName, normalizePath, partialNameFor } from './paths.js';
-import { CopyError, sharedCopyPool } from '../util/copy-pool.js';
-import { GroupSync, syncfsAvailable, type GroupSyncOptions } from '../util/group-sync.js';
+import { CopyError, sharedCopyPool, type CopyDone } from '../util/copy-pool.js';
+import { flushFailures, GroupSync, syncfsAvailable, type GroupSyncOptions } from '../util/group-sync.js';
 import type {
   CleanupOptions,
   ConnectionReport,
@@ -40,10 +40,19 @@ export interface LocalStorageOptions {
    * that overlap their writes (they pass `onStaged`, as SyncJob does): one syncfs(2) covers every
    * file completed meanwhile, where an fdatasync per small file costs a journal commit and a
    * device flush each. Files are still durable before they are renamed into place. Linux only
-   * (through coreutils' `sync -f`); elsewhere each file is fsynced. Larger files keep their own
+   * (through coreutils' `sync -f`); elsewhere each file is fsynced. Larger files copied from
+   * another LocalStorage (copyFrom) join the groups too; other large writes keep their own
    * fdatasync. `false` fsyncs each file; an object tunes the groups. Default true.
    */
   groupSync?: boolean | GroupSyncOptions;
+  /**
+   * With fsync on, files copied from another LocalStorage on a local disk are written with
+   * O_DIRECT: the same writes reach the disk, without first copying every byte into the page
+   * cache (on a VM that copy costs more CPU than hashing the file) and without pushing other
+   * programs' data out of the cache. The last partial block goes through the cache. A file system
+   * that refuses O_DIRECT gets cached writes. Default true.
+   */
+  directIo?: boolean;
   /** Concurrent stat calls while listing (×4 per batch). Default 32. */
   listConcurrency?: number;
   /**
@@ -128,6 +137,7 @@ export class LocalStorage implements Storage {
       createRoot: true,
       fsync: true,
       groupSync: true,
+      directIo: true,
       listConcurrency: 32,
       syncIoBelow: 64 * 1024,
       listMode: 'auto',
@@ -511,10 +521,11 @@ export class LocalStorage implements Storage {
     const staged =
       opts.onStaged !== undefined && !isStream && body.length < this.opts.syncIoBelow && this.groupsWanted();
     if (!isStream && (!this.opts.fsync || staged) && body.length < this.opts.syncIoBelow) {
+      const failures = flushFailures();
       const entry = this.writeSmallSync(rel, dirRel, tmp, body, opts, staged);
       if (!staged) return entry;
       try {
-        await this.stagedDurable(this.groupFor(dirRel), tmp, body.length, opts);
+        await this.stagedDurable(this.groupFor(dirRel), tmp, body.length, opts, failures);
         throwIfAborted(opts.signal);
         await fsp.rename(tmp, this.abs(rel));
       } catch (e) {
@@ -614,8 +625,21 @@ export class LocalStorage implements Storage {
     const mayMkdir = !(dirRel === '' && !this.opts.createRoot);
     const mtime = opts.mtimeMs !== undefined ? (Math.floor(opts.mtimeMs) + 0.5) / 1000 : undefined;
     const tmp = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
+    // O_DIRECT on local disks only (a folder whose group flush is known, else the root's file
+    // system). A caller that overlaps its writes (onStaged) then has the file made durable by a
+    // group flush, like small files, and renamed after it. (Grouping cached large writes gained
+    // nothing: their flush stalls the other writers.)
+    const known = this.groups.get(dirRel);
+    const direct =
+      this.opts.fsync &&
+      this.opts.directIo &&
+      !this.directRefused &&
+      (known !== undefined && !this.injectedSyncFs() ? known !== null : this.rootOnLocalDisk());
+    const stage = direct && opts.onStaged !== undefined && this.groupsWanted();
+    const failures = flushFailures();
+    let done: CopyDone;
     try {
-      const done = await pool.copy(
+      done = await pool.copy(
         {
           src: source.abs(rel),
           dst: this.abs(rel),
@@ -627,16 +651,12 @@ export class LocalStorage implements Storage {
           kinds: opts.hashes ?? [],
           ...(mtime !== undefined ? { mtime, mtimeMs: Math.floor(opts.mtimeMs!) } : {}),
           fsync: this.opts.fsync,
+          direct,
+          stage,
         },
         opts.signal,
         opts.onBytes,
       );
-      this.madeDirs.add(dirRel);
-      if (this.opts.fsync) {
-        this.markMade(done.made, this.abs(dirRel));
-        this.dirty.add(this.abs(dirRel));
-      }
-      return { entry: { path: rel, size: done.size, mtimeMs: done.mtimeMs }, digests: done.digests };
     } catch (e) {
       if (!(e instanceof CopyError)) {
         // The copy worker died (its temporary file stays behind): the retry takes the ordinary
@@ -674,6 +694,37 @@ export class LocalStorage implements Storage {
       }
       throw this.err(cause, 'Writing the file', rel);
     }
+    if (done.directRefused) this.directRefused = true;
+    this.madeDirs.add(dirRel);
+    if (this.opts.fsync) this.markMade(done.made, this.abs(dirRel));
+    if (stage) {
+      try {
+        await this.stagedDurable(this.groupFor(dirRel), tmp, done.cachedBytes, opts, failures);
+        throwIfAborted(opts.signal);
+        await fsp.rename(tmp, this.abs(rel));
+      } catch (e) {
+        await fsp.rm(tmp, { force: true }).catch(() => undefined);
+        throw this.writeError(e, rel, opts.signal);
+      }
+    }
+    if (this.opts.fsync) this.dirty.add(this.abs(dirRel));
+    return { entry: { path: rel, size: done.size, mtimeMs: done.mtimeMs }, digests: done.digests };
+  }
+
+  /** O_DIRECT was refused here once: later copies write through the cache. */
+  private directRefused = false;
+  private rootLocal: boolean | undefined;
+
+  /** Whether the root is on a local-disk file system (asked once it exists; O_DIRECT is only tried there). */
+  private rootOnLocalDisk(): boolean {
+    if (this.rootLocal === undefined) {
+      try {
+        this.rootLocal = LOCAL_FS_TYPES.has(fs.statfsSync(this.root).type);
+      } catch {
+        return false;
+      }
+    }
+    return this.rootLocal;
   }
 
   /** Whether small files may wait for group flushes at all (fsync on, groupSync on, syncfs here). */
@@ -724,21 +775,28 @@ export class LocalStorage implements Storage {
     tmp: string,
     bytes: number,
     opts: WriteOptions,
+    failuresBefore: number,
   ): Promise<void> {
     opts.onStaged?.();
+    const writeBackFailed = (cause?: unknown) =>
+      new MedsyncError(
+        'E_IO',
+        'The file system reported an error while making written files durable; the file will be written again.',
+        { adapter: 'local', cause, retryable: true },
+      );
     try {
-      if (group && (await group.sync(bytes))) return;
+      if (group && (await group.sync(bytes))) {
+        // syncfs reports a write-back error once, to the first flush after it. One that failed
+        // since this file was written may have been this file's, reported to another group.
+        if (flushFailures() !== failuresBefore) throw writeBackFailed();
+        return;
+      }
     } catch (e) {
+      if (e instanceof MedsyncError) throw e;
       const code = (e as { code?: string }).code;
       // A write-back error of the flush (or its timeout) says nothing sure about this file: write
       // it again. A full disk or a read-only file system keeps its own, permanent, code.
-      if (code === 'EIO' || code === 'ETIMEDOUT') {
-        throw new MedsyncError(
-          'E_IO',
-          'The file system reported an error while making written files durable; the file will be written again.',
-          { adapter: 'local', cause: e, retryable: true },
-        );
-      }
+      if (code === 'EIO' || code === 'ETIMEDOUT') throw writeBackFailed(e);
       throw e;
     }
     const fh = await fsp.open(tmp, 'r+');

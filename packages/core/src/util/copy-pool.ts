@@ -9,38 +9,103 @@ const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const fs = require('node:fs');
 const { createHash } = require('node:crypto');
-let buf;
+const CHUNK = 1024 * 1024;
+const BLOCK = 4096;
+// O_DIRECT needs block-aligned memory, offsets and lengths. A WebAssembly memory is page-aligned
+// (a Buffer's need not be); null where none can be had (--jitless): writes then use the cache.
+const DIO = fs.constants.O_DIRECT;
+let buf, dbuf;
+const alignedBuf = () => {
+  if (dbuf === undefined) {
+    try {
+      dbuf = Buffer.from(new WebAssembly.Memory({ initial: CHUNK / 65536, maximum: CHUNK / 65536 }).buffer);
+    } catch {
+      dbuf = null;
+    }
+  }
+  return dbuf;
+};
 const fail = (code, message) => Object.assign(new Error(message), { code });
 parentPort.on('message', (m) => {
   const hashes = m.kinds.map((k) => [k, createHash(k)]);
-  let src, out, side = 'source', made, total = 0, reported = 0, tmpMade = false;
+  let src, out, cached, side = 'source', made, total = 0, reported = 0, tmpMade = false;
+  let direct = Boolean(m.direct && DIO !== undefined && alignedBuf());
+  let directRefused = false, cachedBytes = 0;
   const aborted = () => m.abort !== undefined && Atomics.load(m.abort, 0) === 1;
+  const openTmp = () => {
+    if (!direct) return fs.openSync(m.tmp, 'wx');
+    try {
+      return fs.openSync(m.tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | DIO, 0o666);
+    } catch (e) {
+      if (e.code !== 'EINVAL') throw e;
+      // Refused at open, after the file was made (tmpfs before Linux 6.6): make it again, cached.
+      try { fs.unlinkSync(m.tmp); } catch {}
+      direct = false;
+      directRefused = true;
+      return fs.openSync(m.tmp, 'wx');
+    }
+  };
+  // Writes at a position. When O_DIRECT is refused (EINVAL: a file system or device with other
+  // rules) the rest of the file goes through the page cache.
+  const put = (b, off, len, at) => {
+    while (len > 0) {
+      let n;
+      if (direct) {
+        try {
+          n = fs.writeSync(out, b, off, len, at);
+        } catch (e) {
+          if (e.code !== 'EINVAL') throw e;
+          direct = false;
+          directRefused = true;
+          continue;
+        }
+      } else {
+        if (cached === undefined) cached = fs.openSync(m.tmp, fs.constants.O_WRONLY);
+        n = fs.writeSync(cached, b, off, len, at);
+        cachedBytes += n;
+      }
+      off += n;
+      len -= n;
+      at += n;
+    }
+  };
   try {
     src = fs.openSync(m.src, 'r');
     if (!fs.fstatSync(src).isFile()) throw fail('EISDIR', 'not a file');
     side = 'dest';
     if (m.mkdir) made = fs.mkdirSync(m.dir, { recursive: true });
     try {
-      out = fs.openSync(m.tmp, 'wx');
+      out = openTmp();
     } catch (e) {
       if (e.code !== 'ENOENT' || !m.mayMkdir) throw e;
       made = fs.mkdirSync(m.dir, { recursive: true }) || made;
-      out = fs.openSync(m.tmp, 'wx');
+      out = openTmp();
     }
     tmpMade = true;
-    buf = buf || Buffer.allocUnsafe(1024 * 1024);
+    if (!direct) cached = out;
+    // misalign: tests make O_DIRECT fail mid-file.
+    const b = direct ? (m.misalign ? dbuf.subarray(1) : dbuf) : (buf = buf || Buffer.allocUnsafe(CHUNK));
+    // fill: bytes read into b, not written yet (with O_DIRECT only whole blocks are written before
+    // the end); pos: where they go in the file.
+    let fill = 0, pos = 0;
     for (;;) {
       if (aborted()) throw fail('ABORT_ERR', 'aborted');
       side = 'source';
-      const n = fs.readSync(src, buf, 0, buf.length, null);
+      const n = fs.readSync(src, b, fill, b.length - fill, null);
       if (n === 0) break;
       total += n;
       if (m.expected >= 0 && total > m.expected) throw fail('ECHANGED', 'grew');
       side = 'dest';
-      const chunk = buf.subarray(0, n);
+      const chunk = b.subarray(fill, fill + n);
       for (const h of hashes) h[1].update(chunk);
-      let off = 0;
-      while (off < n) off += fs.writeSync(out, chunk, off, n - off);
+      fill += n;
+      const whole = direct ? fill - (fill % BLOCK) : fill;
+      if (whole > 0) {
+        put(b, 0, whole, pos);
+        pos += whole;
+        if (whole < fill) b.copyWithin(0, whole, fill);
+        fill -= whole;
+      }
       if (total - reported >= 4194304) {
         parentPort.postMessage({ id: m.id, progress: total - reported });
         reported = total;
@@ -49,21 +114,33 @@ parentPort.on('message', (m) => {
     side = 'source';
     if (m.expected >= 0 && total !== m.expected) throw fail('ECHANGED', 'shrank');
     side = 'dest';
+    // The last partial block goes through the page cache: O_DIRECT cannot write it.
+    if (fill > 0) {
+      direct = false;
+      put(b, 0, fill, pos);
+    }
     if (m.mtime !== undefined) fs.futimesSync(out, m.mtime, m.mtime);
-    if (m.fsync) fs.fdatasyncSync(out);
+    // fdatasync flushes the file, whichever descriptor wrote its pages.
+    if (m.fsync && !m.stage) fs.fdatasyncSync(out);
     const mtimeMs = m.mtimeMs !== undefined ? m.mtimeMs : Math.floor(fs.fstatSync(out).mtimeMs);
-    fs.closeSync(out);
-    out = undefined;
-    fs.closeSync(src);
-    src = undefined;
+    // Each descriptor is forgotten before it is closed: a failed close has released it already,
+    // and closing its number again could close another worker's file.
+    const fds = [cached !== out ? cached : undefined, out, src];
+    cached = out = src = undefined;
+    for (const fd of fds) if (fd !== undefined) fs.closeSync(fd);
     if (aborted()) throw fail('ABORT_ERR', 'aborted');
-    fs.renameSync(m.tmp, m.dst);
+    if (!m.stage) fs.renameSync(m.tmp, m.dst);
     const digests = {};
     for (const h of hashes) digests[h[0]] = h[1].digest('hex');
-    parentPort.postMessage({ id: m.id, progress: total - reported, done: { size: total, mtimeMs, digests, made } });
+    parentPort.postMessage({
+      id: m.id,
+      progress: total - reported,
+      done: { size: total, mtimeMs, digests, made, cachedBytes, directRefused },
+    });
   } catch (e) {
-    if (out !== undefined) try { fs.closeSync(out); } catch {}
-    if (src !== undefined) try { fs.closeSync(src); } catch {}
+    for (const fd of [cached !== out ? cached : undefined, out, src]) {
+      if (fd !== undefined) try { fs.closeSync(fd); } catch {}
+    }
     if (tmpMade) try { fs.unlinkSync(m.tmp); } catch {}
     parentPort.postMessage({
       id: m.id,
@@ -93,6 +170,15 @@ export interface CopyJob {
   mtime?: number;
   mtimeMs?: number;
   fsync: boolean;
+  /**
+   * Write whole blocks with O_DIRECT (from the disk's point of view the same writes, without
+   * copying them into the page cache first); falls back to the cache where refused.
+   */
+  direct?: boolean;
+  /** Leave the complete, closed temporary file for the caller (no fsync, no rename). */
+  stage?: boolean;
+  /** Tests: hand O_DIRECT a misaligned buffer so it fails in the middle of the file. */
+  misalign?: boolean;
 }
 
 export interface CopyDone {
@@ -101,6 +187,10 @@ export interface CopyDone {
   digests: Digests;
   /** The first folder mkdir created, if any (the caller fsyncs new folders). */
   made?: string;
+  /** Bytes written through the page cache (all of them unless `direct`), waiting for a flush. */
+  cachedBytes: number;
+  /** O_DIRECT was asked for and refused by the file system (the file was written cached). */
+  directRefused: boolean;
 }
 
 /** A failed copy: `side` tells whether reading the source or writing the destination failed. */

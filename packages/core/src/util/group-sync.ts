@@ -265,6 +265,18 @@ export interface GroupSyncOptions {
   syncFs?: SyncFileSystem;
 }
 
+/** Group flushes that failed in this process so far (any file system). */
+let failedFlushes = 0;
+
+/**
+ * How many group flushes have failed in this process. A writer reads it before writing and
+ * again after its own flush succeeded: syncfs(2) reports a write-back error only to the first
+ * flush after it, which may be another group's, so a change means the file may be damaged.
+ */
+export function flushFailures(): number {
+  return failedFlushes;
+}
+
 interface Waiter {
   resolve: (durable: boolean) => void;
   reject: (e: unknown) => void;
@@ -338,6 +350,7 @@ export class GroupSync {
         },
         (e: unknown) => {
           this.running = false;
+          failedFlushes++;
           for (const w of batch) w.reject(e);
           this.schedule();
         },
