@@ -632,6 +632,39 @@ describe('SyncJob copy', () => {
     expect(Object.keys(readTree(dst))).toEqual(['a.dcm']);
   });
 
+  it('keeps the recovery pending when a graceful stop cuts the leftover cleanup short', async () => {
+    const src = tmp();
+    writeTree(src, { 'a.dcm': 'a' });
+    const dst = tmp();
+    writeTree(dst, { 'sub/.x.dcm.deadbeef.medsync-part': 'half' });
+    const old = new Date(Date.now() - 3600_000);
+    utimesSync(join(dst, 'sub/.x.dcm.deadbeef.medsync-part'), old, old);
+    const store = new MemoryStore();
+    await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
+    await new Promise((r) => setTimeout(r, 30));
+    const stop = new AbortController();
+    // The service is told to stop while the leftovers are being removed: the cleanup ends early
+    // (its failure only logged), and planning then stops.
+    class StoppedDuringCleanup extends LocalStorage {
+      override cleanupPartials(prefix: string, o: Parameters<LocalStorage['cleanupPartials']>[1]) {
+        stop.abort();
+        return super.cleanupPartials(prefix, o);
+      }
+    }
+    const first = await job(
+      { source: new LocalStorage({ root: src }), destinations: [new StoppedDuringCleanup({ root: dst })] },
+      store,
+    ).run({ stopSignal: stop.signal });
+    expect(first.status).toBe('cancelled');
+    expect(Object.keys(readTree(dst))).toEqual(['sub/.x.dcm.deadbeef.medsync-part']);
+    const next = await job(
+      { source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] },
+      store,
+    ).run();
+    expect(next.status).toBe('success');
+    expect(Object.keys(readTree(dst))).toEqual(['a.dcm']);
+  });
+
   it('marks a run left running by a crash as interrupted and removes its partial files', async () => {
     const src = tmp();
     writeTree(src, { 'a.dcm': 'a' });
