@@ -56,6 +56,19 @@ async function text(s: FtpStorage, path: string, range?: { start?: number; end?:
   return Buffer.concat(parts);
 }
 
+/** `body` that fails like a lost disk after `chunks` chunks went through. */
+function failingAfter(chunks: number, body: Readable): Readable {
+  let n = 0;
+  return body.pipe(
+    new Transform({
+      transform(chunk, _enc, cb) {
+        if (++n === chunks) cb(Object.assign(new Error('read failed'), { code: 'EIO' }));
+        else cb(null, chunk);
+      },
+    }),
+  );
+}
+
 async function closedPort(): Promise<number> {
   const srv = createServer();
   await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
@@ -303,6 +316,38 @@ describe('FtpStorage against ftp-srv', () => {
     expect(n).toBeGreaterThanOrEqual(20);
     await new Promise((r) => setTimeout(r, 100));
     expect(readdirSync(join(ftp.dir, s.options.root, 'ab'))).toEqual([]);
+  });
+
+  it('an upload stopped on our side mid-transfer retires its connection; the next calls get their own replies', async () => {
+    const s = storage(ftp, { maxConnections: 1 });
+    await s.write('ok.dcm', Buffer.from('first'));
+    const cases: Array<[string, () => Readable, number, string | undefined]> = [
+      // The source grew while it was sent (a file still being written by the modality).
+      ['grown.dcm', () => generatedStream(8 * 1024 * 1024, 5, 64 * 1024), 4 * 1024 * 1024, 'E_INTEGRITY'],
+      // The source failed to read (a NAS that went away).
+      [
+        'unread.dcm',
+        () => failingAfter(10, generatedStream(8 * 1024 * 1024, 6, 64 * 1024)),
+        8 * 1024 * 1024,
+        undefined,
+      ],
+    ];
+    for (const [name, body, size, code] of cases) {
+      const before = ftp.stats.logins;
+      // The server still owes the reply of the cut transfer: the next command on the same
+      // session would read it as its own.
+      const e = await caught(s.write(name, body(), { size }));
+      expect(e.path).toBe(name);
+      if (code) expect(e.code).toBe(code);
+      expect((await s.stat('ok.dcm')).size).toBe(5);
+      expect((await text(s, 'ok.dcm')).toString()).toBe('first');
+      await s.write('next.dcm', Buffer.from(name));
+      expect((await text(s, 'next.dcm')).toString()).toBe(name);
+      // The session was closed and one new session replaced it.
+      expect(ftp.stats.logins - before).toBe(1);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+    expect(readdirSync(join(ftp.dir, s.options.root)).sort()).toEqual(['next.dcm', 'ok.dcm']);
   });
 
   it('lists a file prefix as that file, and hides temporary files', async () => {
