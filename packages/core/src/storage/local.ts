@@ -56,15 +56,16 @@ export interface LocalStorageOptions {
   /** Concurrent stat calls while listing (×4 per batch). Default 32. */
   listConcurrency?: number;
   /**
-   * Files smaller than this are read (and, with fsync off, written) with synchronous calls: for
-   * tiny files one thread-pool hand-off per step costs more than the step. 0 turns it off.
-   * Default 64 KiB.
+   * Files smaller than this are read (and, with fsync off, written) with synchronous calls where
+   * `listMode` picks them (local disks): for tiny files one thread-pool hand-off per step costs
+   * more than the step. 0 turns it off. Default 64 KiB.
    */
   syncIoBelow?: number;
   /**
-   * How `list` walks the tree: `sync` (synchronous readdir and stat, cheapest on local disks),
-   * `async` (concurrent stats on the thread pool, which hide the latency of network mounts), or
-   * `auto` (default): `sync` on local-disk file systems, `async` elsewhere.
+   * How `list` walks the tree, and how small files are read and written: `sync` (synchronous
+   * calls, cheapest on local disks), `async` (concurrent calls on the thread pool, which hide the
+   * latency of network mounts), or `auto` (default): `sync` on local-disk file systems, `async`
+   * elsewhere.
    */
   listMode?: 'auto' | 'sync' | 'async';
 }
@@ -225,17 +226,34 @@ export class LocalStorage implements Storage {
     }
   }
 
+  /** The root's file system is a local disk (see LOCAL_FS_TYPES); undefined: not asked yet. */
+  private rootLocal: boolean | undefined;
+
   /**
-   * True when the root is on a local-disk file system (see LOCAL_FS_TYPES); false when unsure.
-   * Asked at each listing: a share may be mounted over the folder after the storage was made.
+   * True when the root is on a local-disk file system (see LOCAL_FS_TYPES); false when unsure or
+   * while the root does not exist. Asked again at each listing (`fresh`): a share may be mounted
+   * over the folder after the storage was made.
    */
-  private localDisk(): boolean {
-    if (this.opts.listMode !== 'auto') return this.opts.listMode === 'sync';
-    try {
-      return LOCAL_FS_TYPES.has(fs.statfsSync(this.root).type);
-    } catch {
-      return false;
+  private onLocalDisk(fresh = false): boolean {
+    if (this.rootLocal === undefined || fresh) {
+      try {
+        this.rootLocal = LOCAL_FS_TYPES.has(fs.statfsSync(this.root).type);
+      } catch {
+        this.rootLocal = undefined;
+        return false;
+      }
     }
+    return this.rootLocal;
+  }
+
+  /**
+   * Whether to use synchronous calls (listing, and small files' reads and writes): cheapest on a
+   * local disk, but on a network mount each one would hold the event loop for a round trip, one
+   * file at a time. `listMode` forces it either way.
+   */
+  private syncCalls(fresh = false): boolean {
+    if (this.opts.listMode !== 'auto') return this.opts.listMode === 'sync';
+    return this.onLocalDisk(fresh);
   }
 
   /**
@@ -306,7 +324,7 @@ export class LocalStorage implements Storage {
   async *list(prefix = '', opts: ListOptions = {}): AsyncGenerator<StorageEntry> {
     this.check();
     const start = normalizePath(prefix, { allowRoot: true });
-    if (this.localDisk()) {
+    if (this.syncCalls(true)) {
       let batches: Generator<StorageEntry[]>;
       try {
         const st = fs.statSync(this.abs(start));
@@ -484,7 +502,7 @@ export class LocalStorage implements Storage {
     const rel = normalizePath(path);
     throwIfAborted(opts.signal);
     try {
-      if (this.opts.syncIoBelow > 0) {
+      if (this.opts.syncIoBelow > 0 && this.syncCalls()) {
         // Tiny files: synchronous calls cost less than handing each step to the thread pool.
         const st = fs.statSync(this.abs(rel));
         if (st.isFile() && st.size < this.opts.syncIoBelow) return fs.readFileSync(this.abs(rel));
@@ -514,13 +532,14 @@ export class LocalStorage implements Storage {
     }
     const dirRel = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/')) : '';
     const tmp = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
-    // Small buffers go in synchronous calls when nothing waits on an fsync, or when the caller
-    // overlaps its writes (onStaged) and a group flush makes them durable (an fdatasync per small
-    // file costs far more than writing it). Larger files keep an fdatasync each, on the thread
-    // pool or a copy worker, which overlaps with the other transfers without stalling them.
-    const staged =
-      opts.onStaged !== undefined && !isStream && body.length < this.opts.syncIoBelow && this.groupsWanted();
-    if (!isStream && (!this.opts.fsync || staged) && body.length < this.opts.syncIoBelow) {
+    // Small buffers on a local disk go in synchronous calls when nothing waits on an fsync, or
+    // when the caller overlaps its writes (onStaged) and a group flush makes them durable (an
+    // fdatasync per small file costs far more than writing it). Larger files keep an fdatasync
+    // each, on the thread pool or a copy worker, which overlaps with the other transfers without
+    // stalling them; so does everything on a network mount (see syncCalls).
+    const small = !isStream && body.length < this.opts.syncIoBelow && this.syncCalls();
+    const staged = small && opts.onStaged !== undefined && this.groupsWanted();
+    if (small && (staged || !this.opts.fsync)) {
       const failures = flushFailures();
       const entry = this.writeSmallSync(rel, dirRel, tmp, body, opts, staged);
       if (!staged) return entry;
@@ -634,7 +653,7 @@ export class LocalStorage implements Storage {
       this.opts.fsync &&
       this.opts.directIo &&
       !this.directRefused &&
-      (known !== undefined && !this.injectedSyncFs() ? known !== null : this.rootOnLocalDisk());
+      (known !== undefined && !this.injectedSyncFs() ? known !== null : this.onLocalDisk());
     const stage = direct && opts.onStaged !== undefined && this.groupsWanted();
     const failures = flushFailures();
     let done: CopyDone;
@@ -713,19 +732,6 @@ export class LocalStorage implements Storage {
 
   /** O_DIRECT was refused here once: later copies write through the cache. */
   private directRefused = false;
-  private rootLocal: boolean | undefined;
-
-  /** Whether the root is on a local-disk file system (asked once it exists; O_DIRECT is only tried there). */
-  private rootOnLocalDisk(): boolean {
-    if (this.rootLocal === undefined) {
-      try {
-        this.rootLocal = LOCAL_FS_TYPES.has(fs.statfsSync(this.root).type);
-      } catch {
-        return false;
-      }
-    }
-    return this.rootLocal;
-  }
 
   /** Whether small files may wait for group flushes at all (fsync on, groupSync on, syncfs here). */
   private groupsWanted(): boolean {

@@ -1,0 +1,60 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import * as fs from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { LocalStorage } from '../src/storage/local.js';
+
+// Counts LocalStorage's synchronous calls: on a network mount each would hold the event loop for
+// a round trip to the server, one file at a time.
+vi.mock('node:fs', async (importOriginal) => {
+  const real = await importOriginal<typeof import('node:fs')>();
+  return { ...real, readFileSync: vi.fn(real.readFileSync), openSync: vi.fn(real.openSync) };
+});
+
+const dirs: string[] = [];
+function tmp(): string {
+  const d = mkdtempSync(join(tmpdir(), 'medsync-netio-'));
+  dirs.push(d);
+  return d;
+}
+afterEach(() => {
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+  vi.mocked(fs.readFileSync).mockClear();
+  vi.mocked(fs.openSync).mockClear();
+});
+
+const under = (root: string, calls: unknown[][]) => calls.filter((c) => String(c[0]).startsWith(root)).length;
+
+describe('LocalStorage: small files on a network mount go through the thread pool', () => {
+  // listMode 'async' is what `auto` picks on NFS, SMB or FUSE mounts (and 'sync' on local disks).
+  for (const [mode, syncExpected] of [
+    ['sync', true],
+    ['async', false],
+  ] as const) {
+    it(`listMode ${mode}: small reads and unsynced small writes ${syncExpected ? 'use' : 'avoid'} synchronous calls`, async () => {
+      const root = tmp();
+      writeFileSync(join(root, 'a.dcm'), 'tiny');
+      const s = new LocalStorage({ root, listMode: mode, fsync: false });
+      expect((await s.readBuffer('a.dcm')).toString()).toBe('tiny');
+      expect(under(root, vi.mocked(fs.readFileSync).mock.calls) > 0).toBe(syncExpected);
+      await s.write('sub/b.dcm', Buffer.from('small'));
+      expect(under(root, vi.mocked(fs.openSync).mock.calls) > 0).toBe(syncExpected);
+      expect((await s.readBuffer('sub/b.dcm')).toString()).toBe('small');
+    });
+  }
+
+  it('listMode async: small staged writes (fsync on) are fdatasynced one by one, not written synchronously', async () => {
+    const root = tmp();
+    const s = new LocalStorage({
+      root,
+      listMode: 'async',
+      groupSync: { syncFs: () => Promise.resolve(true) },
+    });
+    let staged = 0;
+    await s.write('c.dcm', Buffer.from('x'), { onStaged: () => staged++ });
+    expect(under(root, vi.mocked(fs.openSync).mock.calls)).toBe(0);
+    expect(staged).toBe(0);
+    expect((await s.readBuffer('c.dcm')).toString()).toBe('x');
+  });
+});
