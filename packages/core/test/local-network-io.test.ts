@@ -57,4 +57,21 @@ describe('LocalStorage: small files on a network mount go through the thread poo
     expect(staged).toBe(0);
     expect((await s.readBuffer('c.dcm')).toString()).toBe('x');
   });
+
+  it('copies between local folders on worker threads only when both are on local disks', async () => {
+    const a = tmp();
+    const b = tmp();
+    writeFileSync(join(a, 'big.dcm'), Buffer.alloc(200 * 1024, 7));
+    const copy = (src: 'sync' | 'async', dst: 'sync' | 'async') =>
+      new LocalStorage({ root: b, listMode: dst }).copyFrom(
+        new LocalStorage({ root: a, listMode: src }),
+        'big.dcm',
+        {
+          size: 200 * 1024,
+        },
+      );
+    expect(await copy('async', 'sync')).toBeUndefined();
+    expect(await copy('sync', 'async')).toBeUndefined();
+    expect(await copy('sync', 'sync')).toMatchObject({ entry: { path: 'big.dcm', size: 200 * 1024 } });
+  });
 });

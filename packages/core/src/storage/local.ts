@@ -230,17 +230,25 @@ export class LocalStorage implements Storage {
   private rootLocal: boolean | undefined;
 
   /**
-   * True when the root is on a local-disk file system (see LOCAL_FS_TYPES); false when unsure or
-   * while the root does not exist. Asked again at each listing (`fresh`): a share may be mounted
-   * over the folder after the storage was made.
+   * True when the root is on a local-disk file system (see LOCAL_FS_TYPES); false when unsure.
+   * Asked again at each listing (`fresh`): a share may be mounted over the folder after the
+   * storage was made.
    */
   private onLocalDisk(fresh = false): boolean {
     if (this.rootLocal === undefined || fresh) {
       try {
         this.rootLocal = LOCAL_FS_TYPES.has(fs.statfsSync(this.root).type);
       } catch {
+        // Not made yet: it will be made on the file system of its nearest existing folder (asked
+        // again until it exists).
         this.rootLocal = undefined;
-        return false;
+        for (let d = nodePath.dirname(this.root); ; d = nodePath.dirname(d)) {
+          try {
+            return LOCAL_FS_TYPES.has(fs.statfsSync(d).type);
+          } catch {
+            if (d === nodePath.dirname(d)) return false;
+          }
+        }
       }
     }
     return this.rootLocal;
@@ -628,7 +636,7 @@ export class LocalStorage implements Storage {
   /**
    * Copies a file of another LocalStorage on a worker thread (synchronous I/O, hashing on the way),
    * with the same steps as write(). Undefined for other sources, for files under `syncIoBelow`,
-   * or when MEDSYNC_COPY_WORKERS=0.
+   * when either side is on a network mount (see `listMode`), or when MEDSYNC_COPY_WORKERS=0.
    */
   async copyFrom(source: Storage, path: string, opts: CopyOptions = {}): Promise<CopyResult | undefined> {
     const pool = sharedCopyPool();
@@ -636,6 +644,9 @@ export class LocalStorage implements Storage {
     // Tiny files cost less on the ordinary path (synchronous reads) than a worker round trip, and
     // a tree of only tiny files then needs no worker (each costs memory).
     if (opts.size !== undefined && opts.size >= 0 && opts.size < this.opts.syncIoBelow) return undefined;
+    // A worker blocks in each call: on a network mount that caps the transfers at one per worker.
+    // The streaming path keeps the job's concurrency there.
+    if (!this.syncCalls() || !source.syncCalls()) return undefined;
     this.check();
     source.check();
     const rel = normalizePath(path);
