@@ -15,7 +15,7 @@ import {
   type SyncJobOptions,
 } from '@medsync/core';
 import { readTree, writeTree } from '@medsync/core/testing';
-import { GroupSync, syncfs } from '../src/util/group-sync.js';
+import { flushFailures, GroupSync, syncfs, syncfsAvailable } from '../src/util/group-sync.js';
 
 const dirs: string[] = [];
 function tmp(): string {
@@ -280,6 +280,50 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
     await expect(later).resolves.toMatchObject({ path: 'b.dcm' });
     expect(allNames(b)).toEqual(['b.dcm']);
   });
+
+  it("only write-back errors count as failed flushes; a removed flush folder is replaced by a waiter's", async () => {
+    const fail = (code: string) => Object.assign(new Error(code), { code });
+    const seen: string[] = [];
+    let answers: Array<string | undefined> = [];
+    const g = new GroupSync('/gone', {
+      idleMs: 0,
+      syncFs: (dir) => {
+        seen.push(dir);
+        const code = answers.shift();
+        return code ? Promise.reject(fail(code)) : Promise.resolve(true);
+      },
+    });
+    // The folder it flushed through was removed: the same files are flushed through theirs.
+    answers = ['ENOENT', undefined];
+    const before = flushFailures();
+    await expect(Promise.all([g.sync(1, '/a'), g.sync(1, '/a')])).resolves.toEqual([true, true]);
+    expect(seen).toEqual(['/gone', '/a']);
+    // A read-only file system or a refused folder wrote nothing: not a write-back error.
+    for (const code of ['EROFS', 'EACCES']) {
+      answers = [code];
+      await expect(g.sync(1, '/a')).rejects.toMatchObject({ code });
+    }
+    expect(flushFailures()).toBe(before);
+    answers = ['EIO'];
+    await expect(g.sync(1, '/a')).rejects.toMatchObject({ code: 'EIO' });
+    expect(flushFailures()).toBe(before + 1);
+  });
+
+  // Where syncfs exists (Linux 5.8+ with coreutils' sync -f); elsewhere files are fsynced one by one.
+  it.runIf(syncfsAvailable())(
+    'storages on one file system share its group flush (one flush at a time per disk)',
+    () => {
+      const root = tmp();
+      const a = new LocalStorage({ root: join(root, 'a') });
+      const b = new LocalStorage({ root: join(root, 'b') });
+      mkdirSync(join(root, 'a'));
+      mkdirSync(join(root, 'b'));
+      const groupOf = (s: LocalStorage) =>
+        (s as unknown as { groupFor(d: string): GroupSync | undefined }).groupFor('');
+      expect(groupOf(a)).toBeDefined();
+      expect(groupOf(a)).toBe(groupOf(b));
+    },
+  );
 
   it('where no file-system flush exists, each file is fsynced and the writes succeed', async () => {
     const b = tmp();

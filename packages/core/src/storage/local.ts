@@ -98,6 +98,27 @@ const LOCAL_FS_TYPES = new Set([
   0xef53, 0x58465342, 0x9123683e, 0x01021994, 0x794c7630, 0x2fc12fc1, 0xf2f52010,
 ]);
 
+/**
+ * Network, cluster and FUSE file systems (statfs f_type), where a call may wait for a server: NFS,
+ * SMB, CIFS, SMB2, FUSE (sshfs, virtiofs, rclone mount…), Ceph, 9p, AFS (two), Coda, NCP, Lustre,
+ * GPFS, OCFS2, GFS2. Small files there are read and written on the thread pool, never with
+ * synchronous calls; other file systems (local disks, including USB vfat/exFAT/NTFS) use them.
+ */
+const NETWORK_FS_TYPES = new Set([
+  0x6969, 0x517b, 0xff534d42, 0xfe534d42, 0x65735546, 0x00c36400, 0x01021997, 0x6b414653, 0x5346414f,
+  0x73757245, 0x564c, 0x0bd00bd0, 0x47504653, 0x7461636f, 0x01161970,
+]);
+
+/** How long the root's file system type is trusted before it is asked again (a late mount). */
+const FS_TYPE_TTL_MS = 10_000;
+
+/**
+ * Group flushes per file system (device), shared by every LocalStorage of the process: flushes of
+ * one file system run one at a time, so no flush reports a write-back error that another, running
+ * at the same moment, then misses. (Storages with an injected syncFs keep their own.)
+ */
+const deviceGroups = new Map<number, GroupSync>();
+
 /** Temporary names: a per-process random prefix and a counter (cheaper than random bytes per file). */
 const TMP_PREFIX = randomBytes(4).toString('hex');
 let tmpCounter = 0;
@@ -226,32 +247,37 @@ export class LocalStorage implements Storage {
     }
   }
 
-  /** The root's file system is a local disk (see LOCAL_FS_TYPES); undefined: not asked yet. */
-  private rootLocal: boolean | undefined;
+  /** The root's file system type (statfs f_type) and when it was asked; undefined: not yet. */
+  private rootFs: { type: number | undefined; at: number } | undefined;
 
   /**
-   * True when the root is on a local-disk file system (see LOCAL_FS_TYPES); false when unsure.
-   * Asked again at each listing (`fresh`): a share may be mounted over the folder after the
-   * storage was made.
+   * The root's file system type, asked again at each listing (`fresh`) and every few seconds: a
+   * share may be mounted over the folder after the storage was made. A root not made yet is
+   * judged by its nearest existing folder (where it will be made); undefined when none answers.
    */
-  private onLocalDisk(fresh = false): boolean {
-    if (this.rootLocal === undefined || fresh) {
+  private rootFsType(fresh = false): number | undefined {
+    const now = Date.now();
+    if (this.rootFs && !fresh && now - this.rootFs.at < FS_TYPE_TTL_MS) return this.rootFs.type;
+    let type: number | undefined;
+    let exists = true;
+    for (let d = this.root; ; d = nodePath.dirname(d)) {
       try {
-        this.rootLocal = LOCAL_FS_TYPES.has(fs.statfsSync(this.root).type);
+        type = fs.statfsSync(d).type;
+        break;
       } catch {
-        // Not made yet: it will be made on the file system of its nearest existing folder (asked
-        // again until it exists).
-        this.rootLocal = undefined;
-        for (let d = nodePath.dirname(this.root); ; d = nodePath.dirname(d)) {
-          try {
-            return LOCAL_FS_TYPES.has(fs.statfsSync(d).type);
-          } catch {
-            if (d === nodePath.dirname(d)) return false;
-          }
-        }
+        exists = false;
+        if (d === nodePath.dirname(d)) break;
       }
     }
-    return this.rootLocal;
+    // Kept only once the root exists: it may be made on another file system than its parent's.
+    this.rootFs = exists ? { type, at: now } : undefined;
+    return type;
+  }
+
+  /** True when the root is on a local-disk file system (see LOCAL_FS_TYPES); false when unsure. */
+  private onLocalDisk(fresh = false): boolean {
+    const type = this.rootFsType(fresh);
+    return type !== undefined && LOCAL_FS_TYPES.has(type);
   }
 
   /**
@@ -261,7 +287,8 @@ export class LocalStorage implements Storage {
    */
   private syncCalls(fresh = false): boolean {
     if (this.opts.listMode !== 'auto') return this.opts.listMode === 'sync';
-    return this.onLocalDisk(fresh);
+    const type = this.rootFsType(fresh);
+    return type !== undefined && !NETWORK_FS_TYPES.has(type);
   }
 
   /**
@@ -552,7 +579,7 @@ export class LocalStorage implements Storage {
       const entry = this.writeSmallSync(rel, dirRel, tmp, body, opts, staged);
       if (!staged) return entry;
       try {
-        await this.stagedDurable(this.groupFor(dirRel), tmp, body.length, opts, failures);
+        await this.stagedDurable(this.groupFor(dirRel), rel, tmp, body.length, opts, failures);
         throwIfAborted(opts.signal);
         await fsp.rename(tmp, this.abs(rel));
       } catch (e) {
@@ -729,7 +756,7 @@ export class LocalStorage implements Storage {
     if (this.opts.fsync) this.markMade(done.made, this.abs(dirRel));
     if (stage) {
       try {
-        await this.stagedDurable(this.groupFor(dirRel), tmp, done.cachedBytes, opts, failures);
+        await this.stagedDurable(this.groupFor(dirRel), rel, tmp, done.cachedBytes, opts, failures);
         throwIfAborted(opts.signal);
         await fsp.rename(tmp, this.abs(rel));
       } catch (e) {
@@ -768,11 +795,12 @@ export class LocalStorage implements Storage {
       const dir = this.abs(dirRel);
       if (this.injectedSyncFs() || LOCAL_FS_TYPES.has(fs.statfsSync(dir).type)) {
         const dev = fs.statSync(dir).dev;
-        group = this.groupsByDevice.get(dev) ?? null;
+        const groups = this.injectedSyncFs() ? this.groupsByDevice : deviceGroups;
+        group = groups.get(dev) ?? null;
         if (!group) {
           const g = this.opts.groupSync;
           group = new GroupSync(dir, typeof g === 'object' ? g : {});
-          this.groupsByDevice.set(dev, group);
+          groups.set(dev, group);
         }
       }
     } catch {
@@ -789,6 +817,7 @@ export class LocalStorage implements Storage {
    */
   private async stagedDurable(
     group: GroupSync | undefined,
+    rel: string,
     tmp: string,
     bytes: number,
     opts: WriteOptions,
@@ -799,10 +828,10 @@ export class LocalStorage implements Storage {
       new MedsyncError(
         'E_IO',
         'The file system reported an error while making written files durable; the file will be written again.',
-        { adapter: 'local', cause, retryable: true },
+        { adapter: 'local', path: rel, cause, retryable: true },
       );
     try {
-      if (group && (await group.sync(bytes))) {
+      if (group && (await group.sync(bytes, nodePath.dirname(tmp)))) {
         // syncfs reports a write-back error once, to the first flush after it. One that failed
         // since this file was written may have been this file's, reported to another group.
         if (flushFailures() !== failuresBefore) throw writeBackFailed();

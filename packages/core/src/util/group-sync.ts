@@ -265,13 +265,22 @@ export interface GroupSyncOptions {
   syncFs?: SyncFileSystem;
 }
 
-/** Group flushes that failed in this process so far (any file system). */
+/** Group flushes that reported a write-back error in this process so far (any file system). */
 let failedFlushes = 0;
 
 /**
- * How many group flushes have failed in this process. A writer reads it before writing and
- * again after its own flush succeeded: syncfs(2) reports a write-back error only to the first
- * flush after it, which may be another group's, so a change means the file may be damaged.
+ * Codes of a flush that ran and found data that could not be written (EIO, a full disk or quota
+ * for delayed allocations) or did not answer. A folder that could not be opened (ENOENT, EACCES)
+ * or a read-only file system says nothing about written data.
+ */
+const WRITE_BACK_CODES = new Set(['EIO', 'ENOSPC', 'EDQUOT', 'ETIMEDOUT']);
+
+/**
+ * How many group flushes have reported a write-back error in this process. A writer reads it
+ * before writing and again after its own flush succeeded: syncfs(2) reports a write-back error
+ * only to the first flush after it, which may be another group's, so a change means the file may
+ * be damaged. Process-wide, so an error on one disk makes the files of other disks in flight at
+ * that moment be written again: rare, and safe.
  */
 export function flushFailures(): number {
   return failedFlushes;
@@ -280,6 +289,7 @@ export function flushFailures(): number {
 interface Waiter {
   resolve: (durable: boolean) => void;
   reject: (e: unknown) => void;
+  dir?: string;
 }
 
 /**
@@ -299,7 +309,7 @@ export class GroupSync {
   flushes = 0;
 
   constructor(
-    private readonly dir: string,
+    private dir: string,
     opts: GroupSyncOptions = {},
   ) {
     this.o = {
@@ -312,10 +322,14 @@ export class GroupSync {
     };
   }
 
-  /** Waits until the bytes written so far (by anyone) on this file system are durable. */
-  sync(bytes: number): Promise<boolean> {
+  /**
+   * Waits until the bytes written so far (by anyone) on this file system are durable. `dir`: a
+   * folder of this file system the caller just wrote in, flushed through instead if the folder
+   * the group flushes through is gone (a destination removed).
+   */
+  sync(bytes: number, dir?: string): Promise<boolean> {
     return new Promise<boolean>((resolve, reject) => {
-      this.waiting.push({ resolve, reject });
+      this.waiting.push({ resolve, reject, ...(dir !== undefined ? { dir } : {}) });
       this.bytes += bytes;
       this.schedule();
     });
@@ -329,7 +343,7 @@ export class GroupSync {
     this.oldest ??= setTimeout(() => this.start(), this.o.maxWaitMs);
   }
 
-  private start(): void {
+  private start(retried = false): void {
     if (this.running || this.waiting.length === 0) return;
     clearTimeout(this.idle);
     clearTimeout(this.oldest);
@@ -350,7 +364,16 @@ export class GroupSync {
         },
         (e: unknown) => {
           this.running = false;
-          failedFlushes++;
+          const code = (e as { code?: string }).code;
+          const other = batch.find((w) => w.dir !== undefined && w.dir !== this.dir)?.dir;
+          if (code === 'ENOENT' && other !== undefined && !retried) {
+            // The folder it flushed through was removed: flush again (once) through a waiter's.
+            this.dir = other;
+            this.waiting.unshift(...batch);
+            this.start(true);
+            return;
+          }
+          if (code !== undefined && WRITE_BACK_CODES.has(code)) failedFlushes++;
           for (const w of batch) w.reject(e);
           this.schedule();
         },
