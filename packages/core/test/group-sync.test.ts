@@ -325,6 +325,37 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
     },
   );
 
+  it('after a flush timed out, writers fsync their own files (a hung sync may swallow a later error)', async () => {
+    let calls = 0;
+    const g = new GroupSync('/x', {
+      idleMs: 0,
+      syncFs: () => {
+        calls++;
+        return Promise.reject(Object.assign(new Error('timed out'), { code: 'ETIMEDOUT' }));
+      },
+    });
+    await expect(g.sync(1)).rejects.toMatchObject({ code: 'ETIMEDOUT' });
+    await expect(Promise.all([g.sync(1), g.sync(1)])).resolves.toEqual([false, false]);
+    expect(calls).toBe(1);
+    // Through LocalStorage: the file is fdatasynced alone and written.
+    const b = tmp();
+    const dst = new LocalStorage({
+      root: b,
+      groupSync: {
+        idleMs: 0,
+        syncFs: () => Promise.reject(Object.assign(new Error('t'), { code: 'ETIMEDOUT' })),
+      },
+    });
+    await expect(dst.write('a.dcm', Buffer.from('a'), { onStaged: () => undefined })).rejects.toMatchObject({
+      code: 'E_IO',
+      retryable: true,
+    });
+    await expect(dst.write('a.dcm', Buffer.from('a'), { onStaged: () => undefined })).resolves.toMatchObject({
+      path: 'a.dcm',
+    });
+    expect(allNames(b)).toEqual(['a.dcm']);
+  });
+
   it('where no file-system flush exists, each file is fsynced and the writes succeed', async () => {
     const b = tmp();
     const spy = counting(() => Promise.resolve(false));

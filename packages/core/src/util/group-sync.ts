@@ -302,6 +302,12 @@ export class GroupSync {
   private waiting: Waiter[] = [];
   private bytes = 0;
   private running = false;
+  /**
+   * A flush timed out: its `sync -f` may still run and would report a later write-back error to
+   * nobody. From then on each writer fsyncs its own file (sync() resolves false), whose own
+   * error state that orphan cannot consume.
+   */
+  private hung = false;
   private idle: ReturnType<typeof setTimeout> | undefined;
   private oldest: ReturnType<typeof setTimeout> | undefined;
   private readonly o: Required<GroupSyncOptions>;
@@ -337,6 +343,7 @@ export class GroupSync {
 
   private schedule(): void {
     if (this.running || this.waiting.length === 0) return;
+    if (this.hung) return this.start();
     if (this.bytes >= this.o.maxBytes || this.waiting.length >= this.o.maxFiles) return this.start();
     if (this.idle !== undefined) clearTimeout(this.idle);
     this.idle = setTimeout(() => this.start(), this.o.idleMs);
@@ -345,6 +352,13 @@ export class GroupSync {
 
   private start(retried = false): void {
     if (this.running || this.waiting.length === 0) return;
+    if (this.hung) {
+      const batch = this.waiting;
+      this.waiting = [];
+      this.bytes = 0;
+      for (const w of batch) w.resolve(false);
+      return;
+    }
     clearTimeout(this.idle);
     clearTimeout(this.oldest);
     this.idle = this.oldest = undefined;
@@ -374,6 +388,7 @@ export class GroupSync {
             return;
           }
           if (code !== undefined && WRITE_BACK_CODES.has(code)) failedFlushes++;
+          if (code === 'ETIMEDOUT') this.hung = true;
           for (const w of batch) w.reject(e);
           this.schedule();
         },
