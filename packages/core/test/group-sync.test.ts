@@ -52,6 +52,9 @@ function groupJob(
   });
 }
 
+/** The error a failed flush rejects with (as `sync -f`'s answer is mapped). */
+const errno = (code: string) => Object.assign(new Error(code), { code });
+
 /** A syncFs that counts its calls and runs the real one (or `impl`). */
 function counting(impl: SyncFileSystem = syncfs) {
   const spy = Object.assign(
@@ -105,8 +108,7 @@ describe('GroupSync', () => {
     let n = 0;
     const g = new GroupSync('/x', {
       idleMs: 1,
-      syncFs: () =>
-        ++n === 1 ? Promise.reject(Object.assign(new Error('io'), { code: 'EIO' })) : Promise.resolve(true),
+      syncFs: () => (++n === 1 ? Promise.reject(errno('EIO')) : Promise.resolve(true)),
     });
     const bad = await Promise.allSettled([g.sync(1), g.sync(1)]);
     expect(bad.map((r) => r.status)).toEqual(['rejected', 'rejected']);
@@ -228,7 +230,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
       root: b,
       groupSync: {
         idleMs: 5,
-        syncFs: () => Promise.reject(Object.assign(new Error('Input/output error'), { code: 'EIO' })),
+        syncFs: () => Promise.reject(errno('EIO')),
       },
     });
     const results = await Promise.allSettled(
@@ -257,8 +259,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
         syncFs: () =>
           new Promise<boolean>((resolve, reject) =>
             flushes.push({
-              settle: (ok) =>
-                ok ? resolve(true) : reject(Object.assign(new Error('Input/output error'), { code: 'EIO' })),
+              settle: (ok) => (ok ? resolve(true) : reject(errno('EIO'))),
             }),
           ),
       },
@@ -282,7 +283,6 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
   });
 
   it("only write-back errors count as failed flushes; a removed flush folder is replaced by a waiter's", async () => {
-    const fail = (code: string) => Object.assign(new Error(code), { code });
     const seen: string[] = [];
     let answers: Array<string | undefined> = [];
     const g = new GroupSync('/gone', {
@@ -290,7 +290,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
       syncFs: (dir) => {
         seen.push(dir);
         const code = answers.shift();
-        return code ? Promise.reject(fail(code)) : Promise.resolve(true);
+        return code ? Promise.reject(errno(code)) : Promise.resolve(true);
       },
     });
     // The folder it flushed through was removed: the same files are flushed through theirs.
@@ -331,7 +331,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
       idleMs: 0,
       syncFs: () => {
         calls++;
-        return Promise.reject(Object.assign(new Error('timed out'), { code: 'ETIMEDOUT' }));
+        return Promise.reject(errno('ETIMEDOUT'));
       },
     });
     await expect(g.sync(1)).rejects.toMatchObject({ code: 'ETIMEDOUT' });
@@ -343,7 +343,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
       root: b,
       groupSync: {
         idleMs: 0,
-        syncFs: () => Promise.reject(Object.assign(new Error('t'), { code: 'ETIMEDOUT' })),
+        syncFs: () => Promise.reject(errno('ETIMEDOUT')),
       },
     });
     await expect(dst.write('a.dcm', Buffer.from('a'), { onStaged: () => undefined })).rejects.toMatchObject({
@@ -388,11 +388,7 @@ describe('LocalStorage groupSync (durable in groups for callers that overlap wri
     for (let i = 0; i < 30; i++) tree[`q/${i}.dcm`] = randomBytes(1000 + i);
     writeTree(a, tree);
     let n = 0;
-    const spy = counting((dir) =>
-      ++n === 1
-        ? Promise.reject(Object.assign(new Error('Input/output error'), { code: 'EIO' }))
-        : syncfs(dir),
-    );
+    const spy = counting((dir) => (++n === 1 ? Promise.reject(errno('EIO')) : syncfs(dir)));
     const fast = { retries: 3, initialDelayMs: 1, maxDelayMs: 1 };
     const job = groupJob(a, b, { syncFs: spy, idleMs: 20 }, { retry: fast });
     const r = await job.run();

@@ -577,16 +577,7 @@ export class LocalStorage implements Storage {
     if (small && (staged || !this.opts.fsync)) {
       const failures = flushFailures();
       const entry = this.writeSmallSync(rel, dirRel, tmp, body, opts, staged);
-      if (!staged) return entry;
-      try {
-        await this.stagedDurable(this.groupFor(dirRel), rel, tmp, body.length, opts, failures);
-        throwIfAborted(opts.signal);
-        await fsp.rename(tmp, this.abs(rel));
-      } catch (e) {
-        await fsp.rm(tmp, { force: true }).catch(() => undefined);
-        throw this.writeError(e, rel, opts.signal);
-      }
-      this.dirty.add(nodePath.dirname(this.abs(rel)));
+      if (staged) await this.renameWhenDurable(dirRel, rel, tmp, body.length, opts, failures);
       return entry;
     }
     let fh: fsp.FileHandle | undefined;
@@ -754,17 +745,8 @@ export class LocalStorage implements Storage {
     if (done.directRefused) this.directRefused = true;
     this.madeDirs.add(dirRel);
     if (this.opts.fsync) this.markMade(done.made, this.abs(dirRel));
-    if (stage) {
-      try {
-        await this.stagedDurable(this.groupFor(dirRel), rel, tmp, done.cachedBytes, opts, failures);
-        throwIfAborted(opts.signal);
-        await fsp.rename(tmp, this.abs(rel));
-      } catch (e) {
-        await fsp.rm(tmp, { force: true }).catch(() => undefined);
-        throw this.writeError(e, rel, opts.signal);
-      }
-    }
-    if (this.opts.fsync) this.dirty.add(this.abs(dirRel));
+    if (stage) await this.renameWhenDurable(dirRel, rel, tmp, done.cachedBytes, opts, failures);
+    else if (this.opts.fsync) this.dirty.add(this.abs(dirRel));
     return { entry: { path: rel, size: done.size, mtimeMs: done.mtimeMs }, digests: done.digests };
   }
 
@@ -812,11 +794,12 @@ export class LocalStorage implements Storage {
   }
 
   /**
-   * A complete, closed temporary file of a caller that overlaps its writes: tell it so, then wait
-   * for the group flush that makes it durable (or fsync it alone where none can be had).
+   * A complete, closed temporary file of a caller that overlaps its writes: tell it so, wait for
+   * the group flush that makes it durable (or fsync it alone where none can be had), then rename
+   * it into place. On failure the temporary file is removed.
    */
-  private async stagedDurable(
-    group: GroupSync | undefined,
+  private async renameWhenDurable(
+    dirRel: string,
     rel: string,
     tmp: string,
     bytes: number,
@@ -824,33 +807,54 @@ export class LocalStorage implements Storage {
     failuresBefore: number,
   ): Promise<void> {
     opts.onStaged?.();
+    try {
+      if (!(await this.groupDurable(dirRel, rel, tmp, bytes, failuresBefore))) {
+        const fh = await fsp.open(tmp, 'r+');
+        try {
+          await fh.datasync();
+        } finally {
+          await fh.close();
+        }
+      }
+      throwIfAborted(opts.signal);
+      await fsp.rename(tmp, this.abs(rel));
+    } catch (e) {
+      await fsp.rm(tmp, { force: true }).catch(() => undefined);
+      throw this.writeError(e, rel, opts.signal);
+    }
+    this.dirty.add(this.abs(dirRel));
+  }
+
+  /** Waits for the group flush of `dirRel`'s file system; false when there is none to wait for. */
+  private async groupDurable(
+    dirRel: string,
+    rel: string,
+    tmp: string,
+    bytes: number,
+    failuresBefore: number,
+  ): Promise<boolean> {
+    const group = this.groupFor(dirRel);
+    if (!group) return false;
     const writeBackFailed = (cause?: unknown) =>
       new MedsyncError(
         'E_IO',
         'The file system reported an error while making written files durable; the file will be written again.',
         { adapter: 'local', path: rel, cause, retryable: true },
       );
+    let ok: boolean;
     try {
-      if (group && (await group.sync(bytes, nodePath.dirname(tmp)))) {
-        // syncfs reports a write-back error once, to the first flush after it. One that failed
-        // since this file was written may have been this file's, reported to another group.
-        if (flushFailures() !== failuresBefore) throw writeBackFailed();
-        return;
-      }
+      ok = await group.sync(bytes, nodePath.dirname(tmp));
     } catch (e) {
-      if (e instanceof MedsyncError) throw e;
       const code = (e as { code?: string }).code;
       // A write-back error of the flush (or its timeout) says nothing sure about this file: write
       // it again. A full disk or a read-only file system keeps its own, permanent, code.
       if (code === 'EIO' || code === 'ETIMEDOUT') throw writeBackFailed(e);
       throw e;
     }
-    const fh = await fsp.open(tmp, 'r+');
-    try {
-      await fh.datasync();
-    } finally {
-      await fh.close();
-    }
+    // syncfs reports a write-back error once, to the first flush after it. One that failed since
+    // this file was written may have been this file's, reported to another group.
+    if (ok && flushFailures() !== failuresBefore) throw writeBackFailed();
+    return ok;
   }
 
   /** Every folder from `first` (made by a recursive mkdir) down to `target` gained an entry. */

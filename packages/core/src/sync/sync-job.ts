@@ -907,7 +907,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       for (const d of deletes) byFold.set(foldName(d.op.path), d);
       for (const src of toSend) {
         const d = manifest.has(src.path) ? undefined : byFold.get(foldName(src.path));
-        if (!d || twins.has(src.path)) continue;
+        if (!d) continue;
         byFold.delete(foldName(src.path));
         twins.set(src.path, d);
         deletes.splice(deletes.indexOf(d), 1);

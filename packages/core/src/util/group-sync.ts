@@ -352,19 +352,16 @@ export class GroupSync {
 
   private start(retried = false): void {
     if (this.running || this.waiting.length === 0) return;
-    if (this.hung) {
-      const batch = this.waiting;
-      this.waiting = [];
-      this.bytes = 0;
-      for (const w of batch) w.resolve(false);
-      return;
-    }
     clearTimeout(this.idle);
     clearTimeout(this.oldest);
     this.idle = this.oldest = undefined;
     const batch = this.waiting;
     this.waiting = [];
     this.bytes = 0;
+    if (this.hung) {
+      for (const w of batch) w.resolve(false);
+      return;
+    }
     this.running = true;
     this.flushes++;
     // A syncFs that throws instead of rejecting must not leave `running` set for good.
