@@ -691,6 +691,41 @@ function define(s: SshdInfo): void {
       }
     });
 
+    it('without mtimes there, a lost manifest is rebuilt by write time against the server clock', async () => {
+      const forced = forcedCommandKey(s, '/usr/lib/openssh/sftp-server -P setstat,fsetstat');
+      // No digests either (a forced sftp-server runs no commands): only write times are left.
+      const st = storageOn(s, { password: undefined, privateKey: forced.privateKey, serverDigest: false });
+      const src = mkdtempSync(join(tmpdir(), 'medsync-sftp-adopt-'));
+      try {
+        writeTree(src, { 'a.dcm': 'aaaa', 'b/c.dcm': 'cccc' });
+        const past = new Date(Date.now() - 3_600_000);
+        for (const f of ['a.dcm', 'b/c.dcm']) utimesSync(join(src, f), past, past);
+        const job = (store: MemoryStore) =>
+          new SyncJob({ id: 'adopt', source: new LocalStorage({ root: src }), destinations: [st], store });
+        expect(await job(new MemoryStore()).run()).toMatchObject({ status: 'success', filesSynced: 2 });
+        expect(st.capabilities.preservesMtime).toBe(false);
+        // The Store is lost: the copies are taken from the listing (written after the source
+        // last changed, by the server's clock as a probe file measured it).
+        expect(await job(new MemoryStore()).run()).toMatchObject({
+          status: 'success',
+          filesSynced: 0,
+          filesSkipped: 2,
+        });
+        // a.dcm is corrected in place (same size) after its upload: lost again, it is resent.
+        writeFileSync(join(src, 'a.dcm'), 'AAAA');
+        const later = new Date(Date.now() + 60_000);
+        utimesSync(join(src, 'a.dcm'), later, later);
+        expect(await job(new MemoryStore()).run()).toMatchObject({ filesSynced: 1, filesSkipped: 1 });
+        expect(readFileSync(join(st.options.root, 'a.dcm'), 'utf8')).toBe('AAAA');
+        expect(readdirSync(st.options.root).sort()).toEqual(['a.dcm', 'b']);
+      } finally {
+        forced.remove();
+        await st.close();
+        removeRoot(st);
+        rmSync(src, { recursive: true, force: true });
+      }
+    });
+
     it('rejects bad options with E_CONFIG naming the field; never echoes secrets', () => {
       const base = { host: s.host, user: s.user, hostFingerprint: s.hostFingerprint };
       const bad: [unknown, RegExp][] = [

@@ -23,6 +23,7 @@ import {
   MemoryStorage,
   MemoryStore,
   SyncJob,
+  systemClock,
   type Storage,
   type StorageEntry,
   type SyncJobOptions,
@@ -556,8 +557,12 @@ describe('SyncJob copy', () => {
   it('without mtimes at the destination, adopts only copies: by digest, or written after the source changed', async () => {
     // Like FTP without MFMT: the destination keeps the upload time, not the source's mtime.
     class NoMtimes extends MemoryStorage {
-      constructor(readonly listsDigests: boolean) {
-        super();
+      constructor(
+        readonly listsDigests: boolean,
+        skewMs = 0,
+      ) {
+        // The destination's clock runs skewMs ahead of ours.
+        super({ clock: { ...systemClock, now: () => Date.now() + skewMs } });
       }
       override readonly capabilities = {
         ...new MemoryStorage().capabilities,
@@ -584,12 +589,18 @@ describe('SyncJob copy', () => {
         }
       }
     }
-    for (const listsDigests of [false, true]) {
+    // Two hours ahead: a server whose clock is off, or that reports local time as UTC. Without
+    // correcting for it, the copy made before the edit looks newer than the edit.
+    for (const [listsDigests, skewMs] of [
+      [false, 0],
+      [true, 0],
+      [false, 2 * 3_600_000],
+    ] as const) {
       const src = tmp();
       writeTree(src, { 'a.dcm': 'aaaa', 'b.dcm': 'bbbb', 'c.dcm': 'cccc' });
       const past = new Date(Date.now() - 3_600_000);
       for (const f of ['a.dcm', 'b.dcm', 'c.dcm']) utimesSync(join(src, f), past, past);
-      const dst = new NoMtimes(listsDigests);
+      const dst = new NoMtimes(listsDigests, skewMs);
       const mk = (store: MemoryStore) =>
         job({ source: new LocalStorage({ root: src }), destinations: [dst] }, store);
       expect(await mk(new MemoryStore()).run()).toMatchObject({ status: 'success', filesSynced: 3 });
@@ -605,6 +616,8 @@ describe('SyncJob copy', () => {
       const a = await fresh.manifest.get({ jobId: 'job-1', destination: dst.id }, 'a.dcm');
       expect(a?.verifiedBy).toBe('listing');
       if (listsDigests) expect(a?.sha256).toMatch(/^[0-9a-f]{64}$/);
+      // The clock probe (written only where a time is compared) is gone.
+      expect(dst.size).toBe(3);
     }
   });
 

@@ -4,6 +4,7 @@ import { EventEmitter } from 'eventemitter3';
 import pLimit from 'p-limit';
 import picomatch from 'picomatch';
 import { isMedsyncError, MedsyncError, throwIfAborted, toMedsyncError } from '../errors/errors.js';
+import { partialNameFor } from '../storage/paths.js';
 import type { HashKind, Storage, StorageEntry } from '../storage/types.js';
 import type {
   ManifestEntry,
@@ -26,6 +27,15 @@ export type SyncMode = 'copy' | 'mirror';
 
 /** What planning reads of each manifest entry. */
 type BriefEntry = Pick<ManifestEntry, 'path' | 'size' | 'mtimeMs'>;
+
+/** A destination's clock against ours: its time minus ours, and the uncertainty of that. */
+interface DestinationClock {
+  offsetMs: number;
+  slackMs: number;
+}
+
+/** Added to a clock probe's round trip: times in whole seconds, and rounding on the way. */
+const CLOCK_SLACK_MS = 2000;
 
 /**
  * Errors that say a whole destination is unusable: refused credentials. (E_CONFIG is not among
@@ -965,6 +975,39 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     }
   }
 
+  /**
+   * How far the destination's clock is from ours, as its listings show it: a small probe file is
+   * written at its root (under a temporary name, skipped by listings and swept if left), its
+   * time read back, and the file removed. `slackMs` covers the round trip and whole-second times.
+   * Null when the probe cannot be written or shows no time.
+   */
+  private async destinationClock(
+    dest: Storage,
+    signal: AbortSignal | undefined,
+  ): Promise<DestinationClock | null> {
+    const probe = partialNameFor('medsync-clock-probe', randomUUID().slice(0, 8));
+    try {
+      const before = this.clock.now();
+      await dest.write(probe, Buffer.from('medsync clock probe\n'), { signal });
+      const after = this.clock.now();
+      const seen = await dest.stat(probe, { signal });
+      if (seen.mtimeMs === undefined) return null;
+      return {
+        offsetMs: seen.mtimeMs - (before + after) / 2,
+        slackMs: (after - before) / 2 + CLOCK_SLACK_MS,
+      };
+    } catch (e) {
+      if (signal?.aborted) throw e;
+      this.log.warn('Could not measure the destination clock; files there without a digest are resent', {
+        jobId: this.id,
+        code: toMedsyncError(e).code,
+      });
+      return null;
+    } finally {
+      await dest.remove(probe).catch(() => undefined);
+    }
+  }
+
   private async hashSource(path: string, signal?: AbortSignal): Promise<{ md5: string; sha256: string }> {
     const stream = await this.o.source.read(path, { signal });
     return hashStream(stream);
@@ -973,7 +1016,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   /**
    * Lists the destination once and records the files there that are copies of the source: same
    * size, and the source's mtime where the destination keeps mtimes; elsewhere the same digest
-   * where the listing has one, or else a copy written after the source last changed.
+   * where the listing has one, or else a copy written after the source last changed (by the
+   * destination's clock, corrected by {@link destinationClock}).
    */
   private async adoptFromListing(
     dest: Storage,
@@ -984,6 +1028,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   ): Promise<number> {
     const byPath = new Map(wanted.map((s) => [s.path, s]));
     const batch: ManifestEntry[] = [];
+    // Measured at the first file that needs it; null: no trustworthy reading (nothing is taken
+    // by time then).
+    let clock: Promise<DestinationClock | null> | undefined;
     try {
       for await (const d of dest.list('', { signal })) {
         const s = byPath.get(d.path);
@@ -1006,7 +1053,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         } else {
           // Size alone does not tell an edited file (a corrected header keeps its size) from a
           // copy: only a copy written after the source last changed is taken; others are resent.
-          if (d.mtimeMs === undefined || s.mtimeMs === undefined || d.mtimeMs < s.mtimeMs) continue;
+          // The write time is the destination's clock, which may run ahead of ours (or report
+          // local time as UTC): it is brought to ours, with a margin, before the comparison.
+          if (d.mtimeMs === undefined || s.mtimeMs === undefined) continue;
+          const c = await (clock ??= this.destinationClock(dest, signal));
+          if (!c || d.mtimeMs - c.offsetMs - c.slackMs < s.mtimeMs) continue;
         }
         batch.push({
           ...scope,
