@@ -169,19 +169,27 @@ class StaleConnection extends Error {}
 function sendPipelined(c: Client, commands: readonly string[]): Promise<FTPResponse[]> {
   const replies: FTPResponse[] = [];
   // basic-ftp sends one command per call (and refuses line breaks in it): the first goes through
-  // it, the rest straight to the control socket right behind it. Paths never hold CR or LF.
-  const done = c.ftp.handle(commands[0], (res, task) => {
-    if (isFtpReply(res)) replies.push({ code: res.code, message: res.message });
-    else if (res instanceof Error) {
-      task.reject(res);
-      return;
-    } else if (res.code < 200)
-      return; // a preliminary reply: the final one follows
-    else replies.push(res);
-    if (replies.length === commands.length) task.resolve(replies);
-  }) as Promise<FTPResponse[]>;
-  for (const command of commands.slice(1)) c.ftp.socket.write(`${command}\r\n`, c.ftp.encoding);
-  return done;
+  // it, the rest straight to the control socket right behind it. Paths never hold CR or LF. The
+  // socket is corked meanwhile, so they leave in one write (each write on loopback wakes the
+  // server: measured at ~50 µs apiece on a 2-vCPU VM).
+  const socket = c.ftp.socket;
+  socket.cork();
+  try {
+    const done = c.ftp.handle(commands[0], (res, task) => {
+      if (isFtpReply(res)) replies.push({ code: res.code, message: res.message });
+      else if (res instanceof Error) {
+        task.reject(res);
+        return;
+      } else if (res.code < 200)
+        return; // a preliminary reply: the final one follows
+      else replies.push(res);
+      if (replies.length === commands.length) task.resolve(replies);
+    }) as Promise<FTPResponse[]>;
+    for (const command of commands.slice(1)) socket.write(`${command}\r\n`, c.ftp.encoding);
+    return done;
+  } finally {
+    socket.uncork();
+  }
 }
 
 /** A reply turned into basic-ftp's error type, for {@link toFtpError}. */
