@@ -40,7 +40,12 @@ export async function startFtpServer(
      * vsftpd answers a delete the disk refuses: `true` for a path (as the client sent it) fails
      * that call. `get` backs RNFR, SIZE and MDTM alike.
      */
-    refuse?: { delete?: (path: string) => boolean; get?: (path: string) => boolean };
+    refuse?: {
+      delete?: (path: string) => boolean;
+      get?: (path: string) => boolean;
+      /** LIST/MLSD and CWD of a folder this account may not enter (it still shows in its parent). */
+      enter?: (path: string) => boolean;
+    };
   } = {},
 ): Promise<TestFtpServer> {
   const dir = mkdtempSync(join(tmpdir(), 'medsync-ftp-'));
@@ -96,6 +101,16 @@ export async function startFtpServer(
         override get(fileName: string): Promise<unknown> {
           if (refuse!.get?.(fileName)) return Promise.reject(new Error('Operation failed.'));
           return super.get(fileName) as Promise<unknown>;
+        }
+        override list(path?: string): Promise<unknown> {
+          if (path !== undefined && refuse!.enter?.(path))
+            return Promise.reject(new Error('Permission denied.'));
+          return super.list(path) as Promise<unknown>;
+        }
+        override chdir(path?: string): Promise<string> {
+          if (path !== undefined && refuse!.enter?.(path))
+            return Promise.reject(new Error('Permission denied.'));
+          return super.chdir(path) as Promise<string>;
         }
       }
       resolve({ root: dir, fs: new RefusingFs(connection, { root: dir, cwd: '/' }) });

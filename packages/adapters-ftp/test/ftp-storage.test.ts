@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { Readable, Transform } from 'node:stream';
@@ -364,6 +364,43 @@ describe('FtpStorage against ftp-srv', () => {
     expect(await s.cleanupPartials('', { olderThanMs: Date.now() - 60_000 })).toBe(0);
     expect(await s.cleanupPartials('d')).toBe(1);
     expect(await s.cleanupPartials('no/such')).toBe(0);
+  });
+
+  it('a folder that cannot be entered fails the listing; one removed during the walk is skipped', async () => {
+    // Servers answer 550 alike for a missing folder and a forbidden one. Skipping the forbidden
+    // one would hide its files: a mirror from this server would delete their copies.
+    let dir = '';
+    const refusing = await startFtpServer({
+      refuse: {
+        enter: (p) => {
+          if (p.endsWith('/locked')) return true;
+          // Removed by someone else just as the walk reaches it.
+          if (!p.endsWith('/vanishing')) return false;
+          rmSync(join(dir, p), { recursive: true, force: true });
+          return true;
+        },
+      },
+    });
+    dir = refusing.dir;
+    try {
+      const s = storage(refusing);
+      await s.write('a/one.dcm', Buffer.from('1'));
+      await s.write('b/vanishing/two.dcm', Buffer.from('2'));
+      const seen: string[] = [];
+      for await (const e of s.list('')) seen.push(e.path);
+      expect(seen).toEqual(['a/one.dcm']);
+      await s.write('a/locked/three.dcm', Buffer.from('3'));
+      const err = await caught(
+        (async () => {
+          for await (const _ of s.list('')) void _;
+        })(),
+      );
+      expect(err).toMatchObject({ code: 'E_PERMISSION', path: 'a/locked', retryable: false });
+      expect(err.message).not.toContain('locked');
+      await s.close();
+    } finally {
+      await refusing.close();
+    }
   });
 
   it('a bare 550 on DELE or RNFR of a file that is still there is E_PERMISSION, not "already gone"', async () => {

@@ -449,6 +449,8 @@ function define(s: SshdInfo): void {
         const root = st.options.root;
         symlinkSync(join(root, 'real/a.dcm'), join(root, 'link.dcm'));
         symlinkSync(join(root, 'real'), join(root, 'linkdir'));
+        // A link whose target is gone (an unmounted share behind it) is listed as unreadable.
+        symlinkSync(join(root, 'unmounted/study'), join(root, 'dangling'));
         const part = join(root, 'real/.b.dcm.1234.medsync-part');
         writeFileSync(part, 'half');
         const fresh = join(root, 'real/.c.dcm.5678.medsync-part');
@@ -462,8 +464,8 @@ function define(s: SshdInfo): void {
         utimesSync(finishing, new Date(), old);
         for (const p of [part, fresh, finishing]) chownSync(p, s.uid, s.gid);
         const listed: string[] = [];
-        for await (const e of st.list('')) listed.push(e.path);
-        expect(listed.sort()).toEqual(['link.dcm', 'real/a.dcm']);
+        for await (const e of st.list('')) listed.push(`${e.path} ${e.size}`);
+        expect(listed.sort()).toEqual(['dangling -1', 'link.dcm 3', 'real/a.dcm 3']);
         expect(await st.cleanupPartials('', { olderThanMs: Date.now() - 60_000 })).toBe(1);
         expect(existsSync(part)).toBe(false);
         expect(existsSync(fresh)).toBe(true);

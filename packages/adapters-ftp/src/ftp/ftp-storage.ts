@@ -636,6 +636,20 @@ export class FtpStorage implements Storage {
     );
   }
 
+  /** Whether the listing of `relDir`'s parent still shows it as a folder. */
+  private async folderListed(relDir: string, signal: AbortSignal | undefined): Promise<boolean> {
+    const i = relDir.lastIndexOf('/');
+    const name = relDir.slice(i + 1);
+    try {
+      const siblings = await this.listDir(i < 0 ? '' : relDir.slice(0, i), signal);
+      return siblings.some((f) => f.name === name && f.type === FileType.Directory);
+    } catch (e) {
+      // The parent is gone too: so is the folder.
+      if (isMedsyncError(e) && e.code === 'E_NOT_FOUND') return false;
+      throw this.err(e, 'list', relDir);
+    }
+  }
+
   /** True when `relDir` is a folder (CWD succeeds); false on a 5xx "unavailable" reply. */
   private isDir(relDir: string, signal: AbortSignal | undefined): Promise<boolean> {
     return this.withClient('list', relDir, signal, async (c) => {
@@ -689,8 +703,18 @@ export class FtpStorage implements Storage {
       inflight.delete(r.id);
       if (r.error !== undefined) {
         const me = this.err(r.error, 'list', r.dir);
-        // A folder removed while we walk is not an error.
-        if (me.code === 'E_NOT_FOUND' && r.dir !== start) continue;
+        // A folder removed while we walk is not an error. But servers answer 550 alike for a
+        // folder that is gone and for one this account may not enter (vsftpd: "Failed to change
+        // directory."): a folder its parent still lists is unreadable, and skipping it would
+        // hide its files (a mirror from this server would then delete their copies).
+        if (me.code === 'E_NOT_FOUND' && r.dir !== start) {
+          if (!(await this.folderListed(r.dir, opts.signal))) continue;
+          throw new MedsyncError(
+            'E_PERMISSION',
+            'A folder could not be listed although it is there: check that the account may enter and list every folder.',
+            { adapter: this.kind, path: r.dir, cause: r.error, retryable: false },
+          );
+        }
         throw me;
       }
       for (const f of r.files!) {

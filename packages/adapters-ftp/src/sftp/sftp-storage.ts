@@ -437,8 +437,18 @@ export class SftpStorage implements Storage {
         else if (isPartialName(f.filename)) continue;
         else if (isType(mode, S_IFREG)) yield SftpStorage.entry(child, f.attrs);
         else if (isType(mode, S_IFLNK)) {
-          const target = await this.statAbs(this.abs(child), child, opts.signal).catch(() => undefined);
-          if (target?.isFile()) yield SftpStorage.entry(child, target);
+          // A link that cannot be followed (dangling, or its stat failed) is listed with size -1,
+          // as the local adapter does: it may stand for files delivered before, and a mirror
+          // deletes nothing below an unreadable entry.
+          let target: Stats | undefined;
+          try {
+            target = await this.statAbs(this.abs(child), child, opts.signal);
+          } catch (e) {
+            throwIfAborted(opts.signal);
+            if (this.closed) throw e;
+          }
+          if (!target) yield { path: child, size: -1 };
+          else if (target.isFile()) yield SftpStorage.entry(child, target);
         }
       }
     }
