@@ -1,7 +1,8 @@
 import { createHash } from 'node:crypto';
-import { readFileSync, mkdirSync } from 'node:fs';
+import { readdirSync, readFileSync, mkdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
+import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createFtpStorage } from '@medsync/adapters-ftp';
@@ -18,10 +19,13 @@ type Conn = {
   reply(code: number, message: string): Promise<unknown>;
 };
 let digestsAsked = 0;
+/** 'refuse': the server answers the digest with an error this time (no digest to compare). */
+let digestMode: 'slow' | 'refuse' = 'slow';
 registry.XSHA256 = {
   directive: 'XSHA256',
   handler: async function (this: Conn, { command }: { command: { arg: string | null } }) {
     digestsAsked++;
+    if (digestMode === 'refuse') return this.reply(550, 'Could not compute the digest.');
     const hex = createHash('sha256')
       .update(readFileSync(this.fs._resolvePath(command.arg ?? '').fsPath))
       .digest('hex');
@@ -73,6 +77,48 @@ describe('ftp server digest of a large file', () => {
       expect(() => readFileSync(join(srv.dir, 'slow', 'small.bin'))).toThrow();
     } finally {
       await s.close();
+    }
+  });
+
+  it('a complete part left by an earlier attempt is renamed only when the server digest checks it', async () => {
+    // The first upload of a large file is sent whole, then its slow digest is cut: the complete
+    // part stays for the retry. A file of the same name, size and mtime but other bytes then
+    // finds that part; the server gives no digest this time, so the part must not be taken.
+    mkdirSync(join(srv.dir, 'parts'));
+    const s = createFtpStorage({
+      host: srv.host,
+      port: srv.port,
+      user: srv.user,
+      password: srv.password,
+      root: '/parts',
+      timeoutMs: 1_000,
+    });
+    try {
+      const size = 10_000_000;
+      const mtimeMs = Date.UTC(2024, 0, 1);
+      const v1 = Buffer.alloc(size, 1);
+      const v2 = Buffer.alloc(size, 2);
+      const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+      const put = (b: Buffer) =>
+        s.write('study/series.bin', Readable.from([b]), {
+          size,
+          mtimeMs,
+          expectedHashes: () => ({ sha256: sha(b) }),
+        });
+      digestMode = 'slow';
+      await expect(put(v1)).rejects.toMatchObject({ code: 'E_TRANSIENT' });
+      const left = readdirSync(join(srv.dir, 'parts', 'study'));
+      expect(left).toHaveLength(1);
+      expect(left[0]).toMatch(/\.medsync-part$/);
+      digestMode = 'refuse';
+      await expect(put(v2)).rejects.toMatchObject({ code: 'E_INTEGRITY', retryable: true });
+      expect(readdirSync(join(srv.dir, 'parts', 'study'))).toEqual([]);
+      // The retry sends it whole (checked by size: still no digest).
+      await put(v2);
+      expect(readFileSync(join(srv.dir, 'parts', 'study', 'series.bin')).equals(v2)).toBe(true);
+    } finally {
+      await s.close();
+      digestMode = 'slow';
     }
   });
 });

@@ -178,6 +178,17 @@ suite('FTP faults (pure-ftpd)', () => {
     expect(allFiles(local)).toEqual(['s/big.dcm']);
   });
 
+  it('a large upload without a source mtime is not kept for resuming (nothing tells its versions apart)', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy);
+    const body = randomBytes(9 * 1024 * 1024);
+    proxy.cutNextUpload(4 * 1024 * 1024);
+    await expect(
+      storage.write('s/big.dcm', Readable.from([body]), { size: body.length }),
+    ).rejects.toMatchObject({ code: 'E_TRANSIENT' });
+    expect(allFiles(local)).toEqual([]);
+  });
+
   it('a 425 for one transfer is retried at once for that file; the write succeeds', async () => {
     const proxy = await proxyFor(plain!);
     const { storage, local } = storageOn(plain!, proxy);

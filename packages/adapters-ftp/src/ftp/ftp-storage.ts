@@ -1112,8 +1112,15 @@ export class FtpStorage implements Storage {
     // A large upload gets a temporary name derived from what it uploads (path, size, mtime), so
     // the attempt after a dropped connection finds the part already sent and appends the rest.
     const atomic = this.options.atomicUpload;
+    // Without the source's mtime the name would not tell two versions of the same size apart:
+    // appending an edited file's tail to the old head would pass the size check.
     const resumable =
-      atomic && this.options.resume && isStream && size !== undefined && size >= RESUME_MIN_BYTES;
+      atomic &&
+      this.options.resume &&
+      isStream &&
+      size !== undefined &&
+      size >= RESUME_MIN_BYTES &&
+      opts.mtimeMs !== undefined;
     const unique = resumable
       ? `r${createHash('sha256')
           .update(`${rel}\0${size}\0${opts.mtimeMs ?? ''}`)
@@ -1165,6 +1172,9 @@ export class FtpStorage implements Storage {
     let lease: Lease | undefined;
     let tempMayExist = false;
     let transferred = false;
+    // A complete part from an earlier attempt, taken without sending a byte: only a matching
+    // server digest may let it through.
+    let wholeReused = false;
     let dataRetries = 0;
     const onAbort = () => {
       source.destroy();
@@ -1189,6 +1199,7 @@ export class FtpStorage implements Storage {
           if (offset === size && !(this.options.serverDigest && (await this.feats(c)).digest)) offset = 0;
           if (offset > 0 && offset === size) {
             // Sent completely before; only the checks and the rename were left.
+            wholeReused = true;
             for await (const _ of uploadBody(offset)) void _;
           } else if (offset > 0) {
             await c.appendFrom(uploadBody(offset), tmpAbs);
@@ -1259,6 +1270,15 @@ export class FtpStorage implements Storage {
       let hashes: Partial<Record<HashKind, string>> | undefined;
       const dg = this.options.serverDigest ? feats.digest : undefined;
       const remote = dg ? await this.digestOf(c, tmpAbs, dg, sent) : undefined;
+      if (wholeReused && !(dg && remote && opts.expectedHashes?.()[dg.kind] !== undefined)) {
+        // The server gave no digest this time (or there is none to compare with): the old part
+        // may be another version of the same size. It is removed, and the retry sends it all.
+        throw new MedsyncError(
+          'E_INTEGRITY',
+          'An earlier complete upload of this file could not be checked against the server digest; sending it again.',
+          { adapter: this.kind, path: rel, retryable: true },
+        );
+      }
       if (dg && remote) {
         const expected = opts.expectedHashes?.()[dg.kind];
         if (expected !== undefined && expected.toLowerCase() !== remote) {
