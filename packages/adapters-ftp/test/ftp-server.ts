@@ -1,5 +1,5 @@
 import type { EventEmitter } from 'node:events';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -45,6 +45,8 @@ export async function startFtpServer(
       get?: (path: string) => boolean;
       /** LIST/MLSD and CWD of a folder this account may not enter (it still shows in its parent). */
       enter?: (path: string) => boolean;
+      /** RNTO (550): `targetExists` tells whether `to` is there (a server that never replaces). */
+      rename?: (from: string, to: string, targetExists: boolean) => boolean;
     };
   } = {},
 ): Promise<TestFtpServer> {
@@ -106,6 +108,14 @@ export async function startFtpServer(
           if (path !== undefined && refuse!.enter?.(path))
             return Promise.reject(new Error('Permission denied.'));
           return super.list(path) as Promise<unknown>;
+        }
+        override rename(from: string, to: string): Promise<unknown> {
+          const target = (this as unknown as { _resolvePath(p: string): { fsPath: string } })._resolvePath(
+            to,
+          );
+          if (refuse!.rename?.(from, to, existsSync(target.fsPath)))
+            return Promise.reject(new Error('Rename failed.'));
+          return super.rename(from, to) as Promise<unknown>;
         }
         override chdir(path?: string): Promise<string> {
           if (path !== undefined && refuse!.enter?.(path))

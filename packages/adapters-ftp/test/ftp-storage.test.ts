@@ -403,6 +403,34 @@ describe('FtpStorage against ftp-srv', () => {
     }
   });
 
+  it('a server that never replaces a file: the old version moves aside, and comes back if the new one cannot go in', async () => {
+    let locked = false;
+    const refusing = await startFtpServer({
+      refuse: {
+        // Never over an existing file; and, while `locked`, not the new upload into b.dcm
+        // either (a virus scanner holding it). Moves aside and back are allowed.
+        rename: (from, to, exists) =>
+          exists || (locked && to.endsWith('/b.dcm') && !/\.old[0-9a-z]+\.medsync-part$/.test(from)),
+      },
+    });
+    try {
+      const s = storage(refusing);
+      const root = join(refusing.dir, s.options.root);
+      await s.write('d/a.dcm', Buffer.from('version 1'));
+      await s.write('d/a.dcm', Buffer.from('version 2'));
+      expect((await s.readBuffer('d/a.dcm')).toString()).toBe('version 2');
+      await s.write('d/b.dcm', Buffer.from('keep me'));
+      locked = true;
+      await expect(s.write('d/b.dcm', Buffer.from('new bytes'))).rejects.toMatchObject({ path: 'd/b.dcm' });
+      // The old version is still there, and nothing else is left behind.
+      expect((await s.readBuffer('d/b.dcm')).toString()).toBe('keep me');
+      expect(readdirSync(join(root, 'd')).sort()).toEqual(['a.dcm', 'b.dcm']);
+      await s.close();
+    } finally {
+      await refusing.close();
+    }
+  });
+
   it('a bare 550 on DELE or RNFR of a file that is still there is E_PERMISSION, not "already gone"', async () => {
     // vsftpd answers "550 Delete operation failed." when the disk refuses (a retention share);
     // only a file seen missing counts as removed.

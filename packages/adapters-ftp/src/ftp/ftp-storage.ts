@@ -1059,13 +1059,28 @@ export class FtpStorage implements Storage {
       if (res.code < 400) return;
     }
     if (res.code >= 500) {
-      const del = await c.sendIgnoringError(`DELE ${toAbs}`);
-      if (del.code < 400) {
+      // Some servers (Windows ones) will not replace a file. The old one is moved aside under a
+      // temporary name, the new one renamed in, and only then the old one removed; if the new one
+      // still cannot go in, the old one is put back. (Deleting the old one first lost both when
+      // the second rename failed too: a virus scanner holding the new file, a full folder.)
+      const asideAbs = this.abs(partialNameFor(toRel, `old${(++tmpCounter).toString(36)}`));
+      if ((await this.renameOnce(c, toAbs, asideAbs)).code < 400) {
         res = await attempt();
-        if (res.code < 400) return;
+        if (res.code < 400) {
+          await c.sendIgnoringError(`DELE ${asideAbs}`);
+          return;
+        }
+        // Left hidden if this fails too (cleanupPartials removes it in time).
+        await this.renameOnce(c, asideAbs, toAbs);
       }
     }
     throw this.err(replyError(res), 'rename', toRel);
+  }
+
+  /** RNFR then RNTO; the first refusal's reply, or RNTO's. */
+  private async renameOnce(c: Client, fromAbs: string, toAbs: string): Promise<FTPResponse> {
+    const rnfr = await c.sendIgnoringError(`RNFR ${fromAbs}`);
+    return rnfr.code >= 400 ? rnfr : c.sendIgnoringError(`RNTO ${toAbs}`);
   }
 
   /** Best-effort DELE on a fresh lease (the caller's may be closed, its signal fired). */

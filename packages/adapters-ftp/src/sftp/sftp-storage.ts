@@ -668,6 +668,21 @@ export class SftpStorage implements Storage {
   ): Promise<void> {
     const posix = s.has('posix-rename@openssh.com');
     const attempt = () => (posix ? s.posixRename(fromAbs, toAbs) : s.rename(fromAbs, toAbs));
+    // Plain SFTP rename never replaces a file. The old one is moved aside under a temporary name,
+    // the new one renamed in, and only then the old one removed; if the new one still cannot go
+    // in, the old one is put back. (Removing the old one first lost both when that rename failed.)
+    const replaceAside = async () => {
+      const asideAbs = this.abs(partialNameFor(toRel, `old${(++tmpCounter).toString(36)}`));
+      await s.rename(toAbs, asideAbs);
+      try {
+        await s.rename(fromAbs, toAbs);
+      } catch (e) {
+        // Left hidden if this fails too (cleanupPartials removes it in time).
+        await s.rename(asideAbs, toAbs).catch(noop);
+        throw e;
+      }
+      await s.unlink(asideAbs).catch(noop);
+    };
     try {
       await attempt();
       return;
@@ -688,7 +703,14 @@ export class SftpStorage implements Storage {
         await this.ensureDir(s, parent);
       } else if (!posix) {
         const target = await s.lstat(toAbs).catch(() => undefined);
-        if (target && !target.isDirectory()) await s.unlink(toAbs);
+        if (target && !target.isDirectory()) {
+          try {
+            await replaceAside();
+          } catch (e2) {
+            throw this.err(e2, 'rename', toRel);
+          }
+          return;
+        }
       } else {
         throw this.err(e, 'rename', toRel);
       }
@@ -698,8 +720,11 @@ export class SftpStorage implements Storage {
     } catch (e) {
       // Plain rename after the folder was made may still meet an existing target.
       if (!posix && isSftpStatus(e, SFTP_STATUS.FAILURE)) {
-        await s.unlink(toAbs).catch(noop);
-        await attempt();
+        try {
+          await replaceAside();
+        } catch (e2) {
+          throw this.err(e2, 'rename', toRel);
+        }
         return;
       }
       throw this.err(e, 'rename', toRel);

@@ -1,0 +1,88 @@
+/**
+ * Replacing a file on an SFTP server without posix-rename@openssh.com, where a plain RENAME never
+ * replaces (SSH_FX_FAILURE when the target exists). OpenSSH always offers posix-rename, so the
+ * session is scripted here: a few files in a Map, and renames that can be refused.
+ */
+import { describe, expect, it } from 'vitest';
+import { createSftpStorage, SFTP_STATUS, SftpStatusError } from '@medsync/adapters-ftp';
+
+type Stat = { isDirectory(): boolean; isFile(): boolean };
+const fileStat: Stat = { isDirectory: () => false, isFile: () => true };
+const dirStat: Stat = { isDirectory: () => true, isFile: () => false };
+
+/** The calls renameAbs makes on a session, over an in-memory tree. */
+class ScriptedSession {
+  readonly files = new Map<string, string>();
+  readonly dirs = new Set<string>(['/', '/data', '/data/d']);
+  /** Refuses the rename of `from` to `to` (besides the plain-rename rule). */
+  refuse: (from: string, to: string) => boolean = () => false;
+  has(): boolean {
+    return false; // no posix-rename@openssh.com
+  }
+  async rename(from: string, to: string): Promise<void> {
+    if (!this.files.has(from)) throw new SftpStatusError(SFTP_STATUS.NO_SUCH_FILE, 'No such file');
+    if (this.files.has(to) || this.refuse(from, to))
+      throw new SftpStatusError(SFTP_STATUS.FAILURE, 'Failure');
+    this.files.set(to, this.files.get(from)!);
+    this.files.delete(from);
+  }
+  async posixRename(): Promise<void> {
+    throw new Error('not offered');
+  }
+  async lstat(p: string): Promise<Stat> {
+    if (this.files.has(p)) return fileStat;
+    if (this.dirs.has(p)) return dirStat;
+    throw new SftpStatusError(SFTP_STATUS.NO_SUCH_FILE, 'No such file');
+  }
+  async stat(p: string): Promise<Stat> {
+    return this.lstat(p);
+  }
+  async unlink(p: string): Promise<void> {
+    if (!this.files.delete(p)) throw new SftpStatusError(SFTP_STATUS.NO_SUCH_FILE, 'No such file');
+  }
+}
+
+function renameOn(session: ScriptedSession, from: string, to: string): Promise<void> {
+  const st = createSftpStorage({
+    host: '127.0.0.1',
+    user: 'nobody',
+    password: 'unused',
+    hostFingerprint: 'SHA256:' + 'A'.repeat(43),
+    root: '/data',
+  });
+  const renameAbs = (
+    st as unknown as {
+      renameAbs(
+        s: ScriptedSession,
+        fromAbs: string,
+        toAbs: string,
+        fromRel: string,
+        toRel: string,
+      ): Promise<void>;
+    }
+  ).renameAbs.bind(st);
+  return renameAbs(session, `/data/${from}`, `/data/${to}`, from, to);
+}
+
+describe('sftp rename over an existing file without posix-rename', () => {
+  it('moves the old file aside, renames the new one in, then removes the old one', async () => {
+    const s = new ScriptedSession();
+    s.files.set('/data/d/.a.dcm.x1.medsync-part', 'new');
+    s.files.set('/data/d/a.dcm', 'old');
+    await renameOn(s, 'd/.a.dcm.x1.medsync-part', 'd/a.dcm');
+    expect([...s.files]).toEqual([['/data/d/a.dcm', 'new']]);
+  });
+
+  it('puts the old file back when the new one cannot go in: the final name never goes missing', async () => {
+    const s = new ScriptedSession();
+    s.files.set('/data/d/.a.dcm.x1.medsync-part', 'new');
+    s.files.set('/data/d/a.dcm', 'old');
+    // A virus scanner holds the new file: it cannot be renamed, even to a free name.
+    s.refuse = (from) => from.endsWith('.x1.medsync-part');
+    await expect(renameOn(s, 'd/.a.dcm.x1.medsync-part', 'd/a.dcm')).rejects.toMatchObject({
+      path: 'd/a.dcm',
+    });
+    expect(s.files.get('/data/d/a.dcm')).toBe('old');
+    expect([...s.files.keys()].sort()).toEqual(['/data/d/.a.dcm.x1.medsync-part', '/data/d/a.dcm']);
+  });
+});
