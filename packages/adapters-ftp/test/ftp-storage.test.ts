@@ -431,6 +431,36 @@ describe('FtpStorage against ftp-srv', () => {
     }
   });
 
+  it('a temporary file removed by someone else before its checks fails retryably, not as a refusal', async () => {
+    let dir = '';
+    let sweeps = 0;
+    const refusing = await startFtpServer({
+      refuse: {
+        // Another program sweeps the temporary file just as the upload is checked (SIZE), and
+        // the server says only "550 Operation failed." (vsftpd: "550 Could not get file size.").
+        get: (p) => {
+          if (!p.endsWith('.medsync-part') || sweeps > 0) return false;
+          sweeps++;
+          rmSync(join(dir, p), { force: true });
+          return true;
+        },
+      },
+    });
+    dir = refusing.dir;
+    try {
+      const s = storage(refusing);
+      const err = await caught(s.write('d/a.dcm', Buffer.from('some bytes')));
+      expect(sweeps).toBe(1);
+      expect(err).toMatchObject({ code: 'E_TRANSIENT', retryable: true, path: 'd/a.dcm' });
+      // The retry goes through.
+      await s.write('d/a.dcm', Buffer.from('some bytes'));
+      expect((await s.readBuffer('d/a.dcm')).toString()).toBe('some bytes');
+      await s.close();
+    } finally {
+      await refusing.close();
+    }
+  });
+
   it('a bare 550 on DELE or RNFR of a file that is still there is E_PERMISSION, not "already gone"', async () => {
     // vsftpd answers "550 Delete operation failed." when the disk refuses (a retention share);
     // only a file seen missing counts as removed.

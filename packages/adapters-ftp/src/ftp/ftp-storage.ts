@@ -1269,9 +1269,25 @@ export class FtpStorage implements Storage {
         );
       }
       const feats = await this.feats(c);
+      // The temporary file removed by someone else (another job's sweep) after the transfer: not
+      // this file's fault, and not the account's. The retry sends it again.
+      const vanished = (cause?: unknown) =>
+        new MedsyncError(
+          'E_TRANSIENT',
+          'The uploaded temporary file disappeared before it was checked and renamed (removed by another program?); resending.',
+          { adapter: this.kind, path: rel, cause, retryable: true },
+        );
       if (feats.size) {
-        const stored = await sizeOf(c, tmpAbs);
-        if (stored !== undefined && stored !== sent) {
+        const res = await c.sendIgnoringError(`SIZE ${tmpAbs}`);
+        let stored: number | undefined;
+        if (res.code < 400) stored = parseInt(res.message.slice(4), 10);
+        else {
+          // SIZE refused: gone, or a server that will not size this file (the listing tells).
+          const name = tmpAbs.slice(tmpAbs.lastIndexOf('/') + 1);
+          const listed = await c.list(dirnameAbs(tmpAbs)).catch(() => []);
+          if (!listed.some((f) => f.name === name)) throw vanished(replyError(res));
+        }
+        if (stored !== undefined && !Number.isNaN(stored) && stored !== sent) {
           throw new MedsyncError(
             'E_INTEGRITY',
             `The server stored ${stored} bytes but ${sent} were sent; resending.`,
@@ -1325,7 +1341,11 @@ export class FtpStorage implements Storage {
         }
         // Any other refusal leaves the file without that mtime; the manifest keeps the source's.
       }
-      if (atomic && replies.some((r) => r.code >= 400)) await this.renameAbs(c, tmpAbs, finalAbs, rel, rel);
+      if (atomic && replies.some((r) => r.code >= 400)) {
+        await this.renameAbs(c, tmpAbs, finalAbs, rel, rel).catch((e: unknown) => {
+          throw isMedsyncError(e) && e.code === 'E_NOT_FOUND' ? vanished(e) : e;
+        });
+      }
       tempMayExist = false;
       return {
         path: rel,

@@ -798,7 +798,8 @@ export class SftpStorage implements Storage {
     // Errors of the body surface through the loop below; never as an uncaught event.
     if (isStream) body.on('error', noop);
     const finalAbs = this.abs(rel);
-    const tmpAbs = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
+    const tmpName = () => this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
+    let tmpAbs = tmpName();
     let lease: PoolLease<SftpSession> | undefined;
     let handle: Buffer | undefined;
     let tempMayExist = false;
@@ -833,6 +834,14 @@ export class SftpStorage implements Storage {
           if (!stale) throw e;
           this.pool.release(s, true);
           lease = undefined;
+          if (tempMayExist) {
+            // The open may have reached the server before the session died: the retry takes a
+            // fresh name (an exclusive open of the same one would be refused), and the old one is
+            // removed if it is there.
+            const old = tmpAbs;
+            void this.removeQuietly(old).catch(noop);
+            tmpAbs = tmpName();
+          }
           tempMayExist = false;
         }
       }
