@@ -18,6 +18,7 @@ import {
   utimesSync,
   writeFileSync,
 } from 'node:fs';
+import { createConnection, createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { Readable } from 'node:stream';
@@ -53,6 +54,51 @@ function storageOn(s: SshdInfo, extra: Partial<SftpStorageOptions> = {}): SftpSt
 }
 
 const removeRoot = (s: SftpStorage) => rmSync(s.options.root, { recursive: true, force: true });
+
+/**
+ * A TCP proxy to `port` that lets the client's bytes through at `bytesPerSec` (a slow uplink);
+ * the server's bytes go back at once.
+ */
+async function slowUplink(
+  port: number,
+  bytesPerSec: number,
+): Promise<{ port: number; close(): Promise<void> }> {
+  const sockets = new Set<import('node:net').Socket>();
+  const server = createServer((client) => {
+    const up = createConnection(port, '127.0.0.1');
+    sockets.add(client).add(up);
+    const queue: Buffer[] = [];
+    const tickMs = 20;
+    const timer = setInterval(() => {
+      let budget = Math.ceil((bytesPerSec * tickMs) / 1000);
+      while (budget > 0 && queue.length > 0) {
+        const head = queue[0]!;
+        const n = Math.min(budget, head.length);
+        up.write(head.subarray(0, n));
+        if (n === head.length) queue.shift();
+        else queue[0] = head.subarray(n);
+        budget -= n;
+      }
+    }, tickMs);
+    client.on('data', (d: Buffer) => queue.push(d));
+    up.on('data', (d: Buffer) => client.write(d));
+    const end = () => {
+      clearInterval(timer);
+      client.destroy();
+      up.destroy();
+    };
+    client.on('close', end).on('error', end);
+    up.on('close', end).on('error', end);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    port: (server.address() as AddressInfo).port,
+    close: async () => {
+      for (const x of sockets) x.destroy();
+      await new Promise<void>((r) => server.close(() => r()));
+    },
+  };
+}
 
 /** Every file below a local folder (relative paths), temporary files included. */
 function filesUnder(dir: string): string[] {
@@ -727,6 +773,22 @@ function define(s: SshdInfo): void {
         rmSync(src, { recursive: true, force: true });
       }
     });
+
+    it('a slow link: requests queued behind a window of writes do not time out while the server answers', async () => {
+      // 300 KB/s up: the 1 MiB window of pipelined WRITEs takes ~3.5 s to cross, longer than
+      // timeoutMs. Only a session that stopped answering altogether may be given up.
+      const proxy = await slowUplink(s.port, 300_000);
+      const st = storageOn(s, { port: proxy.port, timeoutMs: 1_500, serverDigest: false });
+      try {
+        const body = randomBytes(2 * 1024 * 1024);
+        await st.write('slow/big.dcm', Readable.from([body]), { size: body.length });
+        expect(readFileSync(join(st.options.root, 'slow/big.dcm')).equals(body)).toBe(true);
+      } finally {
+        await st.close();
+        await proxy.close();
+        removeRoot(st);
+      }
+    }, 60_000);
 
     it('rejects bad options with E_CONFIG naming the field; never echoes secrets', () => {
       const base = { host: s.host, user: s.user, hostFingerprint: s.hostFingerprint };

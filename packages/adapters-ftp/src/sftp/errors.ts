@@ -162,8 +162,11 @@ export function toSftpError(e: unknown, op: SftpOp, path?: string): MedsyncError
       'the connection was refused (ECONNREFUSED): is the SSH server running on this port?',
     );
   }
-  if (level === 'client-timeout' || /timed out while waiting for handshake/i.test(message)) {
+  if (/timed out while waiting for handshake/i.test(message)) {
     return make('E_TRANSIENT', 'the server did not answer in time (no SSH handshake within `timeoutMs`).');
+  }
+  if (level === 'client-timeout') {
+    return make('E_TRANSIENT', 'the server stopped answering (nothing for `timeoutMs`); the session was closed.');
   }
   if (/no matching|handshake failed/i.test(message) || level === 'handshake') {
     return make(

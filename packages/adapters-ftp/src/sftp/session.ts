@@ -227,17 +227,34 @@ export class SftpSession {
   }
 
   /** `p`, or a timeout (which closes the session), or the session's end, whichever comes first. */
-  private race<T>(p: Promise<T>, timeoutMs: number): Promise<T> {
+  /** When the server last answered any request of this session (ms since the epoch). */
+  private lastAnswerAt = 0;
+
+  /**
+   * `p`, failed (and the session closed) after `timeoutMs` without an answer. With
+   * `whileAnswering`, answers to other requests of the session count as progress: requests
+   * pipelined behind a window of writes wait for the bytes ahead of them to cross the link (1 MiB
+   * takes 32 s at 256 kbit/s), and only a session that stopped answering altogether is given up.
+   */
+  private race<T>(p: Promise<T>, timeoutMs: number, whileAnswering = false): Promise<T> {
     return new Promise<T>((resolve, reject) => {
+      const started = Date.now();
       const fail = (e: Error) => {
         clearTimeout(timer);
         this.pending.delete(fail);
         reject(e);
       };
-      const timer = setTimeout(() => {
+      const expire = () => {
+        const quiet = Date.now() - Math.max(started, whileAnswering ? this.lastAnswerAt : 0);
+        if (quiet < timeoutMs) {
+          timer = setTimeout(expire, timeoutMs - quiet);
+          timer.unref();
+          return;
+        }
         fail(Object.assign(new Error('The SFTP request timed out.'), { level: 'client-timeout' }));
         this.markClosed();
-      }, timeoutMs);
+      };
+      let timer = setTimeout(expire, timeoutMs);
       timer.unref();
       this.pending.add(fail);
       p.then(
@@ -274,6 +291,7 @@ export class SftpSession {
     this.cork();
     const answer = new Promise<T>((resolve, reject) =>
       start((err, value) => {
+        this.lastAnswerAt = Date.now();
         if (!err) {
           resolve(value as T);
           return;
@@ -282,7 +300,7 @@ export class SftpSession {
         reject(typeof code === 'number' && !this.isClosed ? new SftpStatusError(code, err.message) : err);
       }),
     );
-    return this.race(answer, timeoutMs);
+    return this.race(answer, timeoutMs, true);
   }
 
   stat(path: string): Promise<Stats> {
