@@ -790,6 +790,41 @@ function define(s: SshdInfo): void {
       }
     }, 60_000);
 
+    it('flush makes renames and new folders durable: each changed folder is fsynced', async () => {
+      // sftp-server logs each request (-l VERBOSE: fsync included) to a file of the test user's.
+      const log = join(s.root, `sftp-${randomBytes(4).toString('hex')}.log`);
+      const forced = forcedCommandKey(s, `/usr/lib/openssh/sftp-server -e -l VERBOSE 2>>${log}`);
+      const st = storageOn(s, { password: undefined, privateKey: forced.privateKey, serverDigest: false });
+      try {
+        await put(st, 'p/s1/a.dcm', 'aaa');
+        await put(st, 'p/s2/b.dcm', 'bbb');
+        await st.rename('p/s2/b.dcm', 'p/s3/b.dcm');
+        await st.flush();
+        const root = st.options.root;
+        const synced = readFileSync(log, 'utf8')
+          .split('\n')
+          .flatMap((l) => /fsync "([^"]+)"/.exec(l)?.[1] ?? [])
+          .filter((p) => !p.includes('.medsync-part'))
+          .map((p) => relative(root, p) || '.')
+          .sort();
+        // The folders that gained an entry: the root (p), p (s1, s2, s3), and the three leaves.
+        expect(synced).toEqual(['.', 'p', 'p/s1', 'p/s2', 'p/s3']);
+        // Nothing changed since: nothing to do.
+        const fsyncs = () =>
+          readFileSync(log, 'utf8')
+            .split('\n')
+            .filter((l) => /fsync "/.test(l)).length;
+        const before = fsyncs();
+        await st.flush();
+        expect(fsyncs()).toBe(before);
+      } finally {
+        forced.remove();
+        await st.close();
+        removeRoot(st);
+        rmSync(log, { force: true });
+      }
+    });
+
     it('rejects bad options with E_CONFIG naming the field; never echoes secrets', () => {
       const base = { host: s.host, user: s.user, hostFingerprint: s.hostFingerprint };
       const bad: [unknown, RegExp][] = [

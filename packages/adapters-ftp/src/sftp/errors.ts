@@ -3,7 +3,17 @@ import { TRANSIENT_ERRNO } from '../shared/errors.js';
 
 /** The operation an SFTP error happened in; it decides how ambiguous statuses are read. */
 export type SftpOp =
-  'connect' | 'test' | 'list' | 'stat' | 'read' | 'write' | 'mkdir' | 'remove' | 'rename' | 'cleanup';
+  | 'connect'
+  | 'test'
+  | 'list'
+  | 'stat'
+  | 'read'
+  | 'write'
+  | 'mkdir'
+  | 'remove'
+  | 'rename'
+  | 'cleanup'
+  | 'flush';
 
 const CONTEXT: Record<SftpOp, string> = {
   connect: 'Connecting to the SFTP server',
@@ -16,6 +26,7 @@ const CONTEXT: Record<SftpOp, string> = {
   remove: 'Removing the file',
   rename: 'Renaming the file',
   cleanup: 'Removing temporary files',
+  flush: 'Making renamed files durable on the server',
 };
 
 /** SFTP v3 status codes (draft-ietf-secsh-filexfer-02). */
@@ -166,7 +177,10 @@ export function toSftpError(e: unknown, op: SftpOp, path?: string): MedsyncError
     return make('E_TRANSIENT', 'the server did not answer in time (no SSH handshake within `timeoutMs`).');
   }
   if (level === 'client-timeout') {
-    return make('E_TRANSIENT', 'the server stopped answering (nothing for `timeoutMs`); the session was closed.');
+    return make(
+      'E_TRANSIENT',
+      'the server stopped answering (nothing for `timeoutMs`); the session was closed.',
+    );
   }
   if (/no matching|handshake failed/i.test(message) || level === 'handshake') {
     return make(

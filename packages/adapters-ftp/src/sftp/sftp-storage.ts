@@ -627,6 +627,7 @@ export class SftpStorage implements Storage {
     try {
       await s.mkdir(absDir);
       this.madeDirs.add(absDir);
+      this.dirty.add(dirnameAbs(absDir));
       return;
     } catch (e) {
       if (!isSftpStatus(e)) throw e;
@@ -642,11 +643,67 @@ export class SftpStorage implements Storage {
     await this.ensureDir(s, dirnameAbs(absDir));
     try {
       await s.mkdir(absDir);
+      this.dirty.add(dirnameAbs(absDir));
     } catch (e) {
       const st = await s.stat(absDir).catch(() => undefined);
       if (!st?.isDirectory()) throw e;
     }
     this.madeDirs.add(absDir);
+  }
+
+  /** Folders whose entries changed since the last flush (absolute paths on the server). */
+  private readonly dirty = new Set<string>();
+  /** The server refused to open a folder for fsync: renames cannot be made durable there. */
+  private folderSyncRefused = false;
+
+  /**
+   * Makes the entries written since the last call durable: each changed folder is opened and
+   * fsynced (fsync@openssh.com on a folder handle, which OpenSSH's sftp-server allows), all at
+   * once on one connection. The files' bytes were fsynced before their rename; this covers the
+   * renames and new folders, so a power cut on the server cannot take back a file the job has
+   * recorded. A server without fsync@openssh.com, or that will not open folders, is skipped.
+   */
+  async flush(opts: OpOptions = {}): Promise<void> {
+    if (this.dirty.size === 0 || !this.options.fsync || this.folderSyncRefused) {
+      this.dirty.clear();
+      return;
+    }
+    this.check();
+    const dirs = [...this.dirty];
+    this.dirty.clear();
+    try {
+      await this.withSession('flush', undefined, opts.signal, async (s) => {
+        if (!s.has('fsync@openssh.com')) return;
+        await Promise.all(
+          dirs.map(async (d) => {
+            let h: Buffer;
+            try {
+              h = await s.open(d, 'r');
+            } catch (e) {
+              // Removed since: nothing to make durable. Refused: this server will not.
+              if (isSftpStatus(e, SFTP_STATUS.NO_SUCH_FILE)) return;
+              if (isSftpStatus(e)) {
+                this.folderSyncRefused = true;
+                return;
+              }
+              throw e;
+            }
+            try {
+              await s.fsync(h);
+            } catch (e) {
+              if (!isSftpStatus(e) || !isSftpStatus(e, SFTP_STATUS.OP_UNSUPPORTED)) throw e;
+              this.folderSyncRefused = true;
+            } finally {
+              await s.closeHandle(h).catch(noop);
+            }
+          }),
+        );
+      });
+    } catch (e) {
+      // Tried again at the next flush (the job retries a failed flush before recording).
+      for (const d of dirs) this.dirty.add(d);
+      throw e;
+    }
   }
 
   /** Forgets cached folders on `absDir`'s branch, after a failure that hints they went. */
@@ -971,6 +1028,7 @@ export class SftpStorage implements Storage {
       }
       throwIfAborted(signal);
       await this.renameAbs(s, tmpAbs, finalAbs, rel, rel);
+      this.dirty.add(dirnameAbs(finalAbs));
       tempMayExist = false;
       return {
         path: rel,
@@ -1059,6 +1117,7 @@ export class SftpStorage implements Storage {
     await this.withSession('rename', a, opts.signal, (s) =>
       this.renameAbs(s, this.abs(a), this.abs(b), a, b),
     );
+    this.dirty.add(dirnameAbs(this.abs(a))).add(dirnameAbs(this.abs(b)));
   }
 
   async cleanupPartials(prefix = '', opts: CleanupOptions = {}): Promise<number> {
