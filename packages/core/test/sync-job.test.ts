@@ -699,6 +699,39 @@ describe('SyncJob copy', () => {
   });
 });
 
+describe('SyncJob crash recovery and the destination clock', () => {
+  it("removes the crashed run's leftovers by the destination's clock, not another writer's fresh files", async () => {
+    // A destination whose clock runs two hours behind ours: it dates files (and reads the
+    // cleanup cutoff) two hours early. Another writer creates a temporary file as the cleanup
+    // starts; the crashed run's leftover is from before this run.
+    const skew = 2 * 3_600_000;
+    const dst = tmp();
+    class Behind extends LocalStorage {
+      override async stat(path: string, o?: Parameters<LocalStorage['stat']>[1]): Promise<StorageEntry> {
+        const e = await super.stat(path, o);
+        return { ...e, mtimeMs: e.mtimeMs! - skew };
+      }
+      override async cleanupPartials(prefix = '', o: Parameters<LocalStorage['cleanupPartials']>[1] = {}) {
+        writeFileSync(join(dst, 'sub/.y.dcm.cafef00d.medsync-part'), 'another writer, in progress');
+        const at = o.olderThanMs === undefined ? {} : { olderThanMs: o.olderThanMs + skew };
+        return super.cleanupPartials(prefix, { ...o, ...at });
+      }
+    }
+    const src = tmp();
+    writeTree(src, { 'a.dcm': 'a' });
+    writeTree(dst, { 'sub/.x.dcm.deadbeef.medsync-part': 'half' });
+    const store = new MemoryStore();
+    await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
+    await new Promise((r) => setTimeout(r, 200));
+    const r = await job(
+      { source: new LocalStorage({ root: src }), destinations: [new Behind({ root: dst })] },
+      store,
+    ).run();
+    expect(r.status).toBe('success');
+    expect(Object.keys(readTree(dst)).sort()).toEqual(['a.dcm', 'sub/.y.dcm.cafef00d.medsync-part']);
+  });
+});
+
 describe('SyncJob safety', () => {
   it('refuses to refill a destination whose delivered files are all gone (an unmounted share)', async () => {
     const src = tmp();

@@ -34,9 +34,6 @@ interface DestinationClock {
   slackMs: number;
 }
 
-/** Added to a clock probe's round trip: times in whole seconds, and rounding on the way. */
-const CLOCK_SLACK_MS = 2000;
-
 /**
  * Errors that say a whole destination is unusable: refused credentials. (E_CONFIG is not among
  * them: some adapters raise it for one file, e.g. a folder where the file should go.)
@@ -796,11 +793,19 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     if (manifest.size > 0) await this.checkDestinationPresent(dest, manifest, ctx.signal);
 
     if (ctx.interrupted && !ctx.dryRun && dest.cleanupPartials) {
-      await dest.cleanupPartials('', { olderThanMs: ctx.runStart, signal: ctx.signal }).catch((e: unknown) =>
-        this.log.warn('Removing leftovers of an interrupted run failed', {
-          error: toMedsyncError(e).message,
-        }),
-      );
+      // Temporary files written before this run started are the crashed run's leftovers; those of
+      // other writers (another job on the same destination) are fresher. The destination dates
+      // them by its own clock: the cutoff is moved to it, less the margin, so a clock running
+      // behind ours does not make another writer's files in progress look old.
+      const clock = await this.destinationClock(dest, ctx.signal);
+      if (clock) {
+        const olderThanMs = ctx.runStart + clock.offsetMs - clock.slackMs;
+        await dest.cleanupPartials('', { olderThanMs, signal: ctx.signal }).catch((e: unknown) =>
+          this.log.warn('Removing leftovers of an interrupted run failed', {
+            error: toMedsyncError(e).message,
+          }),
+        );
+      }
     }
 
     let skipped = 0;
@@ -978,8 +983,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   /**
    * How far the destination's clock is from ours, as its listings show it: a small probe file is
    * written at its root (under a temporary name, skipped by listings and swept if left), its
-   * time read back, and the file removed. `slackMs` covers the round trip and whole-second times.
-   * Null when the probe cannot be written or shows no time.
+   * time read back, and the file removed. `slackMs` covers the round trip and the precision of
+   * the destination's times.
+   * Null when the probe cannot be written or shows no time. Used where the destination's times
+   * are compared with ours: adoption by write time, and the cleanup after a crash.
    */
   private async destinationClock(
     dest: Storage,
@@ -992,9 +999,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const after = this.clock.now();
       const seen = await dest.stat(probe, { signal });
       if (seen.mtimeMs === undefined) return null;
+      // Times may be cut to the destination's precision (whole seconds where unknown), the probe's
+      // and the compared file's alike: twice that, plus half the round trip.
+      const precision = Math.max(1, dest.capabilities.mtimePrecisionMs ?? 1000);
       return {
         offsetMs: seen.mtimeMs - (before + after) / 2,
-        slackMs: (after - before) / 2 + CLOCK_SLACK_MS,
+        slackMs: (after - before) / 2 + 2 * precision,
       };
     } catch (e) {
       if (signal?.aborted) throw e;
