@@ -1144,8 +1144,11 @@ export class SftpStorage implements Storage {
         else if (isType(f.attrs.mode, S_IFREG) && isPartialName(f.filename)) {
           // A temporary file gets the source's (old) mtime before its rename, and the time it was
           // written as its access time: the later of the two is its age.
-          const touched = Math.max(f.attrs.mtime, f.attrs.atime) * 1000;
-          if (opts.olderThanMs !== undefined && touched >= opts.olderThanMs) continue;
+          if (opts.olderThanMs !== undefined) {
+            const times = [f.attrs.mtime, f.attrs.atime].filter((t) => typeof t === 'number' && t >= 0);
+            // Without a time the file may belong to a write in progress: keep it.
+            if (times.length === 0 || Math.max(...times) * 1000 >= opts.olderThanMs) continue;
+          }
           const done = await this.withSession('cleanup', child, opts.signal, async (s) => {
             try {
               await s.unlink(this.abs(child));

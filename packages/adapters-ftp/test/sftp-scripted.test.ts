@@ -1,7 +1,7 @@
 /**
- * Replacing a file on an SFTP server without posix-rename@openssh.com, where a plain RENAME never
- * replaces (SSH_FX_FAILURE when the target exists). OpenSSH always offers posix-rename, so the
- * session is scripted here: a few files in a Map, and renames that can be refused.
+ * SFTP behaviour that no OpenSSH server shows, on a scripted session: replacing a file without
+ * posix-rename@openssh.com (a plain RENAME never replaces: SSH_FX_FAILURE when the target exists;
+ * OpenSSH always offers posix-rename), and listings without times.
  */
 import { describe, expect, it } from 'vitest';
 import { createSftpStorage, SFTP_STATUS, SftpStatusError } from '@medsync/adapters-ftp';
@@ -84,5 +84,39 @@ describe('sftp rename over an existing file without posix-rename', () => {
     });
     expect(s.files.get('/data/d/a.dcm')).toBe('old');
     expect([...s.files.keys()].sort()).toEqual(['/data/d/.a.dcm.x1.medsync-part', '/data/d/a.dcm']);
+  });
+});
+
+describe('sftp cleanupPartials on a server whose listings carry no times', () => {
+  it('keeps temporary files it cannot date (they may belong to a write in progress)', async () => {
+    const st = createSftpStorage({
+      host: '127.0.0.1',
+      user: 'nobody',
+      password: 'unused',
+      hostFingerprint: 'SHA256:' + 'A'.repeat(43),
+      root: '/data',
+    });
+    const unlinked: string[] = [];
+    const S_IFREG = 0o100000;
+    const session = {
+      stat: async () => dirStat,
+      readdir: async () => [
+        { filename: '.a.dcm.x1.medsync-part', longname: '', attrs: { mode: S_IFREG | 0o644, size: 3 } },
+        {
+          filename: '.b.dcm.x2.medsync-part',
+          longname: '',
+          attrs: { mode: S_IFREG | 0o644, size: 3, mtime: 1, atime: 1 },
+        },
+      ],
+      unlink: async (p: string) => void unlinked.push(p),
+    };
+    (st as unknown as { withSession: unknown }).withSession = (
+      _op: string,
+      _path: string | undefined,
+      _signal: AbortSignal | undefined,
+      fn: (s: typeof session) => Promise<unknown>,
+    ) => fn(session);
+    expect(await st.cleanupPartials('', { olderThanMs: Date.now() - 60_000 })).toBe(1);
+    expect(unlinked).toEqual(['/data/.b.dcm.x2.medsync-part']);
   });
 });
