@@ -120,3 +120,75 @@ describe('sftp cleanupPartials on a server whose listings carry no times', () =>
     expect(unlinked).toEqual(['/data/.b.dcm.x2.medsync-part']);
   });
 });
+
+describe('sftp flush is best effort and never fails the run', () => {
+  /** A storage whose sessions are scripted: `open`/`fsync` answers per folder. */
+  function scripted(answer: {
+    open?: (d: string) => Error | undefined;
+    fsync?: (d: string) => Error | undefined;
+  }) {
+    const st = createSftpStorage({
+      host: '127.0.0.1',
+      user: 'nobody',
+      password: 'unused',
+      hostFingerprint: 'SHA256:' + 'A'.repeat(43),
+      root: '/data',
+    });
+    const synced: string[] = [];
+    let connected = true;
+    const session = {
+      has: () => true,
+      open: async (d: string) => {
+        const e = answer.open?.(d);
+        if (e) throw e;
+        return Buffer.from(d);
+      },
+      fsync: async (h: Buffer) => {
+        const e = answer.fsync?.(h.toString());
+        if (e) throw e;
+        synced.push(h.toString());
+      },
+      closeHandle: async () => undefined,
+    };
+    (st as unknown as { withSession: unknown }).withSession = (
+      _op: string,
+      _path: string | undefined,
+      _signal: AbortSignal | undefined,
+      fn: (s: typeof session) => Promise<unknown>,
+    ) => (connected ? fn(session) : Promise.reject(new Error('Not connected: the SSH session was closed.')));
+    const dirty = (st as unknown as { dirty: Set<string> }).dirty;
+    return { st, synced, dirty, setConnected: (c: boolean) => (connected = c) };
+  }
+
+  it('skips a folder the server will not open; stops for good where folders cannot be fsynced', async () => {
+    const denied = scripted({
+      open: (d) =>
+        d.endsWith('/drop') ? new SftpStatusError(SFTP_STATUS.PERMISSION_DENIED, 'denied') : undefined,
+    });
+    denied.dirty.add('/data/drop').add('/data/a');
+    await denied.st.flush();
+    expect(denied.synced).toEqual(['/data/a']);
+    denied.dirty.add('/data/b');
+    await denied.st.flush();
+    expect(denied.synced).toEqual(['/data/a', '/data/b']);
+
+    // EINVAL from fsync on a folder (a file system that cannot) comes as BAD_MESSAGE.
+    const einval = scripted({ fsync: () => new SftpStatusError(SFTP_STATUS.BAD_MESSAGE, 'Bad message') });
+    einval.dirty.add('/data/a');
+    await expect(einval.st.flush()).resolves.toBeUndefined();
+    einval.dirty.add('/data/b');
+    await einval.st.flush();
+    expect(einval.dirty.size).toBe(0);
+  });
+
+  it('a lost connection keeps the folders for the next call', async () => {
+    const s = scripted({});
+    s.dirty.add('/data/a');
+    s.setConnected(false);
+    await expect(s.st.flush()).resolves.toBeUndefined();
+    expect([...s.dirty]).toEqual(['/data/a']);
+    s.setConnected(true);
+    await s.st.flush();
+    expect(s.synced).toEqual(['/data/a']);
+  });
+});

@@ -730,6 +730,35 @@ describe('SyncJob crash recovery and the destination clock', () => {
     expect(r.status).toBe('success');
     expect(Object.keys(readTree(dst)).sort()).toEqual(['a.dcm', 'sub/.y.dcm.cafef00d.medsync-part']);
   });
+
+  it('a destination clock ahead of ours does not move the cutoff later (files dated by the writer)', async () => {
+    // SFTP dates a finished temporary file by its writer's clock (its access time) while the
+    // server's clock runs ahead: the cutoff must not follow that clock forward.
+    const skew = 2 * 3_600_000;
+    const dst = tmp();
+    class Ahead extends LocalStorage {
+      override async stat(path: string, o?: Parameters<LocalStorage['stat']>[1]): Promise<StorageEntry> {
+        const e = await super.stat(path, o);
+        return { ...e, mtimeMs: e.mtimeMs! + skew };
+      }
+      override async cleanupPartials(prefix = '', o: Parameters<LocalStorage['cleanupPartials']>[1] = {}) {
+        writeFileSync(join(dst, 'sub/.y.dcm.cafef00d.medsync-part'), 'another writer, finishing');
+        return super.cleanupPartials(prefix, o);
+      }
+    }
+    const src = tmp();
+    writeTree(src, { 'a.dcm': 'a' });
+    writeTree(dst, { 'sub/.x.dcm.deadbeef.medsync-part': 'half' });
+    const store = new MemoryStore();
+    await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
+    await new Promise((r) => setTimeout(r, 200));
+    const r = await job(
+      { source: new LocalStorage({ root: src }), destinations: [new Ahead({ root: dst })] },
+      store,
+    ).run();
+    expect(r.status).toBe('success');
+    expect(Object.keys(readTree(dst)).sort()).toEqual(['a.dcm', 'sub/.y.dcm.cafef00d.medsync-part']);
+  });
 });
 
 describe('SyncJob safety', () => {

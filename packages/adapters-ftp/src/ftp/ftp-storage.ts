@@ -708,12 +708,10 @@ export class FtpStorage implements Storage {
         // directory."): a folder its parent still lists is unreadable, and skipping it would
         // hide its files (a mirror from this server would then delete their copies).
         if (me.code === 'E_NOT_FOUND' && r.dir !== start) {
-          if (!(await this.folderListed(r.dir, opts.signal))) continue;
-          throw new MedsyncError(
-            'E_PERMISSION',
-            'A folder could not be listed although it is there: check that the account may enter and list every folder.',
-            { adapter: this.kind, path: r.dir, cause: r.error, retryable: false },
-          );
+          // Listed as unreadable (size -1), as the local adapter lists what it cannot read: the
+          // sync reports it, and a mirror deletes nothing below it. The other folders go on.
+          if (await this.folderListed(r.dir, opts.signal)) yield { path: r.dir, size: -1 };
+          continue;
         }
         throw me;
       }
@@ -1063,15 +1061,28 @@ export class FtpStorage implements Storage {
       // temporary name, the new one renamed in, and only then the old one removed; if the new one
       // still cannot go in, the old one is put back. (Deleting the old one first lost both when
       // the second rename failed too: a virus scanner holding the new file, a full folder.)
+      // Only a file is moved aside: a folder in the way (with delivered files in it) stays.
       const asideAbs = this.abs(partialNameFor(toRel, `old${(++tmpCounter).toString(36)}`));
-      if ((await this.renameOnce(c, toAbs, asideAbs)).code < 400) {
-        res = await attempt();
-        if (res.code < 400) {
+      // (CWD tells a folder: some servers answer SIZE for folders too.)
+      const folder = (await c.sendIgnoringError(`CWD ${toAbs}`)).code < 400;
+      if (
+        !folder &&
+        (await this.stillThere(c, toAbs)) &&
+        (await this.renameOnce(c, toAbs, asideAbs)).code < 400
+      ) {
+        let placed = false;
+        try {
+          res = await attempt();
+          placed = res.code < 400;
+        } finally {
+          // The old one goes back whatever stopped the new one (a refusal, a dropped connection:
+          // then it stays hidden beside the empty name until the retry puts the new one in).
+          if (!placed) await this.renameOnce(c, asideAbs, toAbs).catch(noop);
+        }
+        if (placed) {
           await c.sendIgnoringError(`DELE ${asideAbs}`);
           return;
         }
-        // Left hidden if this fails too (cleanupPartials removes it in time).
-        await this.renameOnce(c, asideAbs, toAbs);
       }
     }
     throw this.err(replyError(res), 'rename', toRel);
@@ -1284,7 +1295,8 @@ export class FtpStorage implements Storage {
         else {
           // SIZE refused: gone, or a server that will not size this file (the listing tells).
           const name = tmpAbs.slice(tmpAbs.lastIndexOf('/') + 1);
-          const listed = await c.list(dirnameAbs(tmpAbs)).catch(() => []);
+          const listed = await c.list(dirnameAbs(tmpAbs)).catch(() => undefined);
+          if (listed === undefined) throw replyError(res);
           if (!listed.some((f) => f.name === name)) throw vanished(replyError(res));
         }
         if (stored !== undefined && !Number.isNaN(stored) && stored !== sent) {

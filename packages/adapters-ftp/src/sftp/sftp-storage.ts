@@ -651,58 +651,66 @@ export class SftpStorage implements Storage {
     this.madeDirs.add(absDir);
   }
 
-  /** Folders whose entries changed since the last flush (absolute paths on the server). */
+  /** Folders that gained an entry since the last flush (absolute paths on the server). */
   private readonly dirty = new Set<string>();
-  /** The server refused to open a folder for fsync: renames cannot be made durable there. */
+  /** The server cannot fsync folders (not supported, or not on its file system). */
   private folderSyncRefused = false;
+  /** Flushes run one after another: a second caller waits for the folders of the first. */
+  private flushing: Promise<void> = Promise.resolve();
 
   /**
-   * Makes the entries written since the last call durable: each changed folder is opened and
-   * fsynced (fsync@openssh.com on a folder handle, which OpenSSH's sftp-server allows), all at
-   * once on one connection. The files' bytes were fsynced before their rename; this covers the
-   * renames and new folders, so a power cut on the server cannot take back a file the job has
-   * recorded. A server without fsync@openssh.com, or that will not open folders, is skipped.
+   * Makes the entries written since the last call durable: each folder that gained one (a rename
+   * into place, a new folder) is opened and fsynced (fsync@openssh.com on a folder handle, which
+   * OpenSSH's sftp-server allows), up to 32 at a time on one connection. The files' bytes were
+   * fsynced before their rename; this covers the renames, so a power cut on the server cannot
+   * take back a file the job has recorded. Best effort, never an error of the run: a folder the
+   * server will not open or fsync is skipped (a server that cannot fsync folders at all, from then
+   * on), and a lost connection leaves the folders for the next call. Skipped with `fsync: false`
+   * and on servers without fsync@openssh.com.
    */
-  async flush(opts: OpOptions = {}): Promise<void> {
-    if (this.dirty.size === 0 || !this.options.fsync || this.folderSyncRefused) {
+  flush(opts: OpOptions = {}): Promise<void> {
+    const run = this.flushing.then(() => this.flushFolders(opts));
+    this.flushing = run.catch(noop);
+    return run;
+  }
+
+  private async flushFolders(opts: OpOptions): Promise<void> {
+    if (this.dirty.size === 0 || !this.options.fsync || this.folderSyncRefused || this.closed) {
       this.dirty.clear();
       return;
     }
-    this.check();
     const dirs = [...this.dirty];
     this.dirty.clear();
+    const one = async (s: SftpSession, d: string) => {
+      let h: Buffer;
+      try {
+        h = await s.open(d, 'r');
+      } catch (e) {
+        // Removed since, or refused (a write-only drop folder): nothing this call can do for it.
+        if (isSftpStatus(e)) return;
+        throw e;
+      }
+      try {
+        await s.fsync(h);
+      } catch (e) {
+        if (!isSftpStatus(e)) throw e;
+        // Not supported, or a file system that cannot fsync folders (EINVAL: BAD_MESSAGE).
+        if (isSftpStatus(e, SFTP_STATUS.OP_UNSUPPORTED) || isSftpStatus(e, SFTP_STATUS.BAD_MESSAGE))
+          this.folderSyncRefused = true;
+      } finally {
+        await s.closeHandle(h).catch(noop);
+      }
+    };
     try {
       await this.withSession('flush', undefined, opts.signal, async (s) => {
         if (!s.has('fsync@openssh.com')) return;
-        await Promise.all(
-          dirs.map(async (d) => {
-            let h: Buffer;
-            try {
-              h = await s.open(d, 'r');
-            } catch (e) {
-              // Removed since: nothing to make durable. Refused: this server will not.
-              if (isSftpStatus(e, SFTP_STATUS.NO_SUCH_FILE)) return;
-              if (isSftpStatus(e)) {
-                this.folderSyncRefused = true;
-                return;
-              }
-              throw e;
-            }
-            try {
-              await s.fsync(h);
-            } catch (e) {
-              if (!isSftpStatus(e) || !isSftpStatus(e, SFTP_STATUS.OP_UNSUPPORTED)) throw e;
-              this.folderSyncRefused = true;
-            } finally {
-              await s.closeHandle(h).catch(noop);
-            }
-          }),
-        );
+        for (let i = 0; i < dirs.length && !this.folderSyncRefused; i += 32) {
+          await Promise.all(dirs.slice(i, i + 32).map((d) => one(s, d)));
+        }
       });
-    } catch (e) {
-      // Tried again at the next flush (the job retries a failed flush before recording).
-      for (const d of dirs) this.dirty.add(d);
-      throw e;
+    } catch {
+      // The connection failed (or the storage closed): the folders wait for the next call.
+      if (!this.closed && !opts.signal?.aborted) for (const d of dirs) this.dirty.add(d);
     }
   }
 

@@ -799,7 +799,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       // behind ours does not make another writer's files in progress look old.
       const clock = await this.destinationClock(dest, ctx.signal);
       if (clock) {
-        const olderThanMs = ctx.runStart + clock.offsetMs - clock.slackMs;
+        // Never later than our own start: some adapters date temporary files by the writer's
+        // clock (SFTP's access times), and a destination clock running ahead must not make
+        // another writer's finished, not yet renamed file look old.
+        const olderThanMs = ctx.runStart + Math.min(0, clock.offsetMs) - clock.slackMs;
         await dest.cleanupPartials('', { olderThanMs, signal: ctx.signal }).catch((e: unknown) =>
           this.log.warn('Removing leftovers of an interrupted run failed', {
             error: toMedsyncError(e).message,
@@ -993,9 +996,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     signal: AbortSignal | undefined,
   ): Promise<DestinationClock | null> {
     const probe = partialNameFor('medsync-clock-probe', randomUUID().slice(0, 8));
+    let written = false;
     try {
       const before = this.clock.now();
       await dest.write(probe, Buffer.from('medsync clock probe\n'), { signal });
+      written = true;
       const after = this.clock.now();
       const seen = await dest.stat(probe, { signal });
       if (seen.mtimeMs === undefined) return null;
@@ -1014,7 +1019,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       });
       return null;
     } finally {
-      await dest.remove(probe).catch(() => undefined);
+      // Not after a failed write (a refused login would be tried once more for nothing).
+      if (written) await dest.remove(probe).catch(() => undefined);
     }
   }
 
