@@ -716,6 +716,20 @@ function define(s: SshdInfo): void {
       }
     });
 
+    it('a source time outside the range of SFTP times (before 1970) is not sent: it would wrap to 2106', async () => {
+      const st = storageOn(s);
+      try {
+        const body = Buffer.from('an old scan');
+        const w = await st.write('old/a.dcm', body, { size: body.length, mtimeMs: Date.UTC(1969, 11, 31) });
+        expect(w.mtimeMs).toBeUndefined();
+        expect(statSync(join(st.options.root, 'old/a.dcm')).mtimeMs).toBeLessThan(Date.UTC(2100, 0, 1));
+        expect(readFileSync(join(st.options.root, 'old/a.dcm'))).toEqual(body);
+      } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
     it('a server that refuses to set times still gets the file; mtimes are no longer promised', async () => {
       // sftp-server -P denies SETSTAT/FSETSTAT with SSH_FX_PERMISSION_DENIED, as object-store
       // gateways do.

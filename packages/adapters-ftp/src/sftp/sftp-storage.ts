@@ -985,7 +985,10 @@ export class SftpStorage implements Storage {
       // The access time says when this temporary file was written (its mtime is the source's), so
       // cleanupPartials can tell a fresh one from a leftover. A server that refuses to set times
       // (an object-store gateway) still gets the file, without the mtime.
+      // SFTP v3 carries times as unsigned 32-bit seconds (1970 to 2106): a time outside that
+      // range would wrap to a wrong date, so the file goes without it.
       let secs = opts.mtimeMs !== undefined ? Math.floor(opts.mtimeMs / 1000) : undefined;
+      if (secs !== undefined && !(secs >= 0 && secs <= 0xffffffff)) secs = undefined;
       const [st, timesSet] = await Promise.all([
         s.fstat(h),
         secs !== undefined
