@@ -156,6 +156,24 @@ suite('FTP faults (pure-ftpd)', () => {
     );
   });
 
+  it('a server that refuses APPE (502) gets the whole file again on the retry', async () => {
+    const proxy = await proxyFor(plain!);
+    proxy.refuseAlways(/^APPE /i, '502 Command not implemented.');
+    const { storage, local } = storageOn(plain!, proxy);
+    const MiB = 1024 * 1024;
+    const body = randomBytes(12 * MiB);
+    const put = () =>
+      storage.write('s/big.dcm', Readable.from([body]), { size: body.length, mtimeMs: Date.UTC(2024, 0, 1) });
+    proxy.cutNextUpload(6 * MiB);
+    await expect(put()).rejects.toMatchObject({ code: 'E_TRANSIENT' });
+    expect(allFiles(local)).toHaveLength(1); // the part, kept for a resume
+    const before = proxy.stats.bytesUp;
+    await put();
+    expect(proxy.stats.bytesUp - before).toBe(body.length);
+    expect((await storage.readBuffer('s/big.dcm')).equals(body)).toBe(true);
+    expect(allFiles(local)).toEqual(['s/big.dcm']);
+  });
+
   it('a partial left by another version of the file is never resumed; cleanupPartials removes it', async () => {
     const proxy = await proxyFor(plain!);
     const { storage, local } = storageOn(plain!, proxy);

@@ -1212,6 +1212,8 @@ export class FtpStorage implements Storage {
         lease = await this.pool.acquire(signal);
         throwIfAborted(signal);
         const c = lease.conn;
+        // Whether this attempt appends (APPE) to a part already on the server.
+        let appending = false;
         try {
           await this.ensureDir(c, dirnameAbs(finalAbs));
           let offset = 0;
@@ -1228,6 +1230,7 @@ export class FtpStorage implements Storage {
             wholeReused = true;
             for await (const _ of uploadBody(offset)) void _;
           } else if (offset > 0) {
+            appending = true;
             await c.appendFrom(uploadBody(offset), tmpAbs);
           } else {
             await c.uploadFrom(uploadBody(), tmpAbs);
@@ -1248,8 +1251,14 @@ export class FtpStorage implements Storage {
             e = (await FtpStorage.transferVerdict(c)) ?? e;
           }
           if (streamError !== undefined || pulled || signal?.aborted) throw e;
-          // A server without APPE refuses it before any byte moves: upload the whole file.
-          if (isFtpReply(e) && e.code >= 500 && e.code <= 504 && resumable && this.appendSupported) {
+          // A server without APPE refuses it (500, 502, 504: not implemented) before any byte
+          // moves: upload the whole file. Other refusals (501 for a name) are the file's own.
+          if (
+            isFtpReply(e) &&
+            (e.code === 500 || e.code === 502 || e.code === 504) &&
+            appending &&
+            this.appendSupported
+          ) {
             this.appendSupported = false;
             this.pool.release(c);
             lease = undefined;
