@@ -468,11 +468,14 @@ describe('FtpStorage against ftp-srv', () => {
     // vsftpd answers "550 Delete operation failed." when the disk refuses (a retention share);
     // only a file seen missing counts as removed.
     let rnfrRefusals = 0;
+    let sealed = false;
     const refusing = await startFtpServer({
       refuse: {
-        delete: (p) => p.endsWith('/kept.dcm'),
+        delete: (p) => p.endsWith('/kept.dcm') || p.endsWith('/sealed.dcm'),
         // RNFR is the first `get` of moved.dcm; the SIZE that follows it finds the file.
-        get: (p) => p.endsWith('/moved.dcm') && rnfrRefusals++ === 0,
+        // sealed.dcm may be neither deleted nor read (SIZE, MDTM refused too).
+        get: (p) =>
+          (p.endsWith('/moved.dcm') && rnfrRefusals++ === 0) || (sealed && p.endsWith('/sealed.dcm')),
       },
     });
     try {
@@ -487,6 +490,13 @@ describe('FtpStorage against ftp-srv', () => {
       const mv = await caught(s.rename('d/moved.dcm', 'd/elsewhere.dcm'));
       expect(mv).toMatchObject({ code: 'E_PERMISSION', path: 'd/moved.dcm' });
       expect(rnfrRefusals).toBeGreaterThan(0);
+      await s.write('d/sealed.dcm', Buffer.from('unreadable'));
+      sealed = true;
+      expect(await caught(s.remove('d/sealed.dcm'))).toMatchObject({
+        code: 'E_PERMISSION',
+        path: 'd/sealed.dcm',
+      });
+      expect(readdirSync(join(refusing.dir, s.options.root, 'd'))).toContain('sealed.dcm');
       // A missing file still counts as removed, and its rename as not found.
       await expect(s.remove('d/never-there.dcm')).resolves.toBeUndefined();
       await expect(s.rename('d/never-there.dcm', 'd/x.dcm')).rejects.toMatchObject({ code: 'E_NOT_FOUND' });

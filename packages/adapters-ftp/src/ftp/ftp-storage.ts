@@ -773,8 +773,12 @@ export class FtpStorage implements Storage {
     try {
       return (await this.statOn(c, '', abs)) !== null;
     } catch (e) {
-      if (isFtpReply(e) && e.code >= 500) return false;
-      throw e;
+      if (!(isFtpReply(e) && e.code >= 500)) throw e;
+      // MLST/SIZE refused: missing, or a file this account may not read. Its folder's listing
+      // tells (a refused DELE of an unreadable file must not pass for "already gone").
+      const name = abs.slice(abs.lastIndexOf('/') + 1);
+      const listed = await c.list(dirnameAbs(abs)).catch(() => undefined);
+      return listed?.some((f) => f.name === name) ?? false;
     }
   }
 
