@@ -192,3 +192,38 @@ describe('sftp flush is best effort and never fails the run', () => {
     expect(s.synced).toEqual(['/data/a']);
   });
 });
+
+describe('sftp test() on a server that refuses the probe write', () => {
+  it('reports the folder as not writable and closes the probe handle', async () => {
+    const st = createSftpStorage({
+      host: '127.0.0.1',
+      user: 'nobody',
+      password: 'unused',
+      hostFingerprint: 'SHA256:' + 'A'.repeat(43),
+      root: '/data',
+      serverDigest: false,
+    });
+    const open = new Set<string>();
+    const session = {
+      has: () => false,
+      stat: async () => dirStat,
+      readdir: async () => [],
+      open: async (p: string) => (open.add(p), Buffer.from(p)),
+      write: async () => {
+        throw new SftpStatusError(SFTP_STATUS.FAILURE, 'No space left on device');
+      },
+      closeHandle: async (h: Buffer) => void open.delete(h.toString()),
+      unlink: async () => undefined,
+      info: { hostKey: {}, extensions: [] },
+    };
+    (st as unknown as { withSession: unknown }).withSession = (
+      _op: string,
+      _path: string | undefined,
+      _signal: AbortSignal | undefined,
+      fn: (s: typeof session) => Promise<unknown>,
+    ) => fn(session);
+    const report = await st.test();
+    expect(report).toMatchObject({ ok: true, writable: false });
+    expect(open.size).toBe(0);
+  });
+});

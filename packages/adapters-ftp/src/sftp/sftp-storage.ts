@@ -270,14 +270,19 @@ export class SftpStorage implements Storage {
         }
         let writable = false;
         const probe = this.abs(`.medsync-probe-${randomBytes(6).toString('hex')}`);
+        let h: Buffer | undefined;
         try {
-          const h = await s.open(probe, 'wx');
+          h = await s.open(probe, 'wx');
           await s.write(h, Buffer.from('probe'), 0);
-          await s.closeHandle(h);
+          const opened = h;
+          h = undefined;
+          await s.closeHandle(opened);
           await s.unlink(probe);
           writable = true;
         } catch (e) {
           if (!isSftpStatus(e)) throw e;
+          // A write refused (a full disk): its handle is closed, not left open on the pooled session.
+          if (h) await s.closeHandle(h).catch(noop);
           await s.unlink(probe).catch(noop);
         }
         let freeBytes: number | undefined;
