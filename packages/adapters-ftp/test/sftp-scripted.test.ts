@@ -227,3 +227,38 @@ describe('sftp test() on a server that refuses the probe write', () => {
     expect(open.size).toBe(0);
   });
 });
+
+describe('sftp read() cancelled while the server has not answered the open', () => {
+  it('ends at once with E_ABORTED (the session is closed: SFTP cannot cancel one request)', async () => {
+    const st = createSftpStorage({
+      host: '127.0.0.1',
+      user: 'nobody',
+      password: 'unused',
+      hostFingerprint: 'SHA256:' + 'A'.repeat(43),
+      root: '/data',
+    });
+    let fail: ((e: Error) => void) | undefined;
+    const session = {
+      closed: false,
+      // A server that never answers this OPEN.
+      open: () => new Promise<Buffer>((_resolve, reject) => (fail = reject)),
+      close() {
+        this.closed = true;
+        fail?.(new Error('Not connected: the SSH session was closed.'));
+      },
+      closeHandle: async () => undefined,
+    };
+    let released: boolean | undefined;
+    (st as unknown as { pool: unknown }).pool = {
+      acquire: async () => ({ conn: session, reused: false }),
+      release: (_s: unknown, broken?: boolean) => void (released = broken),
+    };
+    const ac = new AbortController();
+    const reading = st.read('a.dcm', { signal: ac.signal });
+    await new Promise((r) => setTimeout(r, 20));
+    ac.abort();
+    await expect(reading).rejects.toMatchObject({ code: 'E_ABORTED' });
+    expect(session.closed).toBe(true);
+    expect(released).toBe(true);
+  });
+});

@@ -486,6 +486,10 @@ export class SftpStorage implements Storage {
       }
       const s = lease.conn;
       let handle: Buffer | undefined;
+      // SFTP cannot cancel one request: a cancel while opening closes the session, so the call
+      // ends at once instead of waiting for a slow server's answer.
+      const onAbort = () => s.close();
+      signal?.addEventListener('abort', onAbort, { once: true });
       try {
         handle = await s.open(this.abs(rel), 'r');
         const st = await s.fstat(handle);
@@ -504,6 +508,8 @@ export class SftpStorage implements Storage {
         if (signal?.aborted) throw this.aborted(e, rel);
         if (lease.reused && attempt === 0 && broken && !this.closed) continue;
         throw this.err(e, 'read', rel);
+      } finally {
+        signal?.removeEventListener('abort', onAbort);
       }
       return this.readStream(s, handle, rel, start, limit, signal);
     }
