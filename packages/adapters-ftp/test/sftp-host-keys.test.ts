@@ -93,6 +93,17 @@ function opensshMatches(file: string, name: string): number[] {
     }
   });
 
+  it('looks a host up by its lowercased name, as ssh does (hashed entries too)', () => {
+    const k = newKey('ed25519', 'k2');
+    const hashedFile = join(dir, 'known_hosts_case');
+    writeFileSync(hashedFile, `pacs.example.org ${k.line}\n[pacs.example.org]:2222 ${k.line}\n`);
+    execFileSync('ssh-keygen', ['-H', '-f', hashedFile], { stdio: 'ignore' });
+    const [hashed22, hashed2222] = parseKnownHosts(readFileSync(hashedFile, 'utf8'));
+    expect(entryMatches(hashed22!, 'PACS.Example.org', 22)).toBe(true);
+    expect(entryMatches(hashed2222!, 'Pacs.Example.ORG', 2222)).toBe(true);
+    expect(entryMatches(hashed22!, 'pacs.example.net', 22)).toBe(false);
+  });
+
   it('checks keys: fingerprint as ssh-keygen prints it, known key, mismatch, unknown, revoked', () => {
     const a = newKey('ed25519', 'a');
     const b = newKey('ecdsa', 'b');

@@ -66,7 +66,9 @@ function globMatch(pattern: string, name: string): boolean {
 
 /** True when the entry's host field names `host:port` (hashed names, patterns, negations). */
 export function entryMatches(entry: KnownHostEntry, host: string, port: number): boolean {
-  const name = knownHostsName(host, port);
+  // ssh looks a host up by its lowercased name (`ssh -G HOST` prints it): hashed entries are
+  // hashes of that.
+  const name = knownHostsName(host.toLowerCase(), port);
   if (entry.hosts.startsWith('|1|')) {
     const [, , salt, hash] = entry.hosts.split('|');
     if (!salt || !hash) return false;
