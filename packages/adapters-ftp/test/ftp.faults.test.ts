@@ -236,7 +236,7 @@ suite('FTP faults (pure-ftpd)', () => {
     expect((await direct.storage.readBuffer('a/b.dcm')).equals(body)).toBe(true);
   });
 
-  it('the server killed and restarted mid-sync: partial or success, exact manifest, re-run sends the rest', async () => {
+  it('the server killed and restarted mid-sync: partial or success, every recorded file there and whole, re-run sends the rest', async () => {
     const { storage, local } = storageOn(plain!);
     const src = tmp();
     const tree: Record<string, Buffer> = {};
@@ -267,16 +267,20 @@ suite('FTP faults (pure-ftpd)', () => {
     // The kill hit transfers in flight: they were retried (and may have run out of retries).
     expect(retried).toBeGreaterThan(0);
     expect(r1.filesSynced + r1.filesFailed).toBe(48);
-    // The manifest lists exactly the files that are at the destination, each byte-identical.
+    // Every file the manifest lists is at the destination, byte-identical. A file may also be
+    // there unrecorded: the kill can land after the server renamed it and before its reply
+    // reached us (the upload then failed on our side). Such a file is complete, never partial,
+    // and the re-run sends it again.
     const delivered = (await manifestOf(job, store, storage)).map((e) => e.path).sort();
     const there = Object.keys(readTree(local))
       .filter((p) => !p.split('/').pop()!.startsWith('.'))
       .sort();
-    expect(delivered).toEqual(there);
+    expect(there).toEqual(expect.arrayContaining(delivered));
+    expect(there.length - delivered.length).toBeLessThanOrEqual(4); // at most the transfers in flight
     expect(delivered.length).toBe(r1.filesSynced);
     const srcTree = readTree(src);
     const dstTree = readTree(local);
-    for (const p of delivered) expect(dstTree[p]).toBe(srcTree[p]);
+    for (const p of there) expect(dstTree[p]).toBe(srcTree[p]);
     // A re-run sends only what is missing, and then everything is there.
     const r2 = await job.run();
     expect(r2.status).toBe('success');
