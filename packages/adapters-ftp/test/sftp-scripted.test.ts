@@ -4,7 +4,13 @@
  * OpenSSH always offers posix-rename), and listings without times.
  */
 import { describe, expect, it } from 'vitest';
-import { createSftpStorage, SFTP_STATUS, SftpStatusError } from '@medsync/adapters-ftp';
+import {
+  createSftpStorage,
+  SFTP_STATUS,
+  SftpStatusError,
+  type SftpStorage,
+  type SftpStorageOptions,
+} from '@medsync/adapters-ftp';
 
 type Stat = { isDirectory(): boolean; isFile(): boolean };
 const fileStat: Stat = { isDirectory: () => false, isFile: () => true };
@@ -42,14 +48,30 @@ class ScriptedSession {
   }
 }
 
-function renameOn(session: ScriptedSession, from: string, to: string): Promise<void> {
-  const st = createSftpStorage({
+/** An SFTP storage that never connects: each test scripts what its sessions answer. */
+function offline(extra: Partial<SftpStorageOptions> = {}): SftpStorage {
+  return createSftpStorage({
     host: '127.0.0.1',
     user: 'nobody',
     password: 'unused',
     hostFingerprint: 'SHA256:' + 'A'.repeat(43),
     root: '/data',
+    ...extra,
   });
+}
+
+/** Runs the storage's session calls on `session` (a lost connection while `connected()` is false). */
+function onSession(st: SftpStorage, session: object, connected = () => true): void {
+  (st as unknown as { withSession: unknown }).withSession = (
+    _op: string,
+    _path: string | undefined,
+    _signal: AbortSignal | undefined,
+    fn: (s: object) => Promise<unknown>,
+  ) => (connected() ? fn(session) : Promise.reject(new Error('Not connected: the SSH session was closed.')));
+}
+
+function renameOn(session: ScriptedSession, from: string, to: string): Promise<void> {
+  const st = offline();
   const renameAbs = (
     st as unknown as {
       renameAbs(
@@ -89,13 +111,7 @@ describe('sftp rename over an existing file without posix-rename', () => {
 
 describe('sftp cleanupPartials on a server whose listings carry no times', () => {
   it('keeps temporary files it cannot date (they may belong to a write in progress)', async () => {
-    const st = createSftpStorage({
-      host: '127.0.0.1',
-      user: 'nobody',
-      password: 'unused',
-      hostFingerprint: 'SHA256:' + 'A'.repeat(43),
-      root: '/data',
-    });
+    const st = offline();
     const unlinked: string[] = [];
     const S_IFREG = 0o100000;
     const session = {
@@ -110,12 +126,7 @@ describe('sftp cleanupPartials on a server whose listings carry no times', () =>
       ],
       unlink: async (p: string) => void unlinked.push(p),
     };
-    (st as unknown as { withSession: unknown }).withSession = (
-      _op: string,
-      _path: string | undefined,
-      _signal: AbortSignal | undefined,
-      fn: (s: typeof session) => Promise<unknown>,
-    ) => fn(session);
+    onSession(st, session);
     expect(await st.cleanupPartials('', { olderThanMs: Date.now() - 60_000 })).toBe(1);
     expect(unlinked).toEqual(['/data/.b.dcm.x2.medsync-part']);
   });
@@ -127,13 +138,7 @@ describe('sftp flush is best effort and never fails the run', () => {
     open?: (d: string) => Error | undefined;
     fsync?: (d: string) => Error | undefined;
   }) {
-    const st = createSftpStorage({
-      host: '127.0.0.1',
-      user: 'nobody',
-      password: 'unused',
-      hostFingerprint: 'SHA256:' + 'A'.repeat(43),
-      root: '/data',
-    });
+    const st = offline();
     const synced: string[] = [];
     let connected = true;
     const session = {
@@ -150,12 +155,7 @@ describe('sftp flush is best effort and never fails the run', () => {
       },
       closeHandle: async () => undefined,
     };
-    (st as unknown as { withSession: unknown }).withSession = (
-      _op: string,
-      _path: string | undefined,
-      _signal: AbortSignal | undefined,
-      fn: (s: typeof session) => Promise<unknown>,
-    ) => (connected ? fn(session) : Promise.reject(new Error('Not connected: the SSH session was closed.')));
+    onSession(st, session, () => connected);
     const dirty = (st as unknown as { dirty: Set<string> }).dirty;
     return { st, synced, dirty, setConnected: (c: boolean) => (connected = c) };
   }
@@ -195,14 +195,7 @@ describe('sftp flush is best effort and never fails the run', () => {
 
 describe('sftp test() on a server that refuses the probe write', () => {
   it('reports the folder as not writable and closes the probe handle', async () => {
-    const st = createSftpStorage({
-      host: '127.0.0.1',
-      user: 'nobody',
-      password: 'unused',
-      hostFingerprint: 'SHA256:' + 'A'.repeat(43),
-      root: '/data',
-      serverDigest: false,
-    });
+    const st = offline({ serverDigest: false });
     const open = new Set<string>();
     const session = {
       has: () => false,
@@ -216,12 +209,7 @@ describe('sftp test() on a server that refuses the probe write', () => {
       unlink: async () => undefined,
       info: { hostKey: {}, extensions: [] },
     };
-    (st as unknown as { withSession: unknown }).withSession = (
-      _op: string,
-      _path: string | undefined,
-      _signal: AbortSignal | undefined,
-      fn: (s: typeof session) => Promise<unknown>,
-    ) => fn(session);
+    onSession(st, session);
     const report = await st.test();
     expect(report).toMatchObject({ ok: true, writable: false });
     expect(open.size).toBe(0);
@@ -230,13 +218,7 @@ describe('sftp test() on a server that refuses the probe write', () => {
 
 describe('sftp read() cancelled while the server has not answered the open', () => {
   it('ends at once with E_ABORTED (the session is closed: SFTP cannot cancel one request)', async () => {
-    const st = createSftpStorage({
-      host: '127.0.0.1',
-      user: 'nobody',
-      password: 'unused',
-      hostFingerprint: 'SHA256:' + 'A'.repeat(43),
-      root: '/data',
-    });
+    const st = offline();
     let fail: ((e: Error) => void) | undefined;
     const session = {
       closed: false,

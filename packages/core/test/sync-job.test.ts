@@ -700,21 +700,24 @@ describe('SyncJob copy', () => {
 });
 
 describe('SyncJob crash recovery and the destination clock', () => {
-  it("removes the crashed run's leftovers by the destination's clock, not another writer's fresh files", async () => {
-    // A destination whose clock runs two hours behind ours: it dates files (and reads the
-    // cleanup cutoff) two hours early. Another writer creates a temporary file as the cleanup
-    // starts; the crashed run's leftover is from before this run.
-    const skew = 2 * 3_600_000;
+  /**
+   * Recovers from a crashed run onto a destination whose clock is `skewMs` from ours. Its
+   * temporary files are dated by its own clock (`by: 'destination'`) or by their writer's (SFTP's
+   * access times). Another writer creates a temporary file as the cleanup starts; the crashed
+   * run's leftover is from before this run. Returns the destination's files afterwards.
+   */
+  async function recoverWithClock(skewMs: number, by: 'destination' | 'writer'): Promise<string[]> {
     const dst = tmp();
-    class Behind extends LocalStorage {
+    class Skewed extends LocalStorage {
       override async stat(path: string, o?: Parameters<LocalStorage['stat']>[1]): Promise<StorageEntry> {
         const e = await super.stat(path, o);
-        return { ...e, mtimeMs: e.mtimeMs! - skew };
+        return { ...e, mtimeMs: e.mtimeMs! + skewMs };
       }
       override async cleanupPartials(prefix = '', o: Parameters<LocalStorage['cleanupPartials']>[1] = {}) {
         writeFileSync(join(dst, 'sub/.y.dcm.cafef00d.medsync-part'), 'another writer, in progress');
-        const at = o.olderThanMs === undefined ? {} : { olderThanMs: o.olderThanMs + skew };
-        return super.cleanupPartials(prefix, { ...o, ...at });
+        // A cutoff on the destination's clock, compared with files dated by ours (ctime).
+        const shift = by === 'destination' && o.olderThanMs !== undefined;
+        return super.cleanupPartials(prefix, shift ? { ...o, olderThanMs: o.olderThanMs! - skewMs } : o);
       }
     }
     const src = tmp();
@@ -724,40 +727,28 @@ describe('SyncJob crash recovery and the destination clock', () => {
     await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
     await new Promise((r) => setTimeout(r, 200));
     const r = await job(
-      { source: new LocalStorage({ root: src }), destinations: [new Behind({ root: dst })] },
+      { source: new LocalStorage({ root: src }), destinations: [new Skewed({ root: dst })] },
       store,
     ).run();
     expect(r.status).toBe('success');
-    expect(Object.keys(readTree(dst)).sort()).toEqual(['a.dcm', 'sub/.y.dcm.cafef00d.medsync-part']);
+    return Object.keys(readTree(dst)).sort();
+  }
+
+  it("removes the crashed run's leftovers by the destination's clock, not another writer's fresh files", async () => {
+    // Two hours behind: without the correction, the fresh file looks two hours old.
+    expect(await recoverWithClock(-2 * 3_600_000, 'destination')).toEqual([
+      'a.dcm',
+      'sub/.y.dcm.cafef00d.medsync-part',
+    ]);
   });
 
   it('a destination clock ahead of ours does not move the cutoff later (files dated by the writer)', async () => {
-    // SFTP dates a finished temporary file by its writer's clock (its access time) while the
-    // server's clock runs ahead: the cutoff must not follow that clock forward.
-    const skew = 2 * 3_600_000;
-    const dst = tmp();
-    class Ahead extends LocalStorage {
-      override async stat(path: string, o?: Parameters<LocalStorage['stat']>[1]): Promise<StorageEntry> {
-        const e = await super.stat(path, o);
-        return { ...e, mtimeMs: e.mtimeMs! + skew };
-      }
-      override async cleanupPartials(prefix = '', o: Parameters<LocalStorage['cleanupPartials']>[1] = {}) {
-        writeFileSync(join(dst, 'sub/.y.dcm.cafef00d.medsync-part'), 'another writer, finishing');
-        return super.cleanupPartials(prefix, o);
-      }
-    }
-    const src = tmp();
-    writeTree(src, { 'a.dcm': 'a' });
-    writeTree(dst, { 'sub/.x.dcm.deadbeef.medsync-part': 'half' });
-    const store = new MemoryStore();
-    await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
-    await new Promise((r) => setTimeout(r, 200));
-    const r = await job(
-      { source: new LocalStorage({ root: src }), destinations: [new Ahead({ root: dst })] },
-      store,
-    ).run();
-    expect(r.status).toBe('success');
-    expect(Object.keys(readTree(dst)).sort()).toEqual(['a.dcm', 'sub/.y.dcm.cafef00d.medsync-part']);
+    // SFTP dates a finished temporary file by its writer's clock while the server's clock runs
+    // ahead: the cutoff must not follow that clock forward.
+    expect(await recoverWithClock(2 * 3_600_000, 'writer')).toEqual([
+      'a.dcm',
+      'sub/.y.dcm.cafef00d.medsync-part',
+    ]);
   });
 });
 

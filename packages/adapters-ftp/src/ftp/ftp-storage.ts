@@ -776,10 +776,15 @@ export class FtpStorage implements Storage {
       if (!(isFtpReply(e) && e.code >= 500)) throw e;
       // MLST/SIZE refused: missing, or a file this account may not read. Its folder's listing
       // tells (a refused DELE of an unreadable file must not pass for "already gone").
-      const name = abs.slice(abs.lastIndexOf('/') + 1);
-      const listed = await c.list(dirnameAbs(abs)).catch(() => undefined);
-      return listed?.some((f) => f.name === name) ?? false;
+      return (await this.listedIn(c, abs)) ?? false;
     }
+  }
+
+  /** Whether `abs` is in its folder's listing; undefined when the folder could not be listed. */
+  private async listedIn(c: Client, abs: string): Promise<boolean | undefined> {
+    const name = abs.slice(abs.lastIndexOf('/') + 1);
+    const listed = await c.list(dirnameAbs(abs)).catch(() => undefined);
+    return listed?.some((f) => f.name === name);
   }
 
   /** The error for a 550 on a file that is still there: refused, not missing. */
@@ -1307,10 +1312,9 @@ export class FtpStorage implements Storage {
         if (res.code < 400) stored = parseInt(res.message.slice(4), 10);
         else {
           // SIZE refused: gone, or a server that will not size this file (the listing tells).
-          const name = tmpAbs.slice(tmpAbs.lastIndexOf('/') + 1);
-          const listed = await c.list(dirnameAbs(tmpAbs)).catch(() => undefined);
-          if (listed === undefined) throw replyError(res);
-          if (!listed.some((f) => f.name === name)) throw vanished(replyError(res));
+          const seen = await this.listedIn(c, tmpAbs);
+          if (seen === undefined) throw replyError(res);
+          if (!seen) throw vanished(replyError(res));
         }
         if (stored !== undefined && !Number.isNaN(stored) && stored !== sent) {
           throw new MedsyncError(
