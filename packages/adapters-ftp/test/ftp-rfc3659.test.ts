@@ -1,7 +1,18 @@
-import { mkdirSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { describeStorageConformance } from '@medsync/core/testing';
+import { LocalStorage, MemoryStore, SyncJob } from '@medsync/core';
+import { describeStorageConformance, writeTree } from '@medsync/core/testing';
 import { createFtpStorage, type FtpStorage } from '@medsync/adapters-ftp';
 import { startFtpServer, type TestFtpServer } from './ftp-server.js';
 import { enableRfc3659 } from './ftp-srv-rfc3659.js';
@@ -78,6 +89,52 @@ describe('ftp with RFC 3659 commands', () => {
       expect(left).toEqual(['x/kept.dcm']);
     } finally {
       await s.close();
+    }
+  });
+
+  it('a file renamed into place whose answer was lost is found there by the next run, not sent again', async () => {
+    // The server renames IM2.dcm into place, then drops the connection before answering, on every
+    // attempt of the first run (as when it is killed at that moment).
+    let dropping = true;
+    const dropper = await startFtpServer({
+      dropAfterRename: (_from, to) => dropping && to.endsWith('IM2.dcm'),
+    });
+    const src = mkdtempSync(join(tmpdir(), 'medsync-lost-'));
+    const dest = createFtpStorage({
+      host: dropper.host,
+      port: dropper.port,
+      user: dropper.user,
+      password: dropper.password,
+      root: '/',
+    });
+    try {
+      writeTree(src, { 'S/IM1.dcm': 'one', 'S/IM2.dcm': 'two two', 'S/IM3.dcm': 'three' });
+      const store = new MemoryStore();
+      const job = new SyncJob({
+        id: 'lost-answer',
+        source: new LocalStorage({ root: src }),
+        destinations: [dest],
+        store,
+        concurrency: 1,
+        retry: { retries: 2, initialDelayMs: 10, jitter: 0 },
+        eventPaths: true,
+      });
+      const r1 = await job.run();
+      expect(r1).toMatchObject({ status: 'partial', filesSynced: 2, filesFailed: 1 });
+      expect(r1.errors).toEqual([expect.objectContaining({ path: 'S/IM2.dcm', code: 'E_TRANSIENT' })]);
+      // It is there, whole, and not recorded.
+      expect(readFileSync(join(dropper.dir, 'S/IM2.dcm'), 'utf8')).toBe('two two');
+      const scope = { jobId: 'lost-answer', destination: dest.id };
+      expect(await store.manifest.get(scope, 'S/IM2.dcm')).toBeUndefined();
+      dropping = false;
+      const r2 = await job.run();
+      expect(r2).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 3, bytes: 0 });
+      expect(await store.manifest.get(scope, 'S/IM2.dcm')).toMatchObject({ size: 7, verifiedBy: 'listing' });
+      expect(existsSync(join(dropper.dir, 'S/IM2.dcm'))).toBe(true);
+    } finally {
+      await dest.close();
+      await dropper.close();
+      rmSync(src, { recursive: true, force: true });
     }
   });
 });

@@ -48,6 +48,11 @@ export async function startFtpServer(
       /** RNTO (550): `targetExists` tells whether `to` is there (a server that never replaces). */
       rename?: (from: string, to: string, targetExists: boolean) => boolean;
     };
+    /**
+     * Does the RNTO, then drops the control connection before answering it (the server killed at
+     * that moment): the client cannot know the file is in place.
+     */
+    dropAfterRename?: (from: string, to: string) => boolean;
   } = {},
 ): Promise<TestFtpServer> {
   const dir = mkdtempSync(join(tmpdir(), 'medsync-ftp-'));
@@ -93,19 +98,19 @@ export async function startFtpServer(
   server.on('login', ({ connection, username, password: given }, resolve, reject) => {
     stats.logins++;
     if (username === user && given === password) {
-      const refuse = opts.refuse;
-      if (!refuse) return resolve({ root: dir });
+      const refuse = opts.refuse ?? {};
+      if (!opts.refuse && !opts.dropAfterRename) return resolve({ root: dir });
       class RefusingFs extends FileSystem {
         override delete(path: string): Promise<unknown> {
-          if (refuse!.delete?.(path)) return Promise.reject(new Error('Delete operation failed.'));
+          if (refuse.delete?.(path)) return Promise.reject(new Error('Delete operation failed.'));
           return super.delete(path) as Promise<unknown>;
         }
         override get(fileName: string): Promise<unknown> {
-          if (refuse!.get?.(fileName)) return Promise.reject(new Error('Operation failed.'));
+          if (refuse.get?.(fileName)) return Promise.reject(new Error('Operation failed.'));
           return super.get(fileName) as Promise<unknown>;
         }
         override list(path?: string): Promise<unknown> {
-          if (path !== undefined && refuse!.enter?.(path))
+          if (path !== undefined && refuse.enter?.(path))
             return Promise.reject(new Error('Permission denied.'));
           return super.list(path) as Promise<unknown>;
         }
@@ -113,12 +118,17 @@ export async function startFtpServer(
           const target = (this as unknown as { _resolvePath(p: string): { fsPath: string } })._resolvePath(
             to,
           );
-          if (refuse!.rename?.(from, to, existsSync(target.fsPath)))
+          if (refuse.rename?.(from, to, existsSync(target.fsPath)))
             return Promise.reject(new Error('Rename failed.'));
-          return super.rename(from, to) as Promise<unknown>;
+          const done = super.rename(from, to) as Promise<unknown>;
+          if (!opts.dropAfterRename?.(from, to)) return done;
+          return done.then((r) => {
+            (connection as unknown as { commandSocket: { destroy(): void } }).commandSocket.destroy();
+            return r;
+          });
         }
         override chdir(path?: string): Promise<string> {
-          if (path !== undefined && refuse!.enter?.(path))
+          if (path !== undefined && refuse.enter?.(path))
             return Promise.reject(new Error('Permission denied.'));
           return super.chdir(path) as Promise<string>;
         }

@@ -236,7 +236,7 @@ suite('FTP faults (pure-ftpd)', () => {
     expect((await direct.storage.readBuffer('a/b.dcm')).equals(body)).toBe(true);
   });
 
-  it('the server killed and restarted mid-sync: partial or success, every recorded file there and whole, re-run sends the rest', async () => {
+  it('the server killed and restarted mid-sync: partial or success, every recorded file there and whole, re-run sends only what is missing', async () => {
     const { storage, local } = storageOn(plain!);
     const src = tmp();
     const tree: Record<string, Buffer> = {};
@@ -270,7 +270,7 @@ suite('FTP faults (pure-ftpd)', () => {
     // Every file the manifest lists is at the destination, byte-identical. A file may also be
     // there unrecorded: the kill can land after the server renamed it and before its reply
     // reached us (the upload then failed on our side). Such a file is complete, never partial,
-    // and the re-run sends it again.
+    // and the re-run finds it there instead of sending it again.
     const delivered = (await manifestOf(job, store, storage)).map((e) => e.path).sort();
     const there = Object.keys(readTree(local))
       .filter((p) => !p.split('/').pop()!.startsWith('.'))
@@ -281,12 +281,15 @@ suite('FTP faults (pure-ftpd)', () => {
     const srcTree = readTree(src);
     const dstTree = readTree(local);
     for (const p of there) expect(dstTree[p]).toBe(srcTree[p]);
-    // A re-run sends only what is missing, and then everything is there.
+    // A re-run sends only what is missing, and then everything is there and recorded.
     const r2 = await job.run();
     expect(r2.status).toBe('success');
-    expect(r2.filesSynced).toBe(48 - delivered.length);
+    expect(r2.filesSynced).toBe(48 - there.length);
     const final = readTree(local);
     for (const [p, b64] of Object.entries(srcTree)) expect(final[p]).toBe(b64);
+    expect((await manifestOf(job, store, storage)).map((e) => e.path).sort()).toEqual(
+      Object.keys(srcTree).sort(),
+    );
   });
 
   it('quota exceeded (552) is E_QUOTA, not retried; the run is partial and names the files', async () => {

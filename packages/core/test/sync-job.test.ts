@@ -279,6 +279,19 @@ describe('SyncJob copy', () => {
     expect(() => job({ source: src, destinations: [dst2], readBack: 2 })).toThrow(/readBack/);
   });
 
+  it('runs started in the same millisecond keep their order (the last run is the last started)', async () => {
+    const src = new MemoryStorage();
+    await src.write('a.dcm', Readable.from([Buffer.from('a')]));
+    const store = new MemoryStore();
+    // A clock that does not move: every run starts "at the same time".
+    const j = job({ source: src, destinations: [new MemoryStorage()], clock: new FakeClock(1_000) }, store);
+    const ids: string[] = [];
+    for (let i = 0; i < 8; i++) ids.push((await j.run()).id);
+    const [last] = await store.runs.list({ jobId: 'job-1', limit: 1 });
+    expect(last!.id).toBe(ids[7]);
+    expect((await store.runs.list({ jobId: 'job-1' })).map((r) => r.id)).toEqual([...ids].reverse());
+  });
+
   it('sweeps temporary files older than a day from each destination, once a day', async () => {
     const src = tmp();
     const dst = tmp();
@@ -628,7 +641,7 @@ describe('SyncJob copy', () => {
     writeTree(dst, { 'sub/.x.dcm.deadbeef.medsync-part': 'half' });
     const store = new MemoryStore();
     await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
-    await new Promise((r) => setTimeout(r, 30));
+    await new Promise((r) => setTimeout(r, 300));
     const missing = job(
       {
         source: new LocalStorage({ root: join(src, 'unmounted') }),
@@ -654,7 +667,7 @@ describe('SyncJob copy', () => {
     utimesSync(join(dst, 'sub/.x.dcm.deadbeef.medsync-part'), old, old);
     const store = new MemoryStore();
     await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
-    await new Promise((r) => setTimeout(r, 30));
+    await new Promise((r) => setTimeout(r, 300));
     const stop = new AbortController();
     // The service is told to stop while the leftovers are being removed: the cleanup ends early
     // (its failure only logged), and planning then stops.
@@ -687,8 +700,9 @@ describe('SyncJob copy', () => {
     utimesSync(join(dst, 'sub/.x.dcm.deadbeef.medsync-part'), old, old);
     const store = new MemoryStore();
     await store.runs.insert(runRecord({ id: 'crashed', jobId: 'job-1', owner: 'gone', startedAt: 1 }));
-    // Leftovers are recognised by their ctime being older than the run: let a clock tick pass.
-    await new Promise((r) => setTimeout(r, 30));
+    // Leftovers are recognised by their ctime being older than the run, less a margin of half the
+    // clock probe's round trip (tens of ms on a loaded machine): let that much time pass.
+    await new Promise((r) => setTimeout(r, 300));
     const r = await job(
       { source: new LocalStorage({ root: src }), destinations: [new LocalStorage({ root: dst })] },
       store,
@@ -749,6 +763,85 @@ describe('SyncJob crash recovery and the destination clock', () => {
       'a.dcm',
       'sub/.y.dcm.cafef00d.medsync-part',
     ]);
+  });
+});
+
+describe('SyncJob writes whose answer was lost', () => {
+  /** Three source files with fixed mtimes; every attempt at `lost.dcm` takes effect, answer lost. */
+  async function lostAnswer(): Promise<{
+    src: MemoryStorage;
+    dst: MemoryStorage;
+    store: MemoryStore;
+    j: SyncJob;
+  }> {
+    const src = new MemoryStorage();
+    for (const p of ['a.dcm', 'lost.dcm', 'z.dcm'])
+      await src.write(p, Readable.from([Buffer.from(`content of ${p}`)]), { mtimeMs: 1_700_000_000_000 });
+    const dst = new MemoryStorage();
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], concurrency: 1 }, store);
+    // a.dcm arrives first; then the four attempts at lost.dcm all land, their answers lost.
+    const r1 = await j.run({ only: ['a.dcm'] });
+    expect(r1.filesSynced).toBe(1);
+    dst.faults.loseReplies('write', 4);
+    const r2 = await j.run();
+    expect(r2).toMatchObject({ status: 'partial', filesSynced: 1, filesFailed: 1 });
+    expect(r2.errors).toEqual([expect.objectContaining({ path: 'lost.dcm', code: 'E_TRANSIENT' })]);
+    expect(dst.peek('lost.dcm')?.toString()).toBe('content of lost.dcm');
+    expect(await store.manifest.get({ jobId: 'job-1', destination: dst.id }, 'lost.dcm')).toBeUndefined();
+    return { src, dst, store, j };
+  }
+
+  it('the next run finds the file in place and records it without sending it again', async () => {
+    const { dst, store, j } = await lostAnswer();
+    const writes = dst.calls.write;
+    const lists = dst.calls.list;
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 3 });
+    expect(dst.calls.write).toBe(writes);
+    // Looked up one by one, not by listing the destination.
+    expect(dst.calls.list).toBe(lists);
+    expect(await store.manifest.get({ jobId: 'job-1', destination: dst.id }, 'lost.dcm')).toMatchObject({
+      size: 'content of lost.dcm'.length,
+      mtimeMs: 1_700_000_000_000,
+      verifiedBy: 'listing',
+    });
+    // Settled: the run after does not look it up again.
+    const stats = dst.calls.stat;
+    await j.run();
+    expect(dst.calls.stat - stats).toBeLessThanOrEqual(3); // the presence check's sample only
+  });
+
+  it('retryFailed() finds it in place too', async () => {
+    const { dst, j } = await lostAnswer();
+    const writes = dst.calls.write;
+    const r = await j.retryFailed();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 1 });
+    expect(dst.calls.write).toBe(writes);
+  });
+
+  it('a source changed since is sent again', async () => {
+    const { src, dst, j } = await lostAnswer();
+    await src.write('lost.dcm', Readable.from([Buffer.from('corrected content of lost.dcm')]), {
+      mtimeMs: 1_700_000_100_000,
+    });
+    const writes = dst.calls.write;
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 1 });
+    expect(dst.calls.write - writes).toBe(1);
+    expect(dst.peek('lost.dcm')?.toString()).toBe('corrected content of lost.dcm');
+  });
+
+  it('is still looked up after a run that could not plan the destination', async () => {
+    const { dst, j } = await lostAnswer();
+    // The next run cannot reach the destination (its presence check fails): nothing is settled.
+    dst.faults.failNext('stat', 1, new MedsyncError('E_TRANSIENT', 'Connection refused.'));
+    const down = await j.run();
+    expect(down.status).toBe('failed');
+    const writes = dst.calls.write;
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 3 });
+    expect(dst.calls.write).toBe(writes);
   });
 });
 

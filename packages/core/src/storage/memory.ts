@@ -41,12 +41,14 @@ let counter = 0;
 
 /**
  * Faults the memory storage can inject, for users' own unit tests: fail the next N calls of an
- * operation with a given error, add latency, or cut writes after some bytes.
+ * operation with a given error, add latency, cut writes after some bytes, or lose the answer to
+ * an operation that took effect.
  */
 export class MemoryFaults {
   private failures = new Map<MemoryOp, Array<{ remaining: number; error: () => Error }>>();
   private latencies = new Map<MemoryOp, number>();
   private cut: { afterBytes: number; remaining: number; error: () => Error } | null = null;
+  private lost = new Map<MemoryOp, Array<{ remaining: number; error: () => Error }>>();
 
   /** The next `count` calls of `op` reject with `error` (a MedsyncError E_TRANSIENT by default). */
   failNext(op: MemoryOp, count = 1, error?: Error | (() => Error)): this {
@@ -79,8 +81,29 @@ export class MemoryFaults {
     return this;
   }
 
+  /**
+   * The next `count` calls of `op` (`write`, `rename` or `remove`) take effect, then reject with
+   * `error` (E_TRANSIENT by default): the connection dropped after the server did the work and
+   * before its answer arrived, so the caller cannot know the outcome.
+   */
+  loseReplies(op: 'write' | 'rename' | 'remove', count = 1, error?: Error | (() => Error)): this {
+    const make =
+      typeof error === 'function'
+        ? error
+        : () =>
+            error ??
+            new MedsyncError('E_TRANSIENT', `Injected lost reply: the ${op} was done, its answer lost.`, {
+              adapter: 'memory',
+            });
+    const list = this.lost.get(op) ?? [];
+    list.push({ remaining: count, error: make });
+    this.lost.set(op, list);
+    return this;
+  }
+
   /** Removes every fault. */
   clear(): this {
+    this.lost.clear();
     this.failures.clear();
     this.latencies.clear();
     this.cut = null;
@@ -92,6 +115,17 @@ export class MemoryFaults {
     const ms = this.latencies.get(op);
     if (ms) await clock.sleep(ms, signal);
     const list = this.failures.get(op);
+    const f = list?.[0];
+    if (f) {
+      f.remaining--;
+      if (f.remaining <= 0) list!.shift();
+      throw f.error();
+    }
+  }
+
+  /** @internal Throws the lost-reply error due for an `op` that just took effect, if any. */
+  afterEffect(op: MemoryOp): void {
+    const list = this.lost.get(op);
     const f = list?.[0];
     if (f) {
       f.remaining--;
@@ -284,6 +318,7 @@ export class MemoryStorage implements Storage {
       sha256: createHash('sha256').update(data).digest('hex'),
     };
     this.files.set(this.key(rel), file);
+    this.faults.afterEffect('write');
     return this.entry(rel, file);
   }
 
@@ -291,6 +326,7 @@ export class MemoryStorage implements Storage {
     const rel = normalizePath(path);
     await this.enter('remove', opts.signal);
     this.files.delete(this.key(rel));
+    this.faults.afterEffect('remove');
   }
 
   async rename(from: string, to: string, opts: OpOptions = {}): Promise<void> {
@@ -300,6 +336,7 @@ export class MemoryStorage implements Storage {
     const [, f] = this.findFile(a);
     this.files.delete(this.key(a));
     this.files.set(this.key(b), { ...f, path: b });
+    this.faults.afterEffect('rename');
   }
 
   /** The bytes of a file, for assertions (undefined when missing). */

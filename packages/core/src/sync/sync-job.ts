@@ -127,6 +127,8 @@ function foldName(p: string): string {
 const MAX_KEPT_ERRORS = 1000;
 /** Transfers in flight at once, counting those whose files wait to be made durable together. */
 const MAX_IN_FLIGHT = 256;
+/** Files with an unknown outcome kept per destination for the next run (see `saveUnsure`). */
+const MAX_UNSURE = 10_000;
 /** Small-file buffers kept by transfers that wait to be made durable together. */
 const MAX_HELD_BYTES = 32 * 1024 * 1024;
 
@@ -235,6 +237,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   }
 
   private active = false;
+  /** When this job's last run in this process started: each run starts at least 1 ms later. */
+  private lastStart = -Infinity;
 
   private async runLocked(opts: SyncRunOptions): Promise<SyncResult> {
     const store = this.o.store;
@@ -275,7 +279,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     renew.unref?.();
 
     const runId = randomUUID();
-    const startedAt = this.clock.now();
+    // Runs are ordered by their start: two in the same millisecond (a quick run, then
+    // retryFailed()) would leave "the last run" to the random run id.
+    const startedAt = Math.max(this.clock.now(), this.lastStart + 1);
+    this.lastStart = startedAt;
     const record: RunRecord = {
       id: runId,
       jobId: this.id,
@@ -312,6 +319,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       bytesTotal: 0,
       samples: [] as Array<[number, number]>,
     };
+    // Files whose write (or move) failed with an unknown outcome: the connection dropped, so the
+    // destination may have put the file in place and only its answer was lost. The next run looks
+    // them up there before sending them again. Per destination id.
+    const unsureKey = this.settingKey('unsure');
+    let unsureBefore: Record<string, string[]> = {};
+    const unsureNow = new Map<string, Set<string>>();
+    /** Destinations planned this run, with the earlier unsure paths their planning settled. */
+    const unsureSettled = new Map<string, ReadonlySet<string>>();
     const addError = (err: MedsyncError, path?: string, destination?: string) => {
       record.errorCount++;
       if (record.errors.length < MAX_KEPT_ERRORS) {
@@ -327,12 +342,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       // A run that was still `running` while we hold the lease was interrupted (crash, kill -9).
       // A dry run must not use up the interrupted state: the next real run recovers.
       // The recovery (leftover cleanup, adoption) stays pending until a run gets through planning.
-      const recoverKey = `sync:${this.id}:recover`;
+      const recoverKey = this.settingKey('recover');
       let interrupted = false;
       if (!dryRun) {
         if (await this.markInterrupted()) await store.settings.set(recoverKey, true);
         interrupted = (await store.settings.get<boolean>(recoverKey)) === true;
       }
+      if (!dryRun) unsureBefore = (await store.settings.get<Record<string, string[]>>(unsureKey)) ?? {};
       await store.runs.insert(record);
       this.safeEmit('run:start', { runId, jobId: this.id, trigger, dryRun });
       this.log.info('Sync run started', { jobId: this.id, runId, trigger, dryRun });
@@ -357,13 +373,17 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         const scope = { jobId: this.id, destination: dest.id };
         let r: Awaited<ReturnType<SyncJob['planDestination']>>;
         try {
+          const unsure = new Set(unsureBefore[dest.id] ?? []);
           r = await this.planDestination(dest, scope, sources, {
             interrupted,
             dryRun,
             runStart: startedAt,
             only: opts.only,
             signal: planSignal,
+            unsure,
           });
+          // Planning looked up (or adopted, or planned to send) every file the scan covered.
+          unsureSettled.set(dest.id, opts.only ? new Set([...unsure].filter((p) => sources.has(p))) : unsure);
         } catch (e) {
           // One destination that cannot be planned (login refused, unmounted, unreachable) does
           // not hold back the others; it gets nothing this run and the run says why.
@@ -481,6 +501,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         ) => {
           if (stopped()) return;
           const ref = this.ref(t.op.path);
+          const mayHaveLanded = () => {
+            if (t.op.kind === 'delete') return;
+            let set = unsureNow.get(t.dest.id);
+            if (!set) unsureNow.set(t.dest.id, (set = new Set()));
+            set.add(t.op.path);
+          };
           try {
             const dead = deadDestinations.get(t.dest.id);
             if (dead) {
@@ -539,8 +565,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           } catch (e) {
             // Whatever a transfer throws once the run is cancelled (a timeout reason, a lost
             // lease) is the cancellation, not a failure of that file.
-            if (inner.signal.aborted) return;
+            if (inner.signal.aborted) {
+              mayHaveLanded();
+              return;
+            }
             const me = toMedsyncError(e, undefined, { path: t.op.path });
+            if (me.retryable) mayHaveLanded();
             if (DESTINATION_FATAL.has(me.code) && !deadDestinations.has(t.dest.id)) {
               deadDestinations.set(t.dest.id, me);
               this.log.error('A destination refused the connection; its other files are not attempted', {
@@ -654,6 +684,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       opts.signal?.removeEventListener('abort', onOuterAbort);
     }
 
+    if (!dryRun) await this.saveUnsure(unsureKey, unsureBefore, unsureSettled, unsureNow);
+
     const finishedAt = this.clock.now();
     record.finishedAt = finishedAt;
     record.durationMs = finishedAt - startedAt;
@@ -703,6 +735,49 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       failed: record.filesFailed,
     });
     return result;
+  }
+
+  /**
+   * Keeps, for the next run, the files whose write had an unknown outcome: this run's, and the
+   * earlier ones its planning did not get to (a destination not planned, a retry of other files).
+   * Past {@link MAX_UNSURE} paths the next run lists the destinations instead (as after a crash).
+   */
+  private async saveUnsure(
+    key: string,
+    before: Record<string, string[]>,
+    settled: Map<string, ReadonlySet<string>>,
+    now: Map<string, Set<string>>,
+  ): Promise<void> {
+    const next: Record<string, string[]> = {};
+    let overflow = false;
+    for (const dest of this.o.destinations) {
+      const paths = new Set(now.get(dest.id));
+      const done = settled.get(dest.id);
+      for (const p of before[dest.id] ?? []) if (!done?.has(p)) paths.add(p);
+      if (paths.size === 0) continue;
+      if (paths.size > MAX_UNSURE) overflow = true;
+      next[dest.id] = [...paths].slice(0, MAX_UNSURE);
+    }
+    const store = this.o.store;
+    try {
+      if (overflow) await store.settings.set(this.settingKey('recover'), true);
+      if (Object.keys(next).length > 0) await store.settings.set(key, next);
+      else if (Object.keys(before).length > 0) await store.settings.delete(key);
+    } catch (e) {
+      // The files are then sent again by the next run: nothing is lost.
+      this.log.warn('Recording the files with an unknown outcome failed', {
+        jobId: this.id,
+        error: toMedsyncError(e).message,
+      });
+    }
+  }
+
+  /**
+   * This job's own keys in the Store's settings: `recover` (an interrupted run's recovery is
+   * pending), `unsure` (see {@link saveUnsure}).
+   */
+  private settingKey(name: 'recover' | 'unsure'): string {
+    return `sync:${this.id}:${name}`;
   }
 
   /** Emits without letting a throwing listener change the run's outcome. */
@@ -774,6 +849,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       runStart: number;
       only: readonly string[] | undefined;
       signal: AbortSignal;
+      /** Paths whose last write here had an unknown outcome (see `unsureKey`). */
+      unsure?: ReadonlySet<string> | undefined;
     },
   ): Promise<{
     tasks: Task[];
@@ -853,12 +930,19 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     }
 
     // Files already at the destination that the manifest does not know: adopt them instead of
-    // resending (after a crash between rename and record, or when the Store was lost).
+    // resending. Files whose last write had an unknown outcome (its answer lost with the
+    // connection) are looked up one by one; after a crash between rename and record, or when the
+    // Store was lost, the destination is listed.
     let toSend = candidates;
-    const newOnes = candidates.filter((s) => !manifest.has(s.path));
-    if (newOnes.length > 0 && (ctx.interrupted || manifest.size === 0) && !ctx.dryRun) {
+    if (!ctx.dryRun) {
       const adoptedPaths = new Set<string>();
-      await this.adoptFromListing(dest, scope, newOnes, ctx.signal, adoptedPaths);
+      const clock: { measured?: Promise<DestinationClock | null> } = {};
+      const unsure = ctx.unsure;
+      const maybe = unsure?.size ? candidates.filter((s) => unsure.has(s.path)) : [];
+      if (maybe.length > 0) await this.adoptByStat(dest, scope, maybe, ctx.signal, adoptedPaths, clock);
+      const newOnes = candidates.filter((s) => !manifest.has(s.path) && !adoptedPaths.has(s.path));
+      if (newOnes.length > 0 && (ctx.interrupted || manifest.size === 0))
+        await this.adoptFromListing(dest, scope, newOnes, ctx.signal, adoptedPaths, clock);
       if (adoptedPaths.size) {
         skipped += adoptedPaths.size;
         toSend = candidates.filter((s) => !adoptedPaths.has(s.path));
@@ -1030,10 +1114,68 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   }
 
   /**
-   * Lists the destination once and records the files there that are copies of the source: same
-   * size, and the source's mtime where the destination keeps mtimes; elsewhere the same digest
-   * where the listing has one, or else a copy written after the source last changed (by the
-   * destination's clock, corrected by {@link destinationClock}).
+   * Whether `d`, found at the destination, is a copy of the source file `s`: same size, and the
+   * source's mtime where the destination keeps mtimes; elsewhere the same digest where the
+   * destination reports one, or else a copy written after the source last changed (by the
+   * destination's clock, corrected by {@link destinationClock}). The digests to record, or false.
+   */
+  private async isCopy(
+    dest: Storage,
+    s: StorageEntry,
+    d: StorageEntry,
+    clock: { measured?: Promise<DestinationClock | null> },
+    signal: AbortSignal | undefined,
+  ): Promise<{ hashes: Partial<Record<HashKind, string>> | undefined } | false> {
+    if (s.size !== d.size || s.size < 0) return false;
+    // Read per entry: a network adapter learns its capabilities (MFMT…) when it connects.
+    const precision = dest.capabilities.mtimePrecisionMs;
+    if (dest.capabilities.preservesMtime && precision !== null) {
+      if (d.mtimeMs === undefined || s.mtimeMs === undefined) return false;
+      // Timestamps pass through seconds-as-doubles on the way (utimes), so allow one unit.
+      if (Math.abs(d.mtimeMs - s.mtimeMs) > Math.max(1, precision)) return false;
+      return { hashes: d.hashes };
+    }
+    if (d.hashes?.sha256 || d.hashes?.md5) {
+      // No source mtime there to compare: the destination's digest must match the source's.
+      const h = await this.hashSource(s.path, signal).catch(() => undefined);
+      const same = d.hashes.sha256
+        ? h?.sha256 === d.hashes.sha256.toLowerCase()
+        : h?.md5 === d.hashes.md5!.toLowerCase();
+      return h && same ? { hashes: h } : false;
+    }
+    // Size alone does not tell an edited file (a corrected header keeps its size) from a copy:
+    // only a copy written after the source last changed is taken; others are resent. The write
+    // time is the destination's clock, which may run ahead of ours (or report local time as
+    // UTC): it is brought to ours, with a margin, before the comparison.
+    if (d.mtimeMs === undefined || s.mtimeMs === undefined) return false;
+    const c = await (clock.measured ??= this.destinationClock(dest, signal));
+    if (!c || d.mtimeMs - c.offsetMs - c.slackMs < s.mtimeMs) return false;
+    return { hashes: d.hashes };
+  }
+
+  /** The manifest entry of a file adopted from the destination (see {@link isCopy}). */
+  private adoptedEntry(
+    scope: ManifestScope,
+    s: StorageEntry,
+    d: StorageEntry,
+    hashes: Partial<Record<HashKind, string>> | undefined,
+  ): ManifestEntry {
+    return {
+      ...scope,
+      path: s.path,
+      size: s.size,
+      mtimeMs: s.mtimeMs ?? 0,
+      md5: hashes?.md5,
+      sha256: hashes?.sha256,
+      remoteId: d.remoteId,
+      verifiedBy: 'listing',
+      deliveredAt: this.clock.now(),
+    };
+  }
+
+  /**
+   * Lists the destination once and records the files there that are copies of the source
+   * ({@link isCopy}).
    */
   private async adoptFromListing(
     dest: Storage,
@@ -1041,51 +1183,17 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     wanted: StorageEntry[],
     signal: AbortSignal | undefined,
     adopted = new Set<string>(),
+    clock: { measured?: Promise<DestinationClock | null> } = {},
   ): Promise<number> {
     const byPath = new Map(wanted.map((s) => [s.path, s]));
     const batch: ManifestEntry[] = [];
-    // Measured at the first file that needs it; null: no trustworthy reading (nothing is taken
-    // by time then).
-    let clock: Promise<DestinationClock | null> | undefined;
     try {
       for await (const d of dest.list('', { signal })) {
         const s = byPath.get(d.path);
-        if (!s || s.size !== d.size || s.size < 0) continue;
-        let hashes = d.hashes;
-        // Read per entry: a network adapter learns its capabilities (MFMT…) when it connects.
-        const precision = dest.capabilities.mtimePrecisionMs;
-        if (dest.capabilities.preservesMtime && precision !== null) {
-          if (d.mtimeMs === undefined || s.mtimeMs === undefined) continue;
-          // Timestamps pass through seconds-as-doubles on the way (utimes), so allow one unit.
-          if (Math.abs(d.mtimeMs - s.mtimeMs) > Math.max(1, precision)) continue;
-        } else if (d.hashes?.sha256 || d.hashes?.md5) {
-          // No source mtime there to compare: the destination's digest must match the source's.
-          const h = await this.hashSource(s.path, signal).catch(() => undefined);
-          const same = d.hashes.sha256
-            ? h?.sha256 === d.hashes.sha256.toLowerCase()
-            : h?.md5 === d.hashes.md5!.toLowerCase();
-          if (!h || !same) continue;
-          hashes = h;
-        } else {
-          // Size alone does not tell an edited file (a corrected header keeps its size) from a
-          // copy: only a copy written after the source last changed is taken; others are resent.
-          // The write time is the destination's clock, which may run ahead of ours (or report
-          // local time as UTC): it is brought to ours, with a margin, before the comparison.
-          if (d.mtimeMs === undefined || s.mtimeMs === undefined) continue;
-          const c = await (clock ??= this.destinationClock(dest, signal));
-          if (!c || d.mtimeMs - c.offsetMs - c.slackMs < s.mtimeMs) continue;
-        }
-        batch.push({
-          ...scope,
-          path: s.path,
-          size: s.size,
-          mtimeMs: s.mtimeMs ?? 0,
-          md5: hashes?.md5,
-          sha256: hashes?.sha256,
-          remoteId: d.remoteId,
-          verifiedBy: 'listing',
-          deliveredAt: this.clock.now(),
-        });
+        if (!s || adopted.has(s.path)) continue;
+        const copy = await this.isCopy(dest, s, d, clock, signal);
+        if (!copy) continue;
+        batch.push(this.adoptedEntry(scope, s, d, copy.hashes));
         adopted.add(s.path);
         if (batch.length >= 500) await this.o.store.manifest.put(batch.splice(0));
       }
@@ -1095,6 +1203,36 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     }
     if (batch.length) await this.o.store.manifest.put(batch);
     return adopted.size;
+  }
+
+  /**
+   * Looks up each of a few files at the destination and records those that are copies of the
+   * source ({@link isCopy}): the files whose last write had an unknown outcome (the connection
+   * dropped after the destination may have put the file in place). A file that cannot be looked
+   * up is sent again.
+   */
+  private async adoptByStat(
+    dest: Storage,
+    scope: ManifestScope,
+    wanted: StorageEntry[],
+    signal: AbortSignal,
+    adopted: Set<string>,
+    clock: { measured?: Promise<DestinationClock | null> },
+  ): Promise<void> {
+    const batch: ManifestEntry[] = [];
+    for (const s of wanted) {
+      throwIfAborted(signal);
+      const d = await dest.stat(s.path, { signal }).catch((e: unknown) => {
+        if (signal.aborted) throw e;
+        return undefined;
+      });
+      if (!d) continue;
+      const copy = await this.isCopy(dest, s, d, clock, signal);
+      if (!copy) continue;
+      batch.push(this.adoptedEntry(scope, s, d, copy.hashes));
+      adopted.add(s.path);
+    }
+    if (batch.length) await this.o.store.manifest.put(batch);
   }
 
   private async execute(
