@@ -5,7 +5,7 @@
  * with one line saying how to enable it.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -29,8 +29,8 @@ function storageOn(server: ServerInfo, extra: Partial<FtpStorageOptions> = {}): 
     port: server.port,
     user: server.user,
     password: server.password,
-    root: freshRoot(server),
     ...extra,
+    root: extra.root ?? freshRoot(server),
     ...(server.tls ? { secure: 'explicit' as const, tls: { ca: server.cert! } } : {}),
   });
 }
@@ -56,6 +56,53 @@ function suite(name: ServerName, title: string): void {
       cleanup: async (s) => removeRoot(server!)(s as FtpStorage),
       largeFileBytes: 16 * 1024 * 1024,
       skipUnicodeNames: trailingSpace,
+    });
+    describe(`${title} unreadable folders`, () => {
+      it('a folder the account may not read is listed as unreadable, never as empty; a refused delete in it is not "already gone"', async () => {
+        const s = storageOn(server!);
+        const locked = join(server!.root, s.options.root, 'locked');
+        try {
+          for (const n of ['open/a.dcm', 'locked/inner/b.dcm', 'locked/c.dcm'])
+            await s.write(n, Readable.from([Buffer.from(n)]), { size: n.length });
+          chmodSync(locked, 0);
+          // Each check on a fresh storage: its connections' first listing is the refused one
+          // (basic-ftp would fall back to LIST there, which answers with an empty listing).
+          const fresh = async <T>(fn: (f: FtpStorage) => Promise<T>): Promise<T> => {
+            const f = storageOn(server!, { root: s.options.root, maxConnections: 1 });
+            try {
+              return await fn(f);
+            } finally {
+              await f.close();
+            }
+          };
+          const listed = await fresh(async (f) => {
+            const out: Array<[string, number]> = [];
+            for await (const e of f.list('')) out.push([e.path, e.size]);
+            return out.sort();
+          });
+          expect(listed).toEqual([
+            ['locked', -1],
+            ['open/a.dcm', 10],
+          ]);
+          await expect(
+            fresh(async (f) => f.list('locked')[Symbol.asyncIterator]().next()),
+          ).rejects.toMatchObject({
+            code: 'E_PERMISSION',
+          });
+          await expect(fresh((f) => f.remove('locked/inner/b.dcm'))).rejects.toMatchObject({
+            code: 'E_PERMISSION',
+            retryable: false,
+          });
+          // A file that is really gone, in a folder that is gone, is still removed quietly.
+          await fresh((f) => f.remove('gone/x.dcm'));
+          chmodSync(locked, 0o755);
+          expect(readFileSync(join(locked, 'inner/b.dcm'), 'utf8')).toBe('locked/inner/b.dcm');
+        } finally {
+          chmodSync(locked, 0o755);
+          await s.close();
+          removeRoot(server!)(s);
+        }
+      });
     });
     if (!trailingSpace) return;
     describe(`${title} names`, () => {

@@ -804,7 +804,7 @@ function define(s: SshdInfo): void {
       }
     }, 60_000);
 
-    it('flush makes renames and new folders durable: each changed folder is fsynced', async () => {
+    it('flush makes renames, new folders and removals durable: each changed folder is fsynced', async () => {
       // sftp-server logs each request (-l VERBOSE: fsync included) to a file of the test user's.
       const log = join(s.root, `sftp-${randomBytes(4).toString('hex')}.log`);
       const forced = forcedCommandKey(s, `/usr/lib/openssh/sftp-server -e -l VERBOSE 2>>${log}`);
@@ -831,6 +831,17 @@ function define(s: SshdInfo): void {
         const before = fsyncs();
         await st.flush();
         expect(fsyncs()).toBe(before);
+        // A removal changes its folder too (a mirror forgets the file only after the flush); a
+        // file that was not there changes nothing.
+        await st.remove('p/s1/a.dcm');
+        await st.remove('p/s2/never.dcm');
+        await st.flush();
+        const after = readFileSync(log, 'utf8')
+          .split('\n')
+          .filter((l) => /fsync "/.test(l))
+          .slice(before)
+          .map((l) => relative(root, /fsync "([^"]+)"/.exec(l)![1]!));
+        expect(after).toEqual(['p/s1']);
       } finally {
         forced.remove();
         await st.close();

@@ -193,6 +193,9 @@ function sendPipelined(c: Client, commands: readonly string[]): Promise<FTPRespo
 }
 
 /** A reply turned into basic-ftp's error type, for {@link toFtpError}. */
+/** basic-ftp's listing commands for servers without MLSD, in the order it tries them. */
+const LIST_COMMANDS = ['LIST -a', 'LIST'] as const;
+
 function replyError(res: FTPResponse): FTPError {
   return new FTPError(res);
 }
@@ -217,6 +220,8 @@ export class FtpStorage implements Storage {
   private features: ServerFeatures | undefined;
   private restSupported = true;
   private appendSupported = true;
+  /** MLSD announced (MLST in FEAT) but answered "not implemented": folders are listed with LIST. */
+  private mlsdBroken = false;
   private closed = false;
   private caps: StorageCapabilities;
 
@@ -305,6 +310,8 @@ export class FtpStorage implements Storage {
       step = 'connect';
       await client.useDefaultSettings();
       if (!this.features) this.learnFeatures(await client.features());
+      // basic-ftp tries MLSD, then LIST, and keeps the first that answers: see listOn.
+      client.availableListCommands = this.features!.mlst && !this.mlsdBroken ? ['MLSD'] : [...LIST_COMMANDS];
       return client;
     } catch (e) {
       client.close();
@@ -525,7 +532,7 @@ export class FtpStorage implements Storage {
           );
         }
         let entries = 0;
-        for (const f of await c.list(this.rootAbs)) {
+        for (const f of await this.listOn(c, this.rootAbs)) {
           if (f.name !== '.' && f.name !== '..' && !isPartialName(f.name)) entries++;
           if (entries >= 10_000) break;
         }
@@ -608,25 +615,55 @@ export class FtpStorage implements Storage {
   // ---------------------------------------------------------------------------------------------
 
   /**
-   * LIST/MLSD of one folder, without `.` and `..`. Servers answer a missing folder with 450, 451
-   * or 550 (ftp-srv: 451); a refused listing is checked with CWD so a missing folder is always
-   * E_NOT_FOUND.
+   * The entries of the folder at `abs`, on this connection. MLSD where the server offers it, and
+   * then never LIST for one folder MLSD refused (basic-ftp's own fallback): LIST answers a folder
+   * it cannot read with an empty listing (pure-ftpd, proftpd) or with the folder itself as its
+   * only entry (vsftpd), and a mirror from that server would take its files as removed. Without
+   * MLSD, the connection enters the folder (CWD) and lists where it stands, so a folder it cannot
+   * enter fails instead of looking empty. A missing folder fails alike (pure-ftpd and vsftpd
+   * answer LIST of one with an empty listing).
+   */
+  private async listOn(c: Client, abs: string): Promise<FileInfo[]> {
+    if ((await this.feats(c)).mlst && !this.mlsdBroken) {
+      try {
+        return await c.list(abs);
+      } catch (e) {
+        // Announced but not implemented: LIST from now on, on every connection.
+        if (!(isFtpReply(e) && (e.code === 500 || e.code === 502)) || c.closed) throw e;
+        this.mlsdBroken = true;
+      }
+    }
+    c.availableListCommands = [...LIST_COMMANDS];
+    const cwd = await c.sendIgnoringError(`CWD ${abs}`);
+    if (cwd.code >= 400) throw replyError(cwd);
+    return c.list();
+  }
+
+  /**
+   * One folder's entries, without `.` and `..`. Servers answer a missing folder with 450, 451 or
+   * 550 (ftp-srv: 451); a refused listing is checked with CWD, so a missing folder is always
+   * E_NOT_FOUND, and a folder that is there but whose listing the server refuses is E_PERMISSION.
    */
   private async listDir(relDir: string, signal: AbortSignal | undefined): Promise<FileInfo[]> {
     const files = await this.withClient('list', relDir, signal, async (c) => {
       try {
-        return await c.list(this.abs(relDir));
+        return await this.listOn(c, this.abs(relDir));
       } catch (e) {
-        if (
-          isFtpReply(e) &&
-          !c.closed &&
-          (await c.sendIgnoringError(`CWD ${this.abs(relDir)}`)).code >= 500
-        ) {
+        if (!isFtpReply(e) || c.closed) throw e;
+        const cwd = await c.sendIgnoringError(`CWD ${this.abs(relDir)}`);
+        if (cwd.code >= 500) {
           throw new MedsyncError('E_NOT_FOUND', 'The folder does not exist.', {
             adapter: this.kind,
             path: relDir,
             cause: e,
           });
+        }
+        if (cwd.code < 400 && e.code >= 500) {
+          throw new MedsyncError(
+            'E_PERMISSION',
+            `The folder is there but the server refused to list it (${e.code}): check the account's right to read it.`,
+            { adapter: this.kind, path: relDir, cause: e, retryable: false },
+          );
         }
         throw e;
       }
@@ -672,6 +709,14 @@ export class FtpStorage implements Storage {
           return;
         }
       }
+      // A folder this account may not enter is there all the same (its parent lists it).
+      if (start !== '' && (await this.folderListed(start, opts.signal))) {
+        throw new MedsyncError(
+          'E_PERMISSION',
+          "The folder is there but the server refused to open it: check the account's right to enter and read it.",
+          { adapter: this.kind, path: start, retryable: false },
+        );
+      }
       throw new MedsyncError('E_NOT_FOUND', 'The folder does not exist.', {
         adapter: this.kind,
         path: start,
@@ -711,6 +756,10 @@ export class FtpStorage implements Storage {
           // Listed as unreadable (size -1), as the local adapter lists what it cannot read: the
           // sync reports it, and a mirror deletes nothing below it. The other folders go on.
           if (await this.folderListed(r.dir, opts.signal)) yield { path: r.dir, size: -1 };
+          continue;
+        }
+        if (me.code === 'E_PERMISSION' && r.dir !== start) {
+          yield { path: r.dir, size: -1 };
           continue;
         }
         throw me;
@@ -758,7 +807,7 @@ export class FtpStorage implements Storage {
     }
     // Neither MLST nor a usable SIZE: find the file in its folder's listing.
     const name = abs.slice(abs.lastIndexOf('/') + 1);
-    const hit = (await c.list(dirnameAbs(abs))).find((x) => x.name === name);
+    const hit = (await this.listOn(c, dirnameAbs(abs))).find((x) => x.name === name);
     if (!hit || hit.type !== FileType.File) return null;
     return { path: rel, size: hit.size, ...(hit.modifiedAt ? { mtimeMs: hit.modifiedAt.getTime() } : {}) };
   }
@@ -775,23 +824,43 @@ export class FtpStorage implements Storage {
     } catch (e) {
       if (!(isFtpReply(e) && e.code >= 500)) throw e;
       // MLST/SIZE refused: missing, or a file this account may not read. Its folder's listing
-      // tells (a refused DELE of an unreadable file must not pass for "already gone").
-      return (await this.listedIn(c, abs)) ?? false;
+      // tells (a refused DELE of an unreadable file must not pass for "already gone"); a folder
+      // that is there but cannot be listed tells nothing, and the file counts as there.
+      return (await this.listedIn(c, abs)) ?? true;
     }
   }
 
-  /** Whether `abs` is in its folder's listing; undefined when the folder could not be listed. */
+  /**
+   * Whether `abs` is in its folder's listing: false also when that folder is gone (its parent
+   * does not list it), undefined when the folder is there but cannot be listed, or its parent
+   * cannot be either. A dropped connection rejects.
+   */
   private async listedIn(c: Client, abs: string): Promise<boolean | undefined> {
-    const name = abs.slice(abs.lastIndexOf('/') + 1);
-    const listed = await c.list(dirnameAbs(abs)).catch(() => undefined);
-    return listed?.some((f) => f.name === name);
+    const dir = dirnameAbs(abs);
+    const shows = async (folder: string, name: string, type?: FileType) =>
+      (await this.listOn(c, folder)).some((f) => f.name === name && (type === undefined || f.type === type));
+    try {
+      return await shows(dir, abs.slice(abs.lastIndexOf('/') + 1));
+    } catch (e) {
+      if (!isFtpReply(e) || c.closed) throw e;
+      if (dir === '/') return undefined;
+      const there = await shows(
+        dirnameAbs(dir),
+        dir.slice(dir.lastIndexOf('/') + 1),
+        FileType.Directory,
+      ).catch((e2: unknown) => {
+        if (!isFtpReply(e2) || c.closed) throw e2;
+        return undefined;
+      });
+      return there === false ? false : undefined;
+    }
   }
 
   /** The error for a 550 on a file that is still there: refused, not missing. */
   private refusedButThere(res: FTPResponse, what: string, rel: string): MedsyncError {
     return new MedsyncError(
       'E_PERMISSION',
-      `${what}: the server refused (${res.code}) and the file is still there: check that the account may delete and rename files here (a read-only or retention share refuses it) and that no other program holds the file open.`,
+      `${what}: the server refused (${res.code}) and the file is still there (or its folder cannot be read to tell): check that the account may delete and rename files here (a read-only or retention share refuses it) and that no other program holds the file open.`,
       { adapter: this.kind, path: rel, cause: replyError(res), retryable: false },
     );
   }

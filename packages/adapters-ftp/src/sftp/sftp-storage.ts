@@ -662,7 +662,7 @@ export class SftpStorage implements Storage {
     this.madeDirs.add(absDir);
   }
 
-  /** Folders that gained an entry since the last flush (absolute paths on the server). */
+  /** Folders that gained or lost an entry since the last flush (absolute paths on the server). */
   private readonly dirty = new Set<string>();
   /** The server cannot fsync folders (not supported, or not on its file system). */
   private folderSyncRefused = false;
@@ -671,7 +671,7 @@ export class SftpStorage implements Storage {
 
   /**
    * Makes the entries written since the last call durable: each folder that gained one (a rename
-   * into place, a new folder) is opened and fsynced (fsync@openssh.com on a folder handle, which
+   * into place, a new folder) or lost one (a removal) is opened and fsynced (fsync@openssh.com on a folder handle, which
    * OpenSSH's sftp-server allows), up to 32 at a time on one connection. The files' bytes were
    * fsynced before their rename; this covers the renames, so a power cut on the server cannot
    * take back a file the job has recorded. Best effort, never an error of the run: a folder the
@@ -1127,7 +1127,10 @@ export class SftpStorage implements Storage {
       } catch (e) {
         // Idempotent: a file that is not there is removed already.
         if (!isSftpStatus(e, SFTP_STATUS.NO_SUCH_FILE)) throw e;
+        return;
       }
+      // Made durable by the next flush, like a rename: a mirror forgets a deleted file after it.
+      this.dirty.add(dirnameAbs(this.abs(rel)));
     });
   }
 

@@ -507,7 +507,7 @@ export class LocalStorage implements Storage {
     this.madeDirs.add(relDir);
   }
 
-  /** Folders whose entries changed since the last flush (absolute paths). */
+  /** Folders whose entries changed (created, renamed, removed) since the last flush (absolute paths). */
   private readonly dirty = new Set<string>();
 
   async flush(opts: OpOptions = {}): Promise<void> {
@@ -930,6 +930,9 @@ export class LocalStorage implements Storage {
       if ((e as { code?: string }).code === 'ENOENT') return;
       throw this.err(e, 'Removing the file', rel);
     }
+    // Made durable by the next flush, as a rename is: a mirror forgets a deleted file only after
+    // it (a power cut must not bring back a file the job no longer knows, never to delete it).
+    if (this.opts.fsync) this.dirty.add(nodePath.dirname(this.abs(rel)));
   }
 
   async rename(from: string, to: string, opts: OpOptions = {}): Promise<void> {
