@@ -24,6 +24,11 @@ export interface TestFtpServer {
   stats: { logins: number; peakConnections: number };
   /** Closes every client connection from the server side (421), as an idle timeout would. */
   dropConnections(): Promise<void>;
+  /**
+   * Logs every session out but keeps its socket: the next commands are answered 530, as some
+   * servers answer an idle session instead of closing it.
+   */
+  logOutSessions(): void;
   close(): Promise<void>;
 }
 
@@ -150,6 +155,11 @@ export async function startFtpServer(
       const conns = (server as unknown as { connections: Record<string, { close(): Promise<unknown> }> })
         .connections;
       await Promise.all(Object.values(conns).map((c) => c.close()));
+    },
+    logOutSessions: () => {
+      const conns = (server as unknown as { connections: Record<string, { authenticated: boolean }> })
+        .connections;
+      for (const c of Object.values(conns)) c.authenticated = false;
     },
     close: async () => {
       await server.close();

@@ -287,6 +287,23 @@ describe('FtpStorage against ftp-srv', () => {
     expect((await s.test()).ok).toBe(true);
   });
 
+  it('replaces a pooled session the server logged out (530) and runs the command on a new one', async () => {
+    const s = storage(ftp, { maxConnections: 1 });
+    await s.write('lo/a.dcm', Buffer.from('abc'));
+    ftp.logOutSessions();
+    expect((await text(s, 'lo/a.dcm')).toString()).toBe('abc');
+    ftp.logOutSessions();
+    await s.write('lo/b.dcm', Buffer.from('b'));
+    ftp.logOutSessions();
+    expect((await s.stat('lo/b.dcm')).size).toBe(1);
+    ftp.logOutSessions();
+    await s.remove('lo/b.dcm');
+    ftp.logOutSessions();
+    const listed: string[] = [];
+    for await (const e of s.list('lo')) listed.push(e.path);
+    expect(listed).toEqual(['lo/a.dcm']);
+  });
+
   it('never opens more than maxConnections', async () => {
     const s = storage(ftp, { maxConnections: 2 });
     const peakBefore = ftp.stats.peakConnections;
@@ -563,6 +580,16 @@ describe('toFtpError', () => {
     });
     const cert = Object.assign(new Error('self-signed certificate'), { code: 'DEPTH_ZERO_SELF_SIGNED_CERT' });
     expect(toFtpError(cert, 'tls')).toMatchObject({ code: 'E_CONFIG', retryable: false });
+    expect(toFtpError(cert, 'write')).toMatchObject({ code: 'E_CONFIG', retryable: false });
+    // A garbled TLS record on a session that was set up is a broken connection; the same error
+    // while setting it up says the port does not speak TLS as configured.
+    const mac = Object.assign(new Error('decryption failed or bad record mac'), {
+      code: 'ERR_SSL_DECRYPTION_FAILED_OR_BAD_RECORD_MAC',
+    });
+    expect(toFtpError(mac, 'write')).toMatchObject({ code: 'E_TRANSIENT', retryable: true });
+    expect(toFtpError(mac, 'list')).toMatchObject({ code: 'E_TRANSIENT', retryable: true });
+    expect(toFtpError(mac, 'tls')).toMatchObject({ code: 'E_CONFIG', retryable: false });
+    expect(toFtpError(mac, 'connect')).toMatchObject({ code: 'E_CONFIG', retryable: false });
   });
 
   it('keeps the path out of the message and in `path`', () => {

@@ -104,6 +104,21 @@ function suite(name: ServerName, title: string): void {
         }
       });
     });
+    describe(`${title} folders removed behind the cache`, () => {
+      it('a folder removed since this storage made it is made again by the next write', async () => {
+        const s = storageOn(server!);
+        try {
+          await s.write('S1/a.dcm', Readable.from([Buffer.from('a')]), { size: 1 });
+          // Another program (a retention job) removes the folder; the storage still has it cached.
+          rmSync(join(server!.root, s.options.root, 'S1'), { recursive: true });
+          await s.write('S1/b.dcm', Readable.from([Buffer.from('bb')]), { size: 2 });
+          expect(readFileSync(join(server!.root, s.options.root, 'S1/b.dcm'), 'utf8')).toBe('bb');
+        } finally {
+          await s.close();
+          removeRoot(server!)(s);
+        }
+      });
+    });
     if (!trailingSpace) return;
     describe(`${title} names`, () => {
       it('unicode and inner spaces round-trip', async () => {

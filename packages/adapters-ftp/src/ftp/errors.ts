@@ -76,8 +76,12 @@ export function isFtpReply(e: unknown): e is Error & { code: number } {
  *   for writes unless the reply says the folder is missing, then E_TRANSIENT (the folder is
  *   recreated on the next attempt). A reply that says "permission denied" is E_PERMISSION anywhere.
  * - 421/425/426/450/451, resets, timeouts and closed connections → E_TRANSIENT (retried).
- * - 500/501/502/504 → E_UNSUPPORTED; 431/533/534 and certificate failures → E_CONFIG.
+ * - 500/501/502/504 → E_UNSUPPORTED; 431/533/534 and certificate failures → E_CONFIG; other TLS
+ *   failures → E_CONFIG while the session is set up, E_TRANSIENT once it is (a garbled record).
  */
+/** Steps of opening a session: a TLS failure there is the configuration's. */
+const SETUP_OPS: ReadonlySet<FtpOp> = new Set(['connect', 'tls', 'login', 'test']);
+
 export function toFtpError(e: unknown, op: FtpOp, path?: string, adapter = 'ftp'): MedsyncError {
   if (isMedsyncError(e)) return e;
   const ctx = CONTEXT[op];
@@ -98,6 +102,11 @@ export function toFtpError(e: unknown, op: FtpOp, path?: string, adapter = 'ftp'
       'E_CONFIG',
       `the server's TLS certificate is not trusted (${errno}). Pass the server's certificate (or its CA) as \`tls.ca\`; check that \`host\` matches the certificate.`,
     );
+  }
+  if (errno?.startsWith('ERR_SSL_') && !SETUP_OPS.has(op)) {
+    // On a session whose handshake worked: a garbled record (bad MAC, an unexpected message), as
+    // a reset is. A port that does not speak TLS fails at the handshake, in `connect`/`tls`.
+    return make('E_TRANSIENT', `a TLS error broke the connection (${errno}).`);
   }
   if (errno?.startsWith('ERR_SSL_') || /SSL routines|handshake/i.test(message)) {
     return make(

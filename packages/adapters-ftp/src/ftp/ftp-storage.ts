@@ -193,6 +193,13 @@ function sendPipelined(c: Client, commands: readonly string[]): Promise<FTPRespo
 }
 
 /** A reply turned into basic-ftp's error type, for {@link toFtpError}. */
+/**
+ * Replies that end a session: 421 (closing), and 530 (not logged in) from a server that logged an
+ * idle session out but kept its socket. A pooled session answered one is replaced, and the
+ * command tried once on a new one (a 530 there too is the file's own refusal: E_PERMISSION).
+ */
+const SESSION_ENDED: ReadonlySet<number> = new Set([421, 530]);
+
 /** basic-ftp's listing commands for servers without MLSD, in the order it tries them. */
 const LIST_COMMANDS = ['LIST -a', 'LIST'] as const;
 
@@ -392,18 +399,19 @@ export class FtpStorage implements Storage {
   private static broken(e: unknown, client: Client): boolean {
     if (client.closed) return true;
     const raw = isMedsyncError(e) && e.cause !== undefined ? e.cause : e;
-    if (isFtpReply(raw)) return raw.code === 421;
+    if (isFtpReply(raw)) return SESSION_ENDED.has(raw.code);
     return !isMedsyncError(raw);
   }
 
   /**
    * True when `e` says the connection was already dead when the command went out (a closed or
-   * reset socket, or the 421 of a server that timed the session out): the command never ran.
+   * reset socket, the 421 of a server that timed the session out, or the 530 of one that logged
+   * it out and kept the socket): the command never ran.
    */
   private static stale(e: unknown, client: Client): boolean {
     const raw = isMedsyncError(e) ? e.cause : e;
     if (raw === undefined || isMedsyncError(raw)) return false;
-    return isFtpReply(raw) ? raw.code === 421 : FtpStorage.broken(raw, client);
+    return isFtpReply(raw) ? SESSION_ENDED.has(raw.code) : FtpStorage.broken(raw, client);
   }
 
   /**
@@ -1280,6 +1288,10 @@ export class FtpStorage implements Storage {
     // server digest may let it through.
     let wholeReused = false;
     let dataRetries = 0;
+    // The destination folder was taken from the mkdir cache and the server refused the upload:
+    // the folder may have been removed since (vsftpd: "553 Could not create file."). Once per
+    // write, it is forgotten and made again.
+    let dirRechecked = false;
     const onAbort = () => {
       source.destroy();
       lease?.conn.close();
@@ -1292,6 +1304,7 @@ export class FtpStorage implements Storage {
         const c = lease.conn;
         // Whether this attempt appends (APPE) to a part already on the server.
         let appending = false;
+        const dirCached = this.madeDirs.has(dirnameAbs(finalAbs));
         try {
           await this.ensureDir(c, dirnameAbs(finalAbs));
           let offset = 0;
@@ -1347,6 +1360,20 @@ export class FtpStorage implements Storage {
           // (the server could not open the data connection for this transfer).
           if (isFtpReply(e) && e.code === 425 && dataRetries < MAX_425_RETRIES && !c.closed) {
             dataRetries++;
+            this.pool.release(c);
+            lease = undefined;
+            continue;
+          }
+          if (
+            isFtpReply(e) &&
+            (e.code === 550 || e.code === 553) &&
+            dirCached &&
+            !dirRechecked &&
+            !appending &&
+            !c.closed
+          ) {
+            dirRechecked = true;
+            this.forgetDirs(dirnameAbs(finalAbs));
             this.pool.release(c);
             lease = undefined;
             continue;
