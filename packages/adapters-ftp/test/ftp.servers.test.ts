@@ -62,9 +62,12 @@ function suite(name: ServerName, title: string): void {
         const s = storageOn(server!);
         const locked = join(server!.root, s.options.root, 'locked');
         try {
-          for (const n of ['open/a.dcm', 'locked/inner/b.dcm', 'locked/c.dcm'])
+          for (const n of ['open/a.dcm', 'locked/inner/b.dcm', 'locked/c.dcm', 'drop/d.dcm'])
             await s.write(n, Readable.from([Buffer.from(n)]), { size: n.length });
           chmodSync(locked, 0);
+          // A drop folder: the account may enter it but not read it (vsftpd then answers LIST
+          // with an empty listing and "226 Transfer done (but failed to open directory).").
+          chmodSync(join(server!.root, s.options.root, 'drop'), 0o311);
           // Each check on a fresh storage: its connections' first listing is the refused one
           // (basic-ftp would fall back to LIST there, which answers with an empty listing).
           const fresh = async <T>(fn: (f: FtpStorage) => Promise<T>): Promise<T> => {
@@ -81,9 +84,17 @@ function suite(name: ServerName, title: string): void {
             return out.sort();
           });
           expect(listed).toEqual([
+            ['drop', -1],
             ['locked', -1],
             ['open/a.dcm', 10],
           ]);
+          await expect(
+            fresh(async (f) => f.list('drop')[Symbol.asyncIterator]().next()),
+          ).rejects.toMatchObject({
+            code: 'E_PERMISSION',
+          });
+          // A missing file several folders down in missing folders is gone, not refused.
+          await fresh((f) => f.remove('gone/deeper/still/x.dcm'));
           await expect(
             fresh(async (f) => f.list('locked')[Symbol.asyncIterator]().next()),
           ).rejects.toMatchObject({
@@ -99,6 +110,7 @@ function suite(name: ServerName, title: string): void {
           expect(readFileSync(join(locked, 'inner/b.dcm'), 'utf8')).toBe('locked/inner/b.dcm');
         } finally {
           chmodSync(locked, 0o755);
+          chmodSync(join(server!.root, s.options.root, 'drop'), 0o755);
           await s.close();
           removeRoot(server!)(s);
         }

@@ -832,6 +832,103 @@ describe('SyncJob writes whose answer was lost', () => {
     expect(dst.peek('lost.dcm')?.toString()).toBe('corrected content of lost.dcm');
   });
 
+  it('a copy that failed its read-back is sent again, never adopted', async () => {
+    const src = new MemoryStorage();
+    await src.write('a.dcm', Readable.from([Buffer.from('the real bytes')]), { mtimeMs: 1_700_000_000_000 });
+    // Keeps what it is sent, with the source's mtime, but reads back other bytes (a bad disk), and
+    // lists no digests: only the read-back can tell.
+    class BadReads extends MemoryStorage {
+      broken = true;
+      override async readBuffer(path: string, o?: Parameters<MemoryStorage['readBuffer']>[1]) {
+        const b = await super.readBuffer(path, o);
+        return this.broken ? Buffer.from(b.toString().toUpperCase()) : b;
+      }
+      override async read(path: string, o?: Parameters<MemoryStorage['read']>[1]) {
+        return Readable.from([await this.readBuffer(path, o)]);
+      }
+      override async write(...args: Parameters<MemoryStorage['write']>): Promise<StorageEntry> {
+        const { hashes: _, ...entry } = await super.write(...args);
+        return entry;
+      }
+    }
+    const dst = new BadReads();
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], readBack: 1 }, store);
+    const r1 = await j.run();
+    expect(r1).toMatchObject({ status: 'failed', filesFailed: 1 });
+    expect(r1.errors[0]).toMatchObject({ code: 'E_INTEGRITY' });
+    // The copy that failed its checks is not left under the final name.
+    expect(dst.peek('a.dcm')).toBeUndefined();
+    dst.broken = false;
+    const writes = dst.calls.write;
+    const r2 = await j.run();
+    expect(r2).toMatchObject({ status: 'success', filesSynced: 1 });
+    expect(dst.calls.write - writes).toBe(1);
+    expect((await store.manifest.get({ jobId: 'job-1', destination: dst.id }, 'a.dcm'))?.verifiedBy).toBe(
+      'readback',
+    );
+  });
+
+  it('an older copy of a changed file is not taken for the new version by its write time', async () => {
+    // A destination without mtimes or digests: a copy is taken by its write time only.
+    class Unstamped extends MemoryStorage {
+      override readonly capabilities = {
+        ...new MemoryStorage().capabilities,
+        hashes: [],
+        preservesMtime: false,
+        mtimePrecisionMs: null,
+      };
+      override async write(
+        path: string,
+        body: Parameters<MemoryStorage['write']>[1],
+        o: Parameters<MemoryStorage['write']>[2] = {},
+      ) {
+        const { mtimeMs: _m, ...rest } = o;
+        const { hashes: _h, ...entry } = await super.write(path, body, rest);
+        return entry;
+      }
+      override async stat(path: string, o?: Parameters<MemoryStorage['stat']>[1]) {
+        const { hashes: _h, ...entry } = await super.stat(path, o);
+        return entry;
+      }
+    }
+    const src = new MemoryStorage();
+    const now = Date.now();
+    await src.write('a.dcm', Readable.from([Buffer.from('version 1')]), { mtimeMs: now - 60_000 });
+    const dst = new Unstamped();
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], concurrency: 1 }, store);
+    expect((await j.run()).filesSynced).toBe(1);
+    // Version 2, same size, restored with an mtime older than version 1's delivery; its upload
+    // fails on a dropped connection before it lands.
+    await src.write('a.dcm', Readable.from([Buffer.from('version 2')]), { mtimeMs: now - 30_000 });
+    dst.faults.failNext('write', 4);
+    expect((await j.run()).filesFailed).toBe(1);
+    expect(dst.peek('a.dcm')?.toString()).toBe('version 1');
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 1 });
+    expect(dst.peek('a.dcm')?.toString()).toBe('version 2');
+  });
+
+  it('a refused login while looking files up skips the destination and keeps them for the next run', async () => {
+    const { dst, j } = await lostAnswer();
+    const stat = dst.stat.bind(dst);
+    let refuse = true;
+    dst.stat = async (path, o) => {
+      if (refuse && path === 'lost.dcm') throw new MedsyncError('E_AUTH', 'Login refused.');
+      return stat(path, o);
+    };
+    const writes = dst.calls.write;
+    const refused = await j.run();
+    expect(refused.status).toBe('failed');
+    expect(refused.errors.map((e) => e.code)).toEqual(['E_AUTH']);
+    expect(dst.calls.write).toBe(writes);
+    refuse = false;
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 3 });
+    expect(dst.calls.write).toBe(writes);
+  });
+
   it('is still looked up after a run that could not plan the destination', async () => {
     const { dst, j } = await lostAnswer();
     // The next run cannot reach the destination (its presence check fails): nothing is settled.

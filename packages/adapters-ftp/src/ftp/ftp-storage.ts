@@ -156,6 +156,32 @@ function skipTaskStacks(client: Client): void {
   };
 }
 
+/** The final reply of each client's last listing command (see {@link recordListReplies}). */
+const lastListReply = new WeakMap<Client, FTPResponse>();
+
+/**
+ * basic-ftp's `list()` drops the final reply of a listing, but vsftpd says there that it could
+ * not read the folder ("226 Transfer done (but failed to open directory)."), with an empty
+ * listing, for a folder the account may enter and not read. The reply is kept per client.
+ */
+function recordListReplies(client: Client): void {
+  type Ctx = { handle?: (command: unknown, ...rest: unknown[]) => unknown };
+  const ctx = client.ftp as unknown as Ctx;
+  const original = ctx.handle;
+  if (typeof original !== 'function') return;
+  ctx.handle = function (this: unknown, command: unknown, ...rest: unknown[]) {
+    const p = original.call(this, command, ...rest);
+    if (typeof command === 'string' && /^(LIST|MLSD)\b/.test(command) && p instanceof Promise) {
+      lastListReply.delete(client);
+      p.then((res: FTPResponse) => lastListReply.set(client, res), noop);
+    }
+    return p;
+  };
+}
+
+/** A listing whose final reply says it failed though its code says complete (vsftpd). */
+const LISTING_FAILED_TEXT = /fail|denied|not permitted|cannot|can't|could not|unable/i;
+
 /** Internal: a pooled connection was found dead before a read got its first byte. */
 class StaleConnection extends Error {}
 
@@ -299,6 +325,7 @@ export class FtpStorage implements Storage {
     const client = new Client(o.timeoutMs);
     keepSessionOnDataErrors(client);
     skipTaskStacks(client);
+    recordListReplies(client);
     let step: FtpOp = 'connect';
     try {
       await client.connect(o.host, o.port);
@@ -317,8 +344,6 @@ export class FtpStorage implements Storage {
       step = 'connect';
       await client.useDefaultSettings();
       if (!this.features) this.learnFeatures(await client.features());
-      // basic-ftp tries MLSD, then LIST, and keeps the first that answers: see listOn.
-      client.availableListCommands = this.features!.mlst && !this.mlsdBroken ? ['MLSD'] : [...LIST_COMMANDS];
       return client;
     } catch (e) {
       client.close();
@@ -629,22 +654,30 @@ export class FtpStorage implements Storage {
    * only entry (vsftpd), and a mirror from that server would take its files as removed. Without
    * MLSD, the connection enters the folder (CWD) and lists where it stands, so a folder it cannot
    * enter fails instead of looking empty. A missing folder fails alike (pure-ftpd and vsftpd
-   * answer LIST of one with an empty listing).
+   * answer LIST of one with an empty listing). An empty listing whose final reply says the folder
+   * could not be read (vsftpd, for a folder it may enter and not read) fails too.
    */
   private async listOn(c: Client, abs: string): Promise<FileInfo[]> {
     if ((await this.feats(c)).mlst && !this.mlsdBroken) {
+      c.availableListCommands = ['MLSD'];
       try {
         return await c.list(abs);
       } catch (e) {
-        // Announced but not implemented: LIST from now on, on every connection.
-        if (!(isFtpReply(e) && (e.code === 500 || e.code === 502)) || c.closed) throw e;
-        this.mlsdBroken = true;
+        if (!isFtpReply(e) || c.closed || ![500, 501, 502, 504].includes(e.code)) throw e;
+        // Announced but not implemented (500, 502, 504): LIST from now on, on every connection.
+        // A 501 (this argument refused) falls back for this folder only.
+        if (e.code !== 501) this.mlsdBroken = true;
       }
     }
     c.availableListCommands = [...LIST_COMMANDS];
     const cwd = await c.sendIgnoringError(`CWD ${abs}`);
     if (cwd.code >= 400) throw replyError(cwd);
-    return c.list();
+    const files = await c.list();
+    const done = lastListReply.get(c);
+    if (files.length === 0 && done && LISTING_FAILED_TEXT.test(done.message)) {
+      throw replyError({ code: 550, message: done.message });
+    }
+    return files;
   }
 
   /**
@@ -844,23 +877,22 @@ export class FtpStorage implements Storage {
    * cannot be either. A dropped connection rejects.
    */
   private async listedIn(c: Client, abs: string): Promise<boolean | undefined> {
-    const dir = dirnameAbs(abs);
-    const shows = async (folder: string, name: string, type?: FileType) =>
-      (await this.listOn(c, folder)).some((f) => f.name === name && (type === undefined || f.type === type));
-    try {
-      return await shows(dir, abs.slice(abs.lastIndexOf('/') + 1));
-    } catch (e) {
-      if (!isFtpReply(e) || c.closed) throw e;
-      if (dir === '/') return undefined;
-      const there = await shows(
-        dirnameAbs(dir),
-        dir.slice(dir.lastIndexOf('/') + 1),
-        FileType.Directory,
-      ).catch((e2: unknown) => {
-        if (!isFtpReply(e2) || c.closed) throw e2;
-        return undefined;
-      });
-      return there === false ? false : undefined;
+    // Up from the file's folder to the first one that can be listed: a folder on the way that is
+    // not in its parent's listing is gone, and so is the file.
+    for (let target = abs; ; target = dirnameAbs(target)) {
+      const dir = dirnameAbs(target);
+      let entries: FileInfo[];
+      try {
+        entries = await this.listOn(c, dir);
+      } catch (e) {
+        if (!isFtpReply(e) || c.closed) throw e;
+        if (dir === '/') return undefined;
+        continue;
+      }
+      const hit = entries.find((f) => f.name === target.slice(target.lastIndexOf('/') + 1));
+      if (target === abs) return hit !== undefined;
+      // A folder on the way that is there but could not be listed: the file may be in it.
+      return hit?.type === FileType.Directory ? undefined : false;
     }
   }
 
@@ -1547,7 +1579,9 @@ export class FtpStorage implements Storage {
       try {
         files = await this.listDir(dir, opts.signal);
       } catch (e) {
-        if (isMedsyncError(e) && e.code === 'E_NOT_FOUND') continue;
+        // Gone, or a folder this account may not read (our temporary files cannot be in it).
+        if (isMedsyncError(e) && (e.code === 'E_NOT_FOUND' || (e.code === 'E_PERMISSION' && dir !== start)))
+          continue;
         throw e;
       }
       for (const f of files) {

@@ -281,7 +281,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const runId = randomUUID();
     // Runs are ordered by their start: two in the same millisecond (a quick run, then
     // retryFailed()) would leave "the last run" to the random run id.
-    const startedAt = Math.max(this.clock.now(), this.lastStart + 1);
+    const now = this.clock.now();
+    const startedAt = Math.max(now, this.lastStart + 1);
     this.lastStart = startedAt;
     const record: RunRecord = {
       id: runId,
@@ -377,7 +378,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           r = await this.planDestination(dest, scope, sources, {
             interrupted,
             dryRun,
-            runStart: startedAt,
+            // The clock's own reading (startedAt may be a bumped one): the crash cleanup's cutoff.
+            runStart: now,
             only: opts.only,
             signal: planSignal,
             unsure,
@@ -570,7 +572,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
               return;
             }
             const me = toMedsyncError(e, undefined, { path: t.op.path });
-            if (me.retryable) mayHaveLanded();
+            // A lost connection or a throttled answer: the destination may have done it. (Not
+            // E_INTEGRITY: a copy that failed its checks must never be adopted.)
+            if (me.code === 'E_TRANSIENT' || me.code === 'E_RATE_LIMITED') mayHaveLanded();
             if (DESTINATION_FATAL.has(me.code) && !deadDestinations.has(t.dest.id)) {
               deadDestinations.set(t.dest.id, me);
               this.log.error('A destination refused the connection; its other files are not attempted', {
@@ -939,7 +943,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const clock: { measured?: Promise<DestinationClock | null> } = {};
       const unsure = ctx.unsure;
       const maybe = unsure?.size ? candidates.filter((s) => unsure.has(s.path)) : [];
-      if (maybe.length > 0) await this.adoptByStat(dest, scope, maybe, ctx.signal, adoptedPaths, clock);
+      if (maybe.length > 0)
+        await this.adoptByStat(dest, scope, maybe, ctx.signal, adoptedPaths, clock, (p) => !manifest.has(p));
       const newOnes = candidates.filter((s) => !manifest.has(s.path) && !adoptedPaths.has(s.path));
       if (newOnes.length > 0 && (ctx.interrupted || manifest.size === 0))
         await this.adoptFromListing(dest, scope, newOnes, ctx.signal, adoptedPaths, clock);
@@ -1125,6 +1130,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     d: StorageEntry,
     clock: { measured?: Promise<DestinationClock | null> },
     signal: AbortSignal | undefined,
+    byTime = true,
   ): Promise<{ hashes: Partial<Record<HashKind, string>> | undefined } | false> {
     if (s.size !== d.size || s.size < 0) return false;
     // Read per entry: a network adapter learns its capabilities (MFMT…) when it connects.
@@ -1147,7 +1153,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     // only a copy written after the source last changed is taken; others are resent. The write
     // time is the destination's clock, which may run ahead of ours (or report local time as
     // UTC): it is brought to ours, with a margin, before the comparison.
-    if (d.mtimeMs === undefined || s.mtimeMs === undefined) return false;
+    if (!byTime || d.mtimeMs === undefined || s.mtimeMs === undefined) return false;
     const c = await (clock.measured ??= this.destinationClock(dest, signal));
     if (!c || d.mtimeMs - c.offsetMs - c.slackMs < s.mtimeMs) return false;
     return { hashes: d.hashes };
@@ -1208,8 +1214,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   /**
    * Looks up each of a few files at the destination and records those that are copies of the
    * source ({@link isCopy}): the files whose last write had an unknown outcome (the connection
-   * dropped after the destination may have put the file in place). A file that cannot be looked
-   * up is sent again.
+   * dropped after the destination may have put the file in place). A file the manifest knows in
+   * an older version is taken only on its mtime or digest: an old copy written after the source's
+   * mtime (a restored file keeps an old one) must not pass for the new version. The first lookup
+   * that fails other than "not there" ends the lookups (the rest are sent again); a refused login
+   * fails the planning of this destination, which keeps them for the next run.
    */
   private async adoptByStat(
     dest: Storage,
@@ -1218,16 +1227,21 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     signal: AbortSignal,
     adopted: Set<string>,
     clock: { measured?: Promise<DestinationClock | null> },
+    isNew: (path: string) => boolean,
   ): Promise<void> {
     const batch: ManifestEntry[] = [];
     for (const s of wanted) {
       throwIfAborted(signal);
-      const d = await dest.stat(s.path, { signal }).catch((e: unknown) => {
-        if (signal.aborted) throw e;
-        return undefined;
-      });
-      if (!d) continue;
-      const copy = await this.isCopy(dest, s, d, clock, signal);
+      let d: StorageEntry;
+      try {
+        d = await dest.stat(s.path, { signal });
+      } catch (e) {
+        const me = toMedsyncError(e);
+        if (signal.aborted || DESTINATION_FATAL.has(me.code)) throw me;
+        if (me.code === 'E_NOT_FOUND') continue;
+        break;
+      }
+      const copy = await this.isCopy(dest, s, d, clock, signal, isNew(s.path));
       if (!copy) continue;
       batch.push(this.adoptedEntry(scope, s, d, copy.hashes));
       adopted.add(s.path);
@@ -1411,38 +1425,31 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       onBytes(-sent);
       throw isMedsyncError(e) ? e : toMedsyncError(e, 'Writing to the destination', { path: op.path });
     }
-    if (written.size !== sent) {
+    // A copy in place that fails its checks is removed (as rclone does): it must not stay under
+    // the final name looking delivered, to be taken for a copy by a later run's adoption.
+    const corrupt = async (message: string): Promise<never> => {
       onBytes(-sent);
-      throw new MedsyncError(
-        'E_INTEGRITY',
-        `The destination holds ${written.size} bytes, ${sent} were sent.`,
-        {
-          path: op.path,
-        },
-      );
-    }
+      await dest.remove(op.path, { signal }).catch(() => undefined);
+      throw new MedsyncError('E_INTEGRITY', message, { path: op.path });
+    };
+    if (written.size !== sent)
+      await corrupt(`The destination holds ${written.size} bytes, ${sent} were sent.`);
     let verifiedBy: VerifiedBy = 'size';
     for (const kind of ['sha256', 'md5'] as const) {
       const remote = written.hashes?.[kind];
       const local = digests[kind];
       if (!remote || !local) continue;
-      if (remote.toLowerCase() !== local) {
-        onBytes(-sent);
-        throw new MedsyncError(
-          'E_INTEGRITY',
-          `The destination's ${kind} does not match the bytes sent; resending.`,
-          {
-            path: op.path,
-          },
-        );
-      }
+      if (remote.toLowerCase() !== local)
+        await corrupt(`The destination's ${kind} does not match the bytes sent; resending.`);
       if (verifiedBy === 'size') verifiedBy = kind;
     }
     if (this.takeReadBack()) {
-      await this.readBack(dest, op.path, digests.sha256!, signal).catch((e: unknown) => {
+      const back = await this.readBack(dest, op.path, digests.sha256!, signal).catch((e: unknown) => {
         onBytes(-sent);
         throw e;
       });
+      if (!back)
+        await corrupt('The file read back from the destination differs from the bytes sent; resending.');
       verifiedBy = 'readback';
     }
     writer.add({
@@ -1500,7 +1507,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   }
 
   /** Reads a delivered file back and compares its SHA-256 with the one computed while sending. */
-  private async readBack(dest: Storage, path: string, sha256: string, signal: AbortSignal): Promise<void> {
+  /** Whether the file at the destination reads back with this SHA-256; rejects if unreadable. */
+  private async readBack(dest: Storage, path: string, sha256: string, signal: AbortSignal): Promise<boolean> {
     let got: string;
     try {
       const stream = await dest.read(path, { signal });
@@ -1510,13 +1518,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     } catch (e) {
       throw toMedsyncError(e, 'Reading the delivered file back', { path });
     }
-    if (got !== sha256) {
-      throw new MedsyncError(
-        'E_INTEGRITY',
-        'The file read back from the destination differs from the bytes sent; resending.',
-        { path },
-      );
-    }
+    return got === sha256;
   }
 
   /** The job's hashes (default MD5 and SHA-256), plus any the destination reports. */
