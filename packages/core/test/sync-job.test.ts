@@ -929,6 +929,48 @@ describe('SyncJob writes whose answer was lost', () => {
     expect(dst.calls.write).toBe(writes);
   });
 
+  it('mirror: a landed file whose source is gone since is deleted; a file there that is not that write is left', async () => {
+    const src = new MemoryStorage();
+    const t = 1_700_000_000_000;
+    for (const p of ['a.dcm', 'b.dcm', 'lost.dcm', 'other.dcm', 'z.dcm'])
+      await src.write(p, Readable.from([Buffer.from(`content of ${p}`)]), { mtimeMs: t });
+    const dst = new MemoryStorage();
+    // Someone else's file where other.dcm goes, with another time.
+    await dst.write('other.dcm', Readable.from([Buffer.from('content of other.dcm')]), {
+      mtimeMs: t - 5_000,
+    });
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], concurrency: 1, mode: 'mirror' }, store);
+    await j.run({ only: ['a.dcm', 'b.dcm', 'z.dcm'] });
+    // lost.dcm lands with its answer lost; other.dcm never lands (the connection drops first).
+    const write = dst.write.bind(dst);
+    dst.write = async (path, body, o) => {
+      if (path === 'lost.dcm') {
+        await write(path, body, o);
+        throw new MedsyncError('E_TRANSIENT', 'Connection lost.');
+      }
+      if (path === 'other.dcm') {
+        if (!(body instanceof Uint8Array)) body.destroy();
+        throw new MedsyncError('E_TRANSIENT', 'Connection lost.');
+      }
+      return write(path, body, o);
+    };
+    const r1 = await j.run();
+    expect(r1).toMatchObject({ status: 'failed', filesFailed: 2 });
+    dst.write = write;
+    // Both leave the source before the next run.
+    await src.remove('lost.dcm');
+    await src.remove('other.dcm');
+    const r2 = await j.run();
+    expect(r2).toMatchObject({ status: 'success', filesDeleted: 1 });
+    expect(dst.peek('lost.dcm')).toBeUndefined();
+    expect(dst.peek('other.dcm')?.toString()).toBe('content of other.dcm');
+    // Settled: nothing more to do, and the foreign file stays.
+    const r3 = await j.run();
+    expect(r3).toMatchObject({ status: 'success', filesDeleted: 0, filesSynced: 0 });
+    expect(dst.peek('other.dcm')).toBeDefined();
+  });
+
   it('is still looked up after a run that could not plan the destination', async () => {
     const { dst, j } = await lostAnswer();
     // The next run cannot reach the destination (its presence check fails): nothing is settled.

@@ -117,6 +117,32 @@ interface Task {
    * old one after the upload would delete the new file.
    */
   renameFrom?: string;
+  /** A delete of a file whose write had an unknown outcome and landed (see `saveUnsure`). */
+  unsure?: UnsureWrite;
+}
+
+/** A write with an unknown outcome: the path, and the source file's size and mtime then. */
+interface UnsureWrite {
+  path: string;
+  size: number;
+  mtimeMs?: number | undefined;
+}
+
+/** The stored lists, keeping only well-formed entries (settings are JSON anyone may edit). */
+function readUnsure(v: unknown): Record<string, UnsureWrite[]> {
+  const out: Record<string, UnsureWrite[]> = {};
+  if (!v || typeof v !== 'object') return out;
+  for (const [dest, list] of Object.entries(v as Record<string, unknown>)) {
+    if (!Array.isArray(list)) continue;
+    out[dest] = list.filter(
+      (e): e is UnsureWrite =>
+        !!e &&
+        typeof (e as UnsureWrite).path === 'string' &&
+        typeof (e as UnsureWrite).size === 'number' &&
+        ((e as UnsureWrite).mtimeMs === undefined || typeof (e as UnsureWrite).mtimeMs === 'number'),
+    );
+  }
+  return out;
 }
 
 /** A path as a case-insensitive file system compares it. */
@@ -324,8 +350,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     // destination may have put the file in place and only its answer was lost. The next run looks
     // them up there before sending them again. Per destination id.
     const unsureKey = this.settingKey('unsure');
-    let unsureBefore: Record<string, string[]> = {};
-    const unsureNow = new Map<string, Set<string>>();
+    let unsureBefore: Record<string, UnsureWrite[]> = {};
+    const unsureNow = new Map<string, Map<string, UnsureWrite>>();
     /** Destinations planned this run, with the earlier unsure paths their planning settled. */
     const unsureSettled = new Map<string, ReadonlySet<string>>();
     const addError = (err: MedsyncError, path?: string, destination?: string) => {
@@ -349,7 +375,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         if (await this.markInterrupted()) await store.settings.set(recoverKey, true);
         interrupted = (await store.settings.get<boolean>(recoverKey)) === true;
       }
-      if (!dryRun) unsureBefore = (await store.settings.get<Record<string, string[]>>(unsureKey)) ?? {};
+      if (!dryRun) unsureBefore = readUnsure(await store.settings.get(unsureKey));
       await store.runs.insert(record);
       this.safeEmit('run:start', { runId, jobId: this.id, trigger, dryRun });
       this.log.info('Sync run started', { jobId: this.id, runId, trigger, dryRun });
@@ -374,7 +400,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         const scope = { jobId: this.id, destination: dest.id };
         let r: Awaited<ReturnType<SyncJob['planDestination']>>;
         try {
-          const unsure = new Set(unsureBefore[dest.id] ?? []);
+          const unsure = new Map((unsureBefore[dest.id] ?? []).map((w) => [w.path, w]));
           r = await this.planDestination(dest, scope, sources, {
             interrupted,
             dryRun,
@@ -385,7 +411,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             unsure,
           });
           // Planning looked up (or adopted, or planned to send) every file the scan covered.
-          unsureSettled.set(dest.id, opts.only ? new Set([...unsure].filter((p) => sources.has(p))) : unsure);
+          unsureSettled.set(
+            dest.id,
+            new Set(opts.only ? [...unsure.keys()].filter((p) => sources.has(p)) : unsure.keys()),
+          );
         } catch (e) {
           // One destination that cannot be planned (login refused, unmounted, unreachable) does
           // not hold back the others; it gets nothing this run and the run says why.
@@ -397,6 +426,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           continue;
         }
         plan.skipped += r.skipped;
+        // A landed file with an unknown outcome that a mirror is to delete stays on the list until
+        // its delete is done (a refused, failed or stopped delete is tried by a later run).
+        for (const d of dryRun ? [] : r.deletes) {
+          if (!d.unsure) continue;
+          let m = unsureNow.get(dest.id);
+          if (!m) unsureNow.set(dest.id, (m = new Map()));
+          m.set(d.unsure.path, d.unsure);
+        }
         for (const path of r.caseConflicts) {
           record.filesFailed++;
           unplannedFailures++;
@@ -504,10 +541,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           if (stopped()) return;
           const ref = this.ref(t.op.path);
           const mayHaveLanded = () => {
-            if (t.op.kind === 'delete') return;
-            let set = unsureNow.get(t.dest.id);
-            if (!set) unsureNow.set(t.dest.id, (set = new Set()));
-            set.add(t.op.path);
+            // Deletes are redone from the manifest (or, for a landed file, see below).
+            if (t.op.kind === 'delete' || !t.source) return;
+            let m = unsureNow.get(t.dest.id);
+            if (!m) unsureNow.set(t.dest.id, (m = new Map()));
+            m.set(t.op.path, { path: t.op.path, size: t.source.size, mtimeMs: t.source.mtimeMs });
           };
           try {
             const dead = deadDestinations.get(t.dest.id);
@@ -555,6 +593,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
               },
             );
             progress.filesDone++;
+            if (t.unsure) unsureNow.get(t.dest.id)?.delete(t.unsure.path);
             const action = t.op.kind;
             this.safeEmit('file:done', {
               runId,
@@ -748,19 +787,20 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
    */
   private async saveUnsure(
     key: string,
-    before: Record<string, string[]>,
+    before: Record<string, UnsureWrite[]>,
     settled: Map<string, ReadonlySet<string>>,
-    now: Map<string, Set<string>>,
+    now: Map<string, Map<string, UnsureWrite>>,
   ): Promise<void> {
-    const next: Record<string, string[]> = {};
+    const next: Record<string, UnsureWrite[]> = {};
     let overflow = false;
     for (const dest of this.o.destinations) {
-      const paths = new Set(now.get(dest.id));
+      const writes = new Map(now.get(dest.id));
       const done = settled.get(dest.id);
-      for (const p of before[dest.id] ?? []) if (!done?.has(p)) paths.add(p);
-      if (paths.size === 0) continue;
-      if (paths.size > MAX_UNSURE) overflow = true;
-      next[dest.id] = [...paths].slice(0, MAX_UNSURE);
+      for (const w of before[dest.id] ?? [])
+        if (!done?.has(w.path) && !writes.has(w.path)) writes.set(w.path, w);
+      if (writes.size === 0) continue;
+      if (writes.size > MAX_UNSURE) overflow = true;
+      next[dest.id] = [...writes.values()].slice(0, MAX_UNSURE);
     }
     const store = this.o.store;
     try {
@@ -853,8 +893,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       runStart: number;
       only: readonly string[] | undefined;
       signal: AbortSignal;
-      /** Paths whose last write here had an unknown outcome (see `unsureKey`). */
-      unsure?: ReadonlySet<string> | undefined;
+      /** Files whose last write here had an unknown outcome, by path (see `saveUnsure`). */
+      unsure?: ReadonlyMap<string, UnsureWrite> | undefined;
     },
   ): Promise<{
     tasks: Task[];
@@ -968,6 +1008,27 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             op: { kind: 'delete', destination: dest.id, path: m.path, size: m.size },
           });
         }
+      }
+      // A file whose write had an unknown outcome and whose source is gone since: if it landed
+      // (same size and the source's mtime), the job delivered it and the mirror deletes it; a
+      // file there that is not that write (the destination keeps no mtimes to tell) is left.
+      const precision = dest.capabilities.mtimePrecisionMs;
+      for (const w of ctx.unsure?.values() ?? []) {
+        if (sources.has(w.path) || manifest.has(w.path) || !this.isIncluded(w.path)) continue;
+        if (blocked.some((b) => w.path.startsWith(b))) continue;
+        if (!dest.capabilities.preservesMtime || precision === null || w.mtimeMs === undefined) continue;
+        const d = await dest.stat(w.path, { signal: ctx.signal }).catch((e: unknown) => {
+          if (ctx.signal.aborted) throw e;
+          return undefined;
+        });
+        if (!d || d.size !== w.size || d.mtimeMs === undefined) continue;
+        if (Math.abs(d.mtimeMs - w.mtimeMs) > Math.max(1, precision)) continue;
+        deletes.push({
+          dest,
+          scope,
+          unsure: w,
+          op: { kind: 'delete', destination: dest.id, path: w.path, size: w.size },
+        });
       }
     }
 
