@@ -116,6 +116,38 @@ function suite(name: ServerName, title: string): void {
         }
       });
     });
+    describe(`${title} drop folders`, () => {
+      it('a root the account may write but not list: test() passes without a count, and a sync sends everything', async () => {
+        const s = storageOn(server!);
+        const local = join(server!.root, s.options.root);
+        const src = mkdtempSync(join(tmpdir(), 'medsync-drop-'));
+        try {
+          chmodSync(local, 0o311);
+          const report = await s.test();
+          expect(report).toMatchObject({ ok: true, writable: true, details: { listable: false } });
+          expect(report.entries).toBeUndefined();
+          expect(report.advice).toMatch(/drop folder/);
+          writeTree(src, { 'S1/a.dcm': 'a', 'S1/b.dcm': 'bb' });
+          const job = new SyncJob({
+            id: 'drop',
+            source: new LocalStorage({ root: src }),
+            destinations: [s],
+            store: new MemoryStore(),
+            retry: { retries: 1, initialDelayMs: 10 },
+          });
+          // An empty manifest makes the job look for copies already there: refused, it sends all.
+          const r = await job.run();
+          expect(r).toMatchObject({ status: 'success', filesSynced: 2 });
+          chmodSync(local, 0o755);
+          expect(readFileSync(join(local, 'S1/b.dcm'), 'utf8')).toBe('bb');
+        } finally {
+          chmodSync(local, 0o755);
+          rmSync(src, { recursive: true, force: true });
+          await s.close();
+          removeRoot(server!)(s);
+        }
+      });
+    });
     describe(`${title} folders removed behind the cache`, () => {
       it('a folder removed since this storage made it is made again by the next write', async () => {
         const s = storageOn(server!);

@@ -6,6 +6,7 @@
 import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import {
+  chmodSync,
   chownSync,
   existsSync,
   mkdirSync,
@@ -314,6 +315,26 @@ function define(s: SshdInfo): void {
           warning: expect.stringMatching(/not verified/),
         });
       } finally {
+        await st.close();
+        removeRoot(st);
+      }
+    });
+
+    it('a root the account may write but not list (a drop folder): test() passes without a count', async () => {
+      const st = storageOn(s);
+      try {
+        await put(st, 'one.dcm', '1');
+        chmodSync(st.options.root, 0o311);
+        const r = await st.test();
+        expect(r).toMatchObject({ ok: true, writable: true, details: { listable: false } });
+        expect(r.entries).toBeUndefined();
+        expect(r.advice).toMatch(/drop folder/);
+        // Uploads still work.
+        await put(st, 'two.dcm', '22');
+        chmodSync(st.options.root, 0o755);
+        expect(readFileSync(join(st.options.root, 'two.dcm'), 'utf8')).toBe('22');
+      } finally {
+        chmodSync(st.options.root, 0o755);
         await st.close();
         removeRoot(st);
       }

@@ -869,6 +869,44 @@ describe('SyncJob writes whose answer was lost', () => {
     );
   });
 
+  it('a corrupt copy that could not be removed is never adopted: the next run sends it again', async () => {
+    const src = new MemoryStorage();
+    await src.write('a.dcm', Readable.from([Buffer.from('the real bytes')]), { mtimeMs: 1_700_000_000_000 });
+    // Reads back other bytes, and the connection drops on the removal too.
+    class BadReads extends MemoryStorage {
+      broken = true;
+      override async readBuffer(path: string, o?: Parameters<MemoryStorage['readBuffer']>[1]) {
+        const b = await super.readBuffer(path, o);
+        return this.broken ? Buffer.from(b.toString().toUpperCase()) : b;
+      }
+      override async read(path: string, o?: Parameters<MemoryStorage['read']>[1]) {
+        return Readable.from([await this.readBuffer(path, o)]);
+      }
+      override async remove(path: string, o?: Parameters<MemoryStorage['remove']>[1]) {
+        if (this.broken) throw new MedsyncError('E_TRANSIENT', 'Connection lost.');
+        return super.remove(path, o);
+      }
+      override async write(...args: Parameters<MemoryStorage['write']>): Promise<StorageEntry> {
+        const { hashes: _, ...entry } = await super.write(...args);
+        return entry;
+      }
+    }
+    const dst = new BadReads();
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], readBack: 1 }, store);
+    expect((await j.run()).filesFailed).toBe(1);
+    // The corrupt copy is still there, with the source's size and mtime.
+    expect(dst.peek('a.dcm')?.toString()).toBe('the real bytes');
+    dst.broken = false;
+    const writes = dst.calls.write;
+    const r2 = await j.run();
+    expect(r2).toMatchObject({ status: 'success', filesSynced: 1 });
+    expect(dst.calls.write - writes).toBe(1);
+    expect((await store.manifest.get({ jobId: 'job-1', destination: dst.id }, 'a.dcm'))?.verifiedBy).toBe(
+      'readback',
+    );
+  });
+
   it('an older copy of a changed file is not taken for the new version by its write time', async () => {
     // A destination without mtimes or digests: a copy is taken by its write time only.
     class Unstamped extends MemoryStorage {
@@ -969,6 +1007,27 @@ describe('SyncJob writes whose answer was lost', () => {
     const r3 = await j.run();
     expect(r3).toMatchObject({ status: 'success', filesDeleted: 0, filesSynced: 0 });
     expect(dst.peek('other.dcm')).toBeDefined();
+  });
+
+  it('mirror: a landed file is not deleted when the source has it under another letter case', async () => {
+    const src = new MemoryStorage();
+    const t = 1_700_000_000_000;
+    for (const p of ['a.dcm', 'b.dcm', 'scan.dcm'])
+      await src.write(p, Readable.from([Buffer.from(`content of ${p}`)]), { mtimeMs: t });
+    const dst = new MemoryStorage({ caseInsensitive: true });
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], concurrency: 1, mode: 'mirror' }, store);
+    await j.run({ only: ['a.dcm', 'b.dcm'] });
+    dst.faults.loseReplies('write', 4);
+    expect((await j.run()).filesFailed).toBe(1);
+    // Renamed at the source to another case, and sent alone (same bytes, same mtime).
+    const body = await src.readBuffer('scan.dcm');
+    await src.remove('scan.dcm');
+    await src.write('SCAN.dcm', Readable.from([body]), { mtimeMs: t });
+    expect((await j.run({ only: ['SCAN.dcm'] })).status).toBe('success');
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesDeleted: 0 });
+    expect(dst.peek('SCAN.dcm')?.toString()).toBe('content of scan.dcm');
   });
 
   it('is still looked up after a run that could not plan the destination', async () => {

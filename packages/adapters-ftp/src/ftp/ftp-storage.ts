@@ -564,10 +564,17 @@ export class FtpStorage implements Storage {
             },
           );
         }
-        let entries = 0;
-        for (const f of await this.listOn(c, this.rootAbs)) {
-          if (f.name !== '.' && f.name !== '..' && !isPartialName(f.name)) entries++;
-          if (entries >= 10_000) break;
+        // A drop folder (the account may write but not read it) is a working destination: its
+        // listing refused leaves the count out.
+        let entries: number | undefined = 0;
+        try {
+          for (const f of await this.listOn(c, this.rootAbs)) {
+            if (f.name !== '.' && f.name !== '..' && !isPartialName(f.name)) entries++;
+            if (entries >= 10_000) break;
+          }
+        } catch (e) {
+          if (!isFtpReply(e) || e.code < 500 || c.closed) throw e;
+          entries = undefined;
         }
         let writable = false;
         const probe = this.abs(`.medsync-probe-${randomBytes(6).toString('hex')}`);
@@ -589,8 +596,9 @@ export class FtpStorage implements Storage {
           ok: true,
           latencyMs: Math.round(performance.now() - started),
           writable,
-          entries,
+          ...(entries !== undefined ? { entries } : {}),
           details: {
+            listable: entries !== undefined,
             tls: o.secure === 'explicit',
             ...(o.secure === 'explicit' ? { tlsVerified: o.tls.rejectUnauthorized } : {}),
             ...(socket.getProtocol
@@ -604,11 +612,19 @@ export class FtpStorage implements Storage {
                 : 'none',
             preservesMtime: this.caps.preservesMtime,
           },
-          ...(writable
-            ? {}
-            : {
-                advice: 'The root folder is readable but this account may not write to it: check its rights.',
-              }),
+          ...(!writable
+            ? {
+                advice:
+                  entries === undefined
+                    ? 'This account may neither list nor write the root folder: check its rights.'
+                    : 'The root folder is readable but this account may not write to it: check its rights.',
+              }
+            : entries === undefined
+              ? {
+                  advice:
+                    'The root folder takes uploads but this account may not list it (a drop folder): files are sent, but a lost job state cannot be rebuilt from it.',
+                }
+              : {}),
         } satisfies ConnectionReport;
       });
     } catch (e) {
@@ -879,6 +895,8 @@ export class FtpStorage implements Storage {
   private async listedIn(c: Client, abs: string): Promise<boolean | undefined> {
     // Up from the file's folder to the first one that can be listed: a folder on the way that is
     // not in its parent's listing is gone, and so is the file.
+    // Never above the storage's root: a parent may hide it (IIS virtual folders, ProFTPD's
+    // HideNoAccess), and the root's being there is not in question.
     for (let target = abs; ; target = dirnameAbs(target)) {
       const dir = dirnameAbs(target);
       let entries: FileInfo[];
@@ -886,13 +904,14 @@ export class FtpStorage implements Storage {
         entries = await this.listOn(c, dir);
       } catch (e) {
         if (!isFtpReply(e) || c.closed) throw e;
-        if (dir === '/') return undefined;
+        if (dir === '/' || dir === this.rootAbs) return undefined;
         continue;
       }
       const hit = entries.find((f) => f.name === target.slice(target.lastIndexOf('/') + 1));
       if (target === abs) return hit !== undefined;
-      // A folder on the way that is there but could not be listed: the file may be in it.
-      return hit?.type === FileType.Directory ? undefined : false;
+      // A folder on the way (or a link to one) that is there but could not be listed: the file
+      // may be in it.
+      return hit === undefined ? false : undefined;
     }
   }
 

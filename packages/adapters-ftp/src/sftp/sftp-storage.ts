@@ -263,10 +263,17 @@ export class SftpStorage implements Storage {
         if (!root.isDirectory()) {
           throw new MedsyncError('E_NOT_FOUND', 'The root path is not a folder.', { adapter: 'sftp' });
         }
-        let entries = 0;
-        for (const f of await s.readdir(this.rootAbs)) {
-          if (f.filename !== '.' && f.filename !== '..' && !isPartialName(f.filename)) entries++;
-          if (entries >= 10_000) break;
+        // A drop folder (the account may write but not read it) is a working destination: its
+        // listing refused leaves the count out.
+        let entries: number | undefined = 0;
+        try {
+          for (const f of await s.readdir(this.rootAbs)) {
+            if (f.filename !== '.' && f.filename !== '..' && !isPartialName(f.filename)) entries++;
+            if (entries >= 10_000) break;
+          }
+        } catch (e) {
+          if (!isSftpStatus(e, SFTP_STATUS.PERMISSION_DENIED)) throw e;
+          entries = undefined;
         }
         let writable = false;
         const probe = this.abs(`.medsync-probe-${randomBytes(6).toString('hex')}`);
@@ -299,9 +306,10 @@ export class SftpStorage implements Storage {
           ok: true,
           latencyMs: Math.round(performance.now() - started),
           writable,
-          entries,
+          ...(entries !== undefined ? { entries } : {}),
           ...(freeBytes !== undefined ? { freeBytes } : {}),
           details: {
+            listable: entries !== undefined,
             ...(info.ident ? { server: info.ident } : {}),
             ...(info.banner ? { banner: info.banner } : {}),
             hostKey: { ...info.hostKey, check: hostKeyCheck },
@@ -319,11 +327,19 @@ export class SftpStorage implements Storage {
             serverDigest: o.serverDigest ? await s.digestReport() : 'off',
             ...(totalBytes !== undefined ? { totalBytes } : {}),
           },
-          ...(writable
-            ? {}
-            : {
-                advice: 'The root folder is readable but this account may not write to it: check its rights.',
-              }),
+          ...(!writable
+            ? {
+                advice:
+                  entries === undefined
+                    ? 'This account may neither list nor write the root folder: check its rights.'
+                    : 'The root folder is readable but this account may not write to it: check its rights.',
+              }
+            : entries === undefined
+              ? {
+                  advice:
+                    'The root folder takes uploads but this account may not list it (a drop folder): files are sent, but a lost job state cannot be rebuilt from it.',
+                }
+              : {}),
         } satisfies ConnectionReport;
       });
     } catch (e) {

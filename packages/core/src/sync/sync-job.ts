@@ -119,6 +119,8 @@ interface Task {
   renameFrom?: string;
   /** A delete of a file whose write had an unknown outcome and landed (see `saveUnsure`). */
   unsure?: UnsureWrite;
+  /** Set when a copy of this upload failed its checks in place and could not be removed. */
+  badCopy?: boolean;
 }
 
 /** A write with an unknown outcome: the path, and the source file's size and mtime then. */
@@ -126,6 +128,11 @@ interface UnsureWrite {
   path: string;
   size: number;
   mtimeMs?: number | undefined;
+  /**
+   * A copy that failed its checks could not be removed: what is at the destination may be that
+   * corrupt copy, with the right size and mtime. Never adopted; sent again.
+   */
+  bad?: boolean | undefined;
 }
 
 /** The stored lists, keeping only well-formed entries (settings are JSON anyone may edit). */
@@ -139,7 +146,8 @@ function readUnsure(v: unknown): Record<string, UnsureWrite[]> {
         !!e &&
         typeof (e as UnsureWrite).path === 'string' &&
         typeof (e as UnsureWrite).size === 'number' &&
-        ((e as UnsureWrite).mtimeMs === undefined || typeof (e as UnsureWrite).mtimeMs === 'number'),
+        ((e as UnsureWrite).mtimeMs === undefined || typeof (e as UnsureWrite).mtimeMs === 'number') &&
+        ((e as UnsureWrite).bad === undefined || typeof (e as UnsureWrite).bad === 'boolean'),
     );
   }
   return out;
@@ -375,7 +383,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         if (await this.markInterrupted()) await store.settings.set(recoverKey, true);
         interrupted = (await store.settings.get<boolean>(recoverKey)) === true;
       }
-      if (!dryRun) unsureBefore = readUnsure(await store.settings.get(unsureKey));
+      // Read by dry runs too (their plan shows the deletes it leads to); written by real runs only.
+      unsureBefore = readUnsure(await store.settings.get(unsureKey));
       await store.runs.insert(record);
       this.safeEmit('run:start', { runId, jobId: this.id, trigger, dryRun });
       this.log.info('Sync run started', { jobId: this.id, runId, trigger, dryRun });
@@ -428,11 +437,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         plan.skipped += r.skipped;
         // A landed file with an unknown outcome that a mirror is to delete stays on the list until
         // its delete is done (a refused, failed or stopped delete is tried by a later run).
-        for (const d of dryRun ? [] : r.deletes) {
-          if (!d.unsure) continue;
+        for (const w of dryRun ? [] : [...r.deletes.flatMap((d) => d.unsure ?? []), ...r.unsureKept]) {
           let m = unsureNow.get(dest.id);
           if (!m) unsureNow.set(dest.id, (m = new Map()));
-          m.set(d.unsure.path, d.unsure);
+          m.set(w.path, w);
         }
         for (const path of r.caseConflicts) {
           record.filesFailed++;
@@ -545,7 +553,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             if (t.op.kind === 'delete' || !t.source) return;
             let m = unsureNow.get(t.dest.id);
             if (!m) unsureNow.set(t.dest.id, (m = new Map()));
-            m.set(t.op.path, { path: t.op.path, size: t.source.size, mtimeMs: t.source.mtimeMs });
+            m.set(t.op.path, {
+              path: t.op.path,
+              size: t.source.size,
+              mtimeMs: t.source.mtimeMs,
+              ...(t.badCopy ? { bad: true } : {}),
+            });
           };
           try {
             const dead = deadDestinations.get(t.dest.id);
@@ -611,6 +624,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
               return;
             }
             const me = toMedsyncError(e, undefined, { path: t.op.path });
+            if (t.badCopy) mayHaveLanded();
             // A lost connection or a throttled answer: the destination may have done it. (Not
             // E_INTEGRITY: a copy that failed its checks must never be adopted.)
             if (me.code === 'E_TRANSIENT' || me.code === 'E_RATE_LIMITED') mayHaveLanded();
@@ -903,6 +917,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     refused: boolean;
     limit: number;
     caseConflicts: string[];
+    unsureKept: UnsureWrite[];
   }> {
     const store = this.o.store;
     // Sizes and times are all planning needs of most entries; the rest is read for the few that
@@ -933,6 +948,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     }
 
     let skipped = 0;
+    /** Earlier unknown outcomes this planning could not decide: kept for a later run. */
+    const unsureKept: UnsureWrite[] = [];
     const candidates: StorageEntry[] = [];
     const touched: ManifestEntry[] = [];
     for (const s of sources.values()) {
@@ -982,10 +999,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const adoptedPaths = new Set<string>();
       const clock: { measured?: Promise<DestinationClock | null> } = {};
       const unsure = ctx.unsure;
-      const maybe = unsure?.size ? candidates.filter((s) => unsure.has(s.path)) : [];
+      const maybe = unsure?.size
+        ? candidates.filter((s) => unsure.has(s.path) && !unsure.get(s.path)!.bad)
+        : [];
       if (maybe.length > 0)
         await this.adoptByStat(dest, scope, maybe, ctx.signal, adoptedPaths, clock, (p) => !manifest.has(p));
-      const newOnes = candidates.filter((s) => !manifest.has(s.path) && !adoptedPaths.has(s.path));
+      const newOnes = candidates.filter(
+        (s) => !manifest.has(s.path) && !adoptedPaths.has(s.path) && !unsure?.get(s.path)?.bad,
+      );
       if (newOnes.length > 0 && (ctx.interrupted || manifest.size === 0))
         await this.adoptFromListing(dest, scope, newOnes, ctx.signal, adoptedPaths, clock);
       if (adoptedPaths.size) {
@@ -1012,16 +1033,31 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       // A file whose write had an unknown outcome and whose source is gone since: if it landed
       // (same size and the source's mtime), the job delivered it and the mirror deletes it; a
       // file there that is not that write (the destination keeps no mtimes to tell) is left.
-      const precision = dest.capabilities.mtimePrecisionMs;
+      // One that cannot be decided now (its folder unreadable at the source, the lookup failed) is
+      // kept for a later run. A name that differs only in case from a file the source or the
+      // manifest has is left alone: on a destination that folds case it is that file.
+      let folded: Set<string> | undefined;
       for (const w of ctx.unsure?.values() ?? []) {
         if (sources.has(w.path) || manifest.has(w.path) || !this.isIncluded(w.path)) continue;
-        if (blocked.some((b) => w.path.startsWith(b))) continue;
-        if (!dest.capabilities.preservesMtime || precision === null || w.mtimeMs === undefined) continue;
-        const d = await dest.stat(w.path, { signal: ctx.signal }).catch((e: unknown) => {
-          if (ctx.signal.aborted) throw e;
-          return undefined;
-        });
-        if (!d || d.size !== w.size || d.mtimeMs === undefined) continue;
+        folded ??= new Set([...sources.keys(), ...manifest.keys()].map(foldName));
+        if (folded.has(foldName(w.path)) || w.mtimeMs === undefined) continue;
+        if (blocked.some((b) => w.path.startsWith(b))) {
+          unsureKept.push(w);
+          continue;
+        }
+        let d: StorageEntry;
+        try {
+          d = await dest.stat(w.path, { signal: ctx.signal });
+        } catch (e) {
+          const me = toMedsyncError(e);
+          if (ctx.signal.aborted || DESTINATION_FATAL.has(me.code)) throw me;
+          if (me.code !== 'E_NOT_FOUND') unsureKept.push(w);
+          continue;
+        }
+        // Read after the lookup: a network adapter learns whether it keeps mtimes on connecting.
+        const precision = dest.capabilities.mtimePrecisionMs;
+        if (!dest.capabilities.preservesMtime || precision === null) continue;
+        if (d.size !== w.size || d.mtimeMs === undefined) continue;
         if (Math.abs(d.mtimeMs - w.mtimeMs) > Math.max(1, precision)) continue;
         deletes.push({
           dest,
@@ -1100,7 +1136,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
 
     const limit = this.o.maxDelete ?? Math.floor(manifest.size / 2);
     const refused = deletes.length > limit;
-    return { tasks, deletes, skipped, refused, limit, caseConflicts };
+    return { tasks, deletes, skipped, refused, limit, caseConflicts, unsureKept };
   }
 
   /**
@@ -1266,7 +1302,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       }
     } catch (e) {
       const me = toMedsyncError(e);
-      if (me.code !== 'E_NOT_FOUND') throw me;
+      // A destination this account may write but not list (a drop folder): nothing can be
+      // adopted, everything is sent.
+      if (me.code === 'E_PERMISSION' && !signal?.aborted) {
+        this.log.warn('The destination cannot be listed: files already there are sent again', {
+          jobId: this.id,
+          code: me.code,
+        });
+      } else if (me.code !== 'E_NOT_FOUND') throw me;
     }
     if (batch.length) await this.o.store.manifest.put(batch);
     return adopted.size;
@@ -1490,7 +1533,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     // the final name looking delivered, to be taken for a copy by a later run's adoption.
     const corrupt = async (message: string): Promise<never> => {
       onBytes(-sent);
-      await dest.remove(op.path, { signal }).catch(() => undefined);
+      // Not removed (a dropped connection, a cancel): the next runs must not adopt it.
+      await dest.remove(op.path, { signal }).catch(() => (t.badCopy = true));
       throw new MedsyncError('E_INTEGRITY', message, { path: op.path });
     };
     if (written.size !== sent)
