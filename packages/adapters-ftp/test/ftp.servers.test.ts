@@ -140,6 +140,9 @@ function suite(name: ServerName, title: string): void {
           expect(r).toMatchObject({ status: 'success', filesSynced: 2 });
           chmodSync(local, 0o755);
           expect(readFileSync(join(local, 'S1/b.dcm'), 'utf8')).toBe('bb');
+          // Neither listable nor writable: not a destination.
+          chmodSync(local, 0o111);
+          expect(await s.test()).toMatchObject({ ok: false, error: { code: 'E_PERMISSION' } });
         } finally {
           chmodSync(local, 0o755);
           rmSync(src, { recursive: true, force: true });

@@ -333,6 +333,9 @@ function define(s: SshdInfo): void {
         await put(st, 'two.dcm', '22');
         chmodSync(st.options.root, 0o755);
         expect(readFileSync(join(st.options.root, 'two.dcm'), 'utf8')).toBe('22');
+        // Neither listable nor writable: not a destination.
+        chmodSync(st.options.root, 0o111);
+        expect(await st.test()).toMatchObject({ ok: false, error: { code: 'E_PERMISSION' } });
       } finally {
         chmodSync(st.options.root, 0o755);
         await st.close();

@@ -898,6 +898,11 @@ describe('SyncJob writes whose answer was lost', () => {
     // The corrupt copy is still there, with the source's size and mtime.
     expect(dst.peek('a.dcm')?.toString()).toBe('the real bytes');
     dst.broken = false;
+    // The next run's upload fails before it replaces the copy (the link is down): still marked.
+    dst.faults.failNext('write', 4);
+    expect((await j.run()).filesFailed).toBe(1);
+    // Rebuilding the manifest from the listing does not take it either.
+    expect(await j.rebuildManifest()).toBe(0);
     const writes = dst.calls.write;
     const r2 = await j.run();
     expect(r2).toMatchObject({ status: 'success', filesSynced: 1 });
@@ -905,6 +910,22 @@ describe('SyncJob writes whose answer was lost', () => {
     expect((await store.manifest.get({ jobId: 'job-1', destination: dst.id }, 'a.dcm'))?.verifiedBy).toBe(
       'readback',
     );
+  });
+
+  it('rebuildManifest() rejects for a destination it may not list, instead of adopting nothing', async () => {
+    const src = new MemoryStorage();
+    await src.write('a.dcm', Readable.from([Buffer.from('a')]), { mtimeMs: 1_700_000_000_000 });
+    class DropFolder extends MemoryStorage {
+      // eslint-disable-next-line require-yield
+      override async *list(): AsyncGenerator<StorageEntry> {
+        throw new MedsyncError('E_PERMISSION', 'Listing refused.');
+      }
+    }
+    const dst = new DropFolder();
+    const j = job({ source: src, destinations: [dst] });
+    await expect(j.rebuildManifest()).rejects.toMatchObject({ code: 'E_PERMISSION' });
+    // A run (empty manifest: it looks for copies there) sends everything instead.
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 1 });
   });
 
   it('an older copy of a changed file is not taken for the new version by its write time', async () => {

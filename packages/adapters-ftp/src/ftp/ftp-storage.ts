@@ -573,7 +573,9 @@ export class FtpStorage implements Storage {
             if (entries >= 10_000) break;
           }
         } catch (e) {
-          if (!isFtpReply(e) || e.code < 500 || c.closed) throw e;
+          // Only a refusal (550, also vsftpd's "failed to open directory"); any other reply (a
+          // TLS data channel refused, 5xx "not implemented") is the failure it says.
+          if (!isFtpReply(e) || e.code !== 550 || c.closed) throw e;
           entries = undefined;
         }
         let writable = false;
@@ -585,6 +587,13 @@ export class FtpStorage implements Storage {
         } catch (e) {
           if (!isFtpReply(e)) throw e;
           await c.sendIgnoringError(`DELE ${probe}`);
+        }
+        if (entries === undefined && !writable) {
+          throw new MedsyncError(
+            'E_PERMISSION',
+            'This account may neither list nor write the root folder: check its rights on it.',
+            { adapter: this.kind, retryable: false },
+          );
         }
         const socket = c.ftp.socket as {
           getProtocol?: () => string | null;
@@ -614,10 +623,7 @@ export class FtpStorage implements Storage {
           },
           ...(!writable
             ? {
-                advice:
-                  entries === undefined
-                    ? 'This account may neither list nor write the root folder: check its rights.'
-                    : 'The root folder is readable but this account may not write to it: check its rights.',
+                advice: 'The root folder is readable but this account may not write to it: check its rights.',
               }
             : entries === undefined
               ? {

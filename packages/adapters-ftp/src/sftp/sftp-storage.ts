@@ -292,6 +292,13 @@ export class SftpStorage implements Storage {
           if (h) await s.closeHandle(h).catch(noop);
           await s.unlink(probe).catch(noop);
         }
+        if (entries === undefined && !writable) {
+          throw new MedsyncError(
+            'E_PERMISSION',
+            'This account may neither list nor write the root folder: check its rights on it.',
+            { adapter: this.kind, retryable: false },
+          );
+        }
         let freeBytes: number | undefined;
         let totalBytes: number | undefined;
         if (s.has('statvfs@openssh.com')) {
@@ -329,10 +336,7 @@ export class SftpStorage implements Storage {
           },
           ...(!writable
             ? {
-                advice:
-                  entries === undefined
-                    ? 'This account may neither list nor write the root folder: check its rights.'
-                    : 'The root folder is readable but this account may not write to it: check its rights.',
+                advice: 'The root folder is readable but this account may not write to it: check its rights.',
               }
             : entries === undefined
               ? {

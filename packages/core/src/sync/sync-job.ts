@@ -133,6 +133,8 @@ interface UnsureWrite {
    * corrupt copy, with the right size and mtime. Never adopted; sent again.
    */
   bad?: boolean | undefined;
+  /** Runs whose lookup of this landed file failed; dropped after {@link MAX_UNSURE_TRIES}. */
+  tries?: number | undefined;
 }
 
 /** The stored lists, keeping only well-formed entries (settings are JSON anyone may edit). */
@@ -147,7 +149,8 @@ function readUnsure(v: unknown): Record<string, UnsureWrite[]> {
         typeof (e as UnsureWrite).path === 'string' &&
         typeof (e as UnsureWrite).size === 'number' &&
         ((e as UnsureWrite).mtimeMs === undefined || typeof (e as UnsureWrite).mtimeMs === 'number') &&
-        ((e as UnsureWrite).bad === undefined || typeof (e as UnsureWrite).bad === 'boolean'),
+        ((e as UnsureWrite).bad === undefined || typeof (e as UnsureWrite).bad === 'boolean') &&
+        ((e as UnsureWrite).tries === undefined || typeof (e as UnsureWrite).tries === 'number'),
     );
   }
   return out;
@@ -163,6 +166,8 @@ const MAX_KEPT_ERRORS = 1000;
 const MAX_IN_FLIGHT = 256;
 /** Files with an unknown outcome kept per destination for the next run (see `saveUnsure`). */
 const MAX_UNSURE = 10_000;
+/** Runs in a row a landed file may fail to be looked up before it is given up (and left). */
+const MAX_UNSURE_TRIES = 5;
 /** Small-file buffers kept by transfers that wait to be made durable together. */
 const MAX_HELD_BYTES = 32 * 1024 * 1024;
 
@@ -250,11 +255,16 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
    */
   async rebuildManifest(opts: { signal?: AbortSignal } = {}): Promise<number> {
     const sources = await this.scanSource(opts.signal, undefined);
+    const unsure = readUnsure(await this.o.store.settings.get(this.settingKey('unsure')));
     let adopted = 0;
     for (const dest of this.o.destinations) {
       const scope = { jobId: this.id, destination: dest.id };
+      // Corrupt copies that could not be removed are never taken (see UnsureWrite.bad).
+      const bad = new Set((unsure[dest.id] ?? []).filter((w) => w.bad).map((w) => w.path));
+      const wanted = [...sources.values()].filter((s) => !bad.has(s.path));
       await this.o.store.manifest.clear(scope);
-      adopted += await this.adoptFromListing(dest, scope, [...sources.values()], opts.signal);
+      // A destination that cannot be listed rejects (E_PERMISSION): nothing could be rebuilt.
+      adopted += await this.adoptFromListing(dest, scope, wanted, opts.signal, undefined, undefined, false);
     }
     return adopted;
   }
@@ -437,7 +447,15 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         plan.skipped += r.skipped;
         // A landed file with an unknown outcome that a mirror is to delete stays on the list until
         // its delete is done (a refused, failed or stopped delete is tried by a later run).
-        for (const w of dryRun ? [] : [...r.deletes.flatMap((d) => d.unsure ?? []), ...r.unsureKept]) {
+        // So does a corrupt copy still in place, until an upload replaces it.
+        const badCopies = r.tasks.flatMap((t): UnsureWrite[] =>
+          t.badCopy && t.source
+            ? [{ path: t.op.path, size: t.source.size, mtimeMs: t.source.mtimeMs, bad: true }]
+            : [],
+        );
+        for (const w of dryRun
+          ? []
+          : [...r.deletes.flatMap((d) => d.unsure ?? []), ...r.unsureKept, ...badCopies]) {
           let m = unsureNow.get(dest.id);
           if (!m) unsureNow.set(dest.id, (m = new Map()));
           m.set(w.path, w);
@@ -606,7 +624,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
               },
             );
             progress.filesDone++;
-            if (t.unsure) unsureNow.get(t.dest.id)?.delete(t.unsure.path);
+            if (t.unsure || t.badCopy) unsureNow.get(t.dest.id)?.delete(t.op.path);
             const action = t.op.kind;
             this.safeEmit('file:done', {
               runId,
@@ -1037,11 +1055,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       // kept for a later run. A name that differs only in case from a file the source or the
       // manifest has is left alone: on a destination that folds case it is that file.
       let folded: Set<string> | undefined;
+      let lookupFailed = false;
       for (const w of ctx.unsure?.values() ?? []) {
         if (sources.has(w.path) || manifest.has(w.path) || !this.isIncluded(w.path)) continue;
         folded ??= new Set([...sources.keys(), ...manifest.keys()].map(foldName));
         if (folded.has(foldName(w.path)) || w.mtimeMs === undefined) continue;
-        if (blocked.some((b) => w.path.startsWith(b))) {
+        // After one failed lookup the rest wait for a later run, untouched.
+        if (lookupFailed || blocked.some((b) => w.path.startsWith(b))) {
           unsureKept.push(w);
           continue;
         }
@@ -1051,7 +1071,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         } catch (e) {
           const me = toMedsyncError(e);
           if (ctx.signal.aborted || DESTINATION_FATAL.has(me.code)) throw me;
-          if (me.code !== 'E_NOT_FOUND') unsureKept.push(w);
+          if (me.code === 'E_NOT_FOUND') continue;
+          lookupFailed = true;
+          const tries = (w.tries ?? 0) + 1;
+          if (tries < MAX_UNSURE_TRIES) unsureKept.push({ ...w, tries });
+          else
+            this.log.warn('Gave up looking up a file whose write had an unknown outcome', { jobId: this.id });
           continue;
         }
         // Read after the lookup: a network adapter learns whether it keeps mtimes on connecting.
@@ -1123,6 +1148,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         dest,
         scope,
         ...(twin ? { renameFrom: twin.op.path } : {}),
+        ...(ctx.unsure?.get(s.path)?.bad ? { badCopy: true } : {}),
         source: s,
         op: {
           kind: 'upload',
@@ -1287,6 +1313,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     signal: AbortSignal | undefined,
     adopted = new Set<string>(),
     clock: { measured?: Promise<DestinationClock | null> } = {},
+    unlistableIsEmpty = true,
   ): Promise<number> {
     const byPath = new Map(wanted.map((s) => [s.path, s]));
     const batch: ManifestEntry[] = [];
@@ -1304,7 +1331,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const me = toMedsyncError(e);
       // A destination this account may write but not list (a drop folder): nothing can be
       // adopted, everything is sent.
-      if (me.code === 'E_PERMISSION' && !signal?.aborted) {
+      if (me.code === 'E_PERMISSION' && unlistableIsEmpty && !signal?.aborted) {
         this.log.warn('The destination cannot be listed: files already there are sent again', {
           jobId: this.id,
           code: me.code,
