@@ -377,7 +377,7 @@ async function testCommand(
       io.stdout.write(`${r.ok ? 'OK' : 'FAILED'}: ${r.kind} ${r.id} (${r.latencyMs} ms)\n`);
       if (r.ok)
         io.stdout.write(
-          `  writable: ${r.writable ? 'yes' : 'no'}; entries in folder: ${r.entries ?? '?'}${r.freeBytes !== undefined ? `; free: ${Math.round(r.freeBytes / 1e9)} GB` : ''}\n`,
+          `  writable: ${r.writable ? 'yes' : 'no'}; entries in folder: ${r.entries ?? (r.details?.listable === false ? 'not listable' : '?')}${r.freeBytes !== undefined ? `; free: ${Math.round(r.freeBytes / 1e9)} GB` : ''}\n`,
         );
       if (r.error) io.stdout.write(`  ${r.error.code}: ${r.error.message}\n`);
       if (r.advice) io.stdout.write(`  advice: ${r.advice}\n`);

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -67,6 +67,27 @@ function medsync(args: string[], env: Record<string, string> = {}) {
     expect(t.json, JSON.stringify(t.json)).toMatchObject({ ok: true, kind: 'ftps', writable: true });
     expect(t.code).toBe(0);
     for (const r of [r1, r2, t]) expect(r.stdout + r.stderr).not.toContain(ftps!.password);
+  }, 60_000);
+
+  it('medsync test on a drop folder (writable, not listable): OK, "not listable", and the advice', async () => {
+    const ca = join(base, 'ca-drop.pem');
+    writeFileSync(ca, ftps!.cert);
+    const drop = join(ftps!.dir, 'drop');
+    mkdirSync(drop);
+    chownSync(drop, tls!.uid, tls!.gid);
+    chmodSync(drop, 0o311);
+    try {
+      const url = `ftps://${ftps!.user}@${ftps!.host}:${ftps!.port}/drop`;
+      const t = await medsync(['test', url, '--password-env', 'FTP_PASSWORD', '--ca', ca], {
+        FTP_PASSWORD: ftps!.password,
+      });
+      expect(t.code).toBe(0);
+      expect(t.stdout).toMatch(/^OK: ftps /);
+      expect(t.stdout).toContain('writable: yes; entries in folder: not listable');
+      expect(t.stdout).toMatch(/advice: .*drop folder/);
+    } finally {
+      chmodSync(drop, 0o755);
+    }
   }, 60_000);
 
   it('a wrong password is E_AUTH (run failed, exit 1) and an untrusted certificate is refused', async () => {

@@ -1051,6 +1051,38 @@ describe('SyncJob writes whose answer was lost', () => {
     expect(dst.peek('SCAN.dcm')?.toString()).toBe('content of scan.dcm');
   });
 
+  it('mirror: a landed file whose lookup keeps failing is tried by 5 runs, then left', async () => {
+    const src = new MemoryStorage();
+    const t = 1_700_000_000_000;
+    for (const p of ['a.dcm', 'b.dcm', 'lost.dcm'])
+      await src.write(p, Readable.from([Buffer.from(`content of ${p}`)]), { mtimeMs: t });
+    const dst = new MemoryStorage();
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], concurrency: 1, mode: 'mirror' }, store);
+    await j.run({ only: ['a.dcm', 'b.dcm'] });
+    dst.faults.loseReplies('write', 4);
+    await j.run();
+    await src.remove('lost.dcm');
+    // Its folder cannot be searched now (a permission changed at the destination).
+    const stat = dst.stat.bind(dst);
+    let lookups = 0;
+    dst.stat = async (path, o) => {
+      if (path === 'lost.dcm') {
+        lookups++;
+        throw new MedsyncError('E_PERMISSION', 'Permission denied.');
+      }
+      return stat(path, o);
+    };
+    const perRun: number[] = [];
+    for (let i = 0; i < 7; i++) {
+      const before = lookups;
+      expect((await j.run()).status).toBe('success');
+      perRun.push(lookups - before);
+    }
+    expect(perRun).toEqual([1, 1, 1, 1, 1, 0, 0]);
+    expect(dst.peek('lost.dcm')).toBeDefined();
+  });
+
   it('is still looked up after a run that could not plan the destination', async () => {
     const { dst, j } = await lostAnswer();
     // The next run cannot reach the destination (its presence check fails): nothing is settled.
