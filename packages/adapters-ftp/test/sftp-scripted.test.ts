@@ -132,6 +132,44 @@ describe('sftp cleanupPartials on a server whose listings carry no times', () =>
   });
 });
 
+describe("sftp listings from a server that leaves out the entries' types", () => {
+  it('stats each untyped entry: files listed, folders walked, an unreadable one listed as size -1', async () => {
+    const st = offline();
+    // No `mode` in any entry's attributes (they are optional in SFTP v3).
+    const tree: Record<string, Array<{ filename: string; longname: string; attrs: object }>> = {
+      '/data': [
+        { filename: 'a.dcm', longname: '', attrs: { size: 3, mtime: 100 } },
+        { filename: 'sub', longname: '', attrs: {} },
+        { filename: 'gone', longname: '', attrs: {} },
+      ],
+      '/data/sub': [{ filename: 'b.dcm', longname: '', attrs: { size: 5, mtime: 200 } }],
+    };
+    const stats: Record<string, object> = {
+      '/data': dirStat,
+      '/data/a.dcm': { ...fileStat, size: 3, mtime: 100 },
+      '/data/sub': dirStat,
+      '/data/sub/b.dcm': { ...fileStat, size: 5, mtime: 200 },
+    };
+    const session = {
+      readdir: async (p: string) => tree[p] ?? [],
+      stat: async (p: string) => {
+        if (p === '/data/gone') throw new SftpStatusError(SFTP_STATUS.PERMISSION_DENIED, 'Permission denied');
+        const x = stats[p];
+        if (!x) throw new SftpStatusError(SFTP_STATUS.NO_SUCH_FILE, 'No such file');
+        return x;
+      },
+    };
+    onSession(st, session);
+    const listed = [];
+    for await (const e of st.list('')) listed.push(e);
+    expect(listed.sort((x, y) => x.path.localeCompare(y.path))).toEqual([
+      { path: 'a.dcm', size: 3, mtimeMs: 100_000 },
+      { path: 'gone', size: -1 },
+      { path: 'sub/b.dcm', size: 5, mtimeMs: 200_000 },
+    ]);
+  });
+});
+
 describe('sftp flush is best effort and never fails the run', () => {
   /** A storage whose sessions are scripted: `open`/`fsync` answers per folder. */
   function scripted(answer: {

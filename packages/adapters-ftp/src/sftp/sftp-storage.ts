@@ -412,7 +412,8 @@ export class SftpStorage implements Storage {
   /**
    * Every regular file below `prefix`, folders listed in parallel over the pool. A symlink to a
    * file is listed (with the target's size and mtime); symlinks to folders are not followed (no
-   * loops, and the tree stays what the account owns). Sockets, devices and FIFOs are skipped.
+   * loops, and the tree stays what the account owns). Sockets, devices and FIFOs are skipped. An
+   * entry listed without its type is stat'ed.
    */
   async *list(prefix = '', opts: ListOptions = {}): AsyncGenerator<StorageEntry> {
     this.check();
@@ -461,10 +462,11 @@ export class SftpStorage implements Storage {
         if (isType(mode, S_IFDIR)) queue.push(child);
         else if (isPartialName(f.filename)) continue;
         else if (isType(mode, S_IFREG)) yield SftpStorage.entry(child, f.attrs);
-        else if (isType(mode, S_IFLNK)) {
-          // A link that cannot be followed (dangling, or its stat failed) is listed with size -1,
-          // as the local adapter does: it may stand for files delivered before, and a mirror
-          // deletes nothing below an unreadable entry.
+        else if (mode === undefined || isType(mode, S_IFLNK)) {
+          // A link, or an entry the server listed without its type (SFTP attributes are
+          // optional): its stat tells. One that cannot be read (a dangling link, a failed stat)
+          // is listed with size -1, as the local adapter does: it may stand for files delivered
+          // before, and a mirror deletes nothing below an unreadable entry.
           let target: Stats | undefined;
           try {
             target = await this.statAbs(this.abs(child), child, opts.signal);
@@ -474,6 +476,8 @@ export class SftpStorage implements Storage {
           }
           if (!target) yield { path: child, size: -1 };
           else if (target.isFile()) yield SftpStorage.entry(child, target);
+          // Walked only when untyped: links to folders are not followed.
+          else if (mode === undefined && target.isDirectory()) queue.push(child);
         }
       }
     }
