@@ -766,6 +766,32 @@ describe('SyncJob crash recovery and the destination clock', () => {
   });
 });
 
+/**
+ * Keeps what it is sent, with the source's mtime, but while `broken` reads back other bytes (a bad
+ * disk) and, with `failRemoves`, loses the connection on removals; lists no digests.
+ */
+class BadReads extends MemoryStorage {
+  broken = true;
+  constructor(private readonly bad: { failRemoves?: boolean } = {}) {
+    super();
+  }
+  override async readBuffer(path: string, o?: Parameters<MemoryStorage['readBuffer']>[1]) {
+    const b = await super.readBuffer(path, o);
+    return this.broken ? Buffer.from(b.toString().toUpperCase()) : b;
+  }
+  override async read(path: string, o?: Parameters<MemoryStorage['read']>[1]) {
+    return Readable.from([await this.readBuffer(path, o)]);
+  }
+  override async remove(path: string, o?: Parameters<MemoryStorage['remove']>[1]) {
+    if (this.broken && this.bad.failRemoves) throw new MedsyncError('E_TRANSIENT', 'Connection lost.');
+    return super.remove(path, o);
+  }
+  override async write(...args: Parameters<MemoryStorage['write']>): Promise<StorageEntry> {
+    const { hashes: _, ...entry } = await super.write(...args);
+    return entry;
+  }
+}
+
 describe('SyncJob writes whose answer was lost', () => {
   /** Three source files with fixed mtimes; every attempt at `lost.dcm` takes effect, answer lost. */
   async function lostAnswer(): Promise<{
@@ -837,20 +863,6 @@ describe('SyncJob writes whose answer was lost', () => {
     await src.write('a.dcm', Readable.from([Buffer.from('the real bytes')]), { mtimeMs: 1_700_000_000_000 });
     // Keeps what it is sent, with the source's mtime, but reads back other bytes (a bad disk), and
     // lists no digests: only the read-back can tell.
-    class BadReads extends MemoryStorage {
-      broken = true;
-      override async readBuffer(path: string, o?: Parameters<MemoryStorage['readBuffer']>[1]) {
-        const b = await super.readBuffer(path, o);
-        return this.broken ? Buffer.from(b.toString().toUpperCase()) : b;
-      }
-      override async read(path: string, o?: Parameters<MemoryStorage['read']>[1]) {
-        return Readable.from([await this.readBuffer(path, o)]);
-      }
-      override async write(...args: Parameters<MemoryStorage['write']>): Promise<StorageEntry> {
-        const { hashes: _, ...entry } = await super.write(...args);
-        return entry;
-      }
-    }
     const dst = new BadReads();
     const store = new MemoryStore();
     const j = job({ source: src, destinations: [dst], readBack: 1 }, store);
@@ -873,25 +885,7 @@ describe('SyncJob writes whose answer was lost', () => {
     const src = new MemoryStorage();
     await src.write('a.dcm', Readable.from([Buffer.from('the real bytes')]), { mtimeMs: 1_700_000_000_000 });
     // Reads back other bytes, and the connection drops on the removal too.
-    class BadReads extends MemoryStorage {
-      broken = true;
-      override async readBuffer(path: string, o?: Parameters<MemoryStorage['readBuffer']>[1]) {
-        const b = await super.readBuffer(path, o);
-        return this.broken ? Buffer.from(b.toString().toUpperCase()) : b;
-      }
-      override async read(path: string, o?: Parameters<MemoryStorage['read']>[1]) {
-        return Readable.from([await this.readBuffer(path, o)]);
-      }
-      override async remove(path: string, o?: Parameters<MemoryStorage['remove']>[1]) {
-        if (this.broken) throw new MedsyncError('E_TRANSIENT', 'Connection lost.');
-        return super.remove(path, o);
-      }
-      override async write(...args: Parameters<MemoryStorage['write']>): Promise<StorageEntry> {
-        const { hashes: _, ...entry } = await super.write(...args);
-        return entry;
-      }
-    }
-    const dst = new BadReads();
+    const dst = new BadReads({ failRemoves: true });
     const store = new MemoryStore();
     const j = job({ source: src, destinations: [dst], readBack: 1 }, store);
     expect((await j.run()).filesFailed).toBe(1);

@@ -28,6 +28,7 @@ import { isFtpReply, toFtpError, type FtpOp } from './errors.js';
 import { parseFtpOptions, type FtpStorageOptions, type ResolvedFtpStorageOptions } from './options.js';
 import { digestTimeoutMs } from '../shared/digest.js';
 import { ConnectionPool, type PoolLease } from '../shared/pool.js';
+import { rootAccess } from '../shared/report.js';
 
 type Lease = PoolLease<Client>;
 
@@ -588,13 +589,7 @@ export class FtpStorage implements Storage {
           if (!isFtpReply(e)) throw e;
           await c.sendIgnoringError(`DELE ${probe}`);
         }
-        if (entries === undefined && !writable) {
-          throw new MedsyncError(
-            'E_PERMISSION',
-            'This account may neither list nor write the root folder: check its rights on it.',
-            { adapter: this.kind, retryable: false },
-          );
-        }
+        const access = rootAccess(this.kind, entries, writable);
         const socket = c.ftp.socket as {
           getProtocol?: () => string | null;
           getCipher?: () => { name: string };
@@ -621,16 +616,7 @@ export class FtpStorage implements Storage {
                 : 'none',
             preservesMtime: this.caps.preservesMtime,
           },
-          ...(!writable
-            ? {
-                advice: 'The root folder is readable but this account may not write to it: check its rights.',
-              }
-            : entries === undefined
-              ? {
-                  advice:
-                    'The root folder takes uploads but this account may not list it (a drop folder): files are sent, but a lost job state cannot be rebuilt from it.',
-                }
-              : {}),
+          ...access,
         } satisfies ConnectionReport;
       });
     } catch (e) {

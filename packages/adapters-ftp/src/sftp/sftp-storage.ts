@@ -27,6 +27,7 @@ import { isSftpStatus, SFTP_STATUS, SftpStatusError, toSftpError, type SftpOp } 
 import { parseKnownHosts } from './host-keys.js';
 import { parseSftpOptions, type ResolvedSftpStorageOptions, type SftpStorageOptions } from './options.js';
 import { openSession, type ServerInfo, type SftpSession } from './session.js';
+import { rootAccess } from '../shared/report.js';
 
 /** Temporary names: a per-process random prefix and a counter. */
 const TMP_PREFIX = randomBytes(4).toString('hex');
@@ -292,13 +293,7 @@ export class SftpStorage implements Storage {
           if (h) await s.closeHandle(h).catch(noop);
           await s.unlink(probe).catch(noop);
         }
-        if (entries === undefined && !writable) {
-          throw new MedsyncError(
-            'E_PERMISSION',
-            'This account may neither list nor write the root folder: check its rights on it.',
-            { adapter: this.kind, retryable: false },
-          );
-        }
+        const access = rootAccess(this.kind, entries, writable);
         let freeBytes: number | undefined;
         let totalBytes: number | undefined;
         if (s.has('statvfs@openssh.com')) {
@@ -334,16 +329,7 @@ export class SftpStorage implements Storage {
             serverDigest: o.serverDigest ? await s.digestReport() : 'off',
             ...(totalBytes !== undefined ? { totalBytes } : {}),
           },
-          ...(!writable
-            ? {
-                advice: 'The root folder is readable but this account may not write to it: check its rights.',
-              }
-            : entries === undefined
-              ? {
-                  advice:
-                    'The root folder takes uploads but this account may not list it (a drop folder): files are sent, but a lost job state cannot be rebuilt from it.',
-                }
-              : {}),
+          ...access,
         } satisfies ConnectionReport;
       });
     } catch (e) {

@@ -39,26 +39,49 @@ export interface MemoryStorageOptions {
 
 let counter = 0;
 
+/** Faults queued per operation: each throws its error for its next `remaining` calls. */
+type FaultQueue = Map<MemoryOp, Array<{ remaining: number; error: () => Error }>>;
+
+function queueFault(
+  q: FaultQueue,
+  op: MemoryOp,
+  count: number,
+  error: Error | (() => Error) | undefined,
+  message: string,
+): void {
+  const make =
+    typeof error === 'function'
+      ? error
+      : () => error ?? new MedsyncError('E_TRANSIENT', message, { adapter: 'memory' });
+  const list = q.get(op) ?? [];
+  list.push({ remaining: count, error: make });
+  q.set(op, list);
+}
+
+/** Throws the error of the first fault queued for `op`, if any, using up one of its calls. */
+function takeFault(q: FaultQueue, op: MemoryOp): void {
+  const list = q.get(op);
+  const f = list?.[0];
+  if (!f) return;
+  f.remaining--;
+  if (f.remaining <= 0) list!.shift();
+  throw f.error();
+}
+
 /**
  * Faults the memory storage can inject, for users' own unit tests: fail the next N calls of an
  * operation with a given error, add latency, cut writes after some bytes, or lose the answer to
  * an operation that took effect.
  */
 export class MemoryFaults {
-  private failures = new Map<MemoryOp, Array<{ remaining: number; error: () => Error }>>();
+  private failures: FaultQueue = new Map();
   private latencies = new Map<MemoryOp, number>();
   private cut: { afterBytes: number; remaining: number; error: () => Error } | null = null;
-  private lost = new Map<MemoryOp, Array<{ remaining: number; error: () => Error }>>();
+  private lost: FaultQueue = new Map();
 
   /** The next `count` calls of `op` reject with `error` (a MedsyncError E_TRANSIENT by default). */
   failNext(op: MemoryOp, count = 1, error?: Error | (() => Error)): this {
-    const make =
-      typeof error === 'function'
-        ? error
-        : () => error ?? new MedsyncError('E_TRANSIENT', `Injected ${op} failure.`, { adapter: 'memory' });
-    const list = this.failures.get(op) ?? [];
-    list.push({ remaining: count, error: make });
-    this.failures.set(op, list);
+    queueFault(this.failures, op, count, error, `Injected ${op} failure.`);
     return this;
   }
 
@@ -87,17 +110,7 @@ export class MemoryFaults {
    * before its answer arrived, so the caller cannot know the outcome.
    */
   loseReplies(op: 'write' | 'rename' | 'remove', count = 1, error?: Error | (() => Error)): this {
-    const make =
-      typeof error === 'function'
-        ? error
-        : () =>
-            error ??
-            new MedsyncError('E_TRANSIENT', `Injected lost reply: the ${op} was done, its answer lost.`, {
-              adapter: 'memory',
-            });
-    const list = this.lost.get(op) ?? [];
-    list.push({ remaining: count, error: make });
-    this.lost.set(op, list);
+    queueFault(this.lost, op, count, error, `Injected lost reply: the ${op} was done, its answer lost.`);
     return this;
   }
 
@@ -114,24 +127,12 @@ export class MemoryFaults {
   async apply(op: MemoryOp, clock: Clock, signal?: AbortSignal): Promise<void> {
     const ms = this.latencies.get(op);
     if (ms) await clock.sleep(ms, signal);
-    const list = this.failures.get(op);
-    const f = list?.[0];
-    if (f) {
-      f.remaining--;
-      if (f.remaining <= 0) list!.shift();
-      throw f.error();
-    }
+    takeFault(this.failures, op);
   }
 
   /** @internal Throws the lost-reply error due for an `op` that just took effect, if any. */
   afterEffect(op: MemoryOp): void {
-    const list = this.lost.get(op);
-    const f = list?.[0];
-    if (f) {
-      f.remaining--;
-      if (f.remaining <= 0) list!.shift();
-      throw f.error();
-    }
+    takeFault(this.lost, op);
   }
 
   /**

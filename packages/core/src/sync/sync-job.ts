@@ -143,17 +143,31 @@ function readUnsure(v: unknown): Record<string, UnsureWrite[]> {
   if (!v || typeof v !== 'object') return out;
   for (const [dest, list] of Object.entries(v as Record<string, unknown>)) {
     if (!Array.isArray(list)) continue;
-    out[dest] = list.filter(
-      (e): e is UnsureWrite =>
-        !!e &&
-        typeof (e as UnsureWrite).path === 'string' &&
-        typeof (e as UnsureWrite).size === 'number' &&
-        ((e as UnsureWrite).mtimeMs === undefined || typeof (e as UnsureWrite).mtimeMs === 'number') &&
-        ((e as UnsureWrite).bad === undefined || typeof (e as UnsureWrite).bad === 'boolean') &&
-        ((e as UnsureWrite).tries === undefined || typeof (e as UnsureWrite).tries === 'number'),
-    );
+    const optional = (v: unknown, type: string) => v === undefined || typeof v === type;
+    out[dest] = list.filter((e): e is UnsureWrite => {
+      const w = (e ?? {}) as Partial<Record<keyof UnsureWrite, unknown>>;
+      return (
+        typeof w.path === 'string' &&
+        typeof w.size === 'number' &&
+        optional(w.mtimeMs, 'number') &&
+        optional(w.bad, 'boolean') &&
+        optional(w.tries, 'number')
+      );
+    });
   }
   return out;
+}
+
+/**
+ * Whether a destination time is the source's, where the destination keeps mtimes (its
+ * capabilities are read at the call: a network adapter learns them when it connects); undefined
+ * where it keeps none. Times pass through seconds-as-doubles on the way (utimes): one unit of the
+ * destination's precision is allowed.
+ */
+function sameMtime(dest: Storage, at: number | undefined, source: number | undefined): boolean | undefined {
+  const precision = dest.capabilities.mtimePrecisionMs;
+  if (!dest.capabilities.preservesMtime || precision === null) return undefined;
+  return at !== undefined && source !== undefined && Math.abs(at - source) <= Math.max(1, precision);
 }
 
 /** A path as a case-insensitive file system compares it. */
@@ -264,7 +278,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const wanted = [...sources.values()].filter((s) => !bad.has(s.path));
       await this.o.store.manifest.clear(scope);
       // A destination that cannot be listed rejects (E_PERMISSION): nothing could be rebuilt.
-      adopted += await this.adoptFromListing(dest, scope, wanted, opts.signal, undefined, undefined, false);
+      adopted += await this.adoptFromListing(dest, scope, wanted, opts.signal, { unlistableIsEmpty: false });
     }
     return adopted;
   }
@@ -370,6 +384,11 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const unsureKey = this.settingKey('unsure');
     let unsureBefore: Record<string, UnsureWrite[]> = {};
     const unsureNow = new Map<string, Map<string, UnsureWrite>>();
+    const keepUnsure = (destId: string, w: UnsureWrite) => {
+      let m = unsureNow.get(destId);
+      if (!m) unsureNow.set(destId, (m = new Map()));
+      m.set(w.path, w);
+    };
     /** Destinations planned this run, with the earlier unsure paths their planning settled. */
     const unsureSettled = new Map<string, ReadonlySet<string>>();
     const addError = (err: MedsyncError, path?: string, destination?: string) => {
@@ -455,11 +474,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         );
         for (const w of dryRun
           ? []
-          : [...r.deletes.flatMap((d) => d.unsure ?? []), ...r.unsureKept, ...badCopies]) {
-          let m = unsureNow.get(dest.id);
-          if (!m) unsureNow.set(dest.id, (m = new Map()));
-          m.set(w.path, w);
-        }
+          : [...r.deletes.flatMap((d) => d.unsure ?? []), ...r.unsureKept, ...badCopies])
+          keepUnsure(dest.id, w);
         for (const path of r.caseConflicts) {
           record.filesFailed++;
           unplannedFailures++;
@@ -569,9 +585,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           const mayHaveLanded = () => {
             // Deletes are redone from the manifest (or, for a landed file, see below).
             if (t.op.kind === 'delete' || !t.source) return;
-            let m = unsureNow.get(t.dest.id);
-            if (!m) unsureNow.set(t.dest.id, (m = new Map()));
-            m.set(t.op.path, {
+            keepUnsure(t.dest.id, {
               path: t.op.path,
               size: t.source.size,
               mtimeMs: t.source.mtimeMs,
@@ -1026,7 +1040,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         (s) => !manifest.has(s.path) && !adoptedPaths.has(s.path) && !unsure?.get(s.path)?.bad,
       );
       if (newOnes.length > 0 && (ctx.interrupted || manifest.size === 0))
-        await this.adoptFromListing(dest, scope, newOnes, ctx.signal, adoptedPaths, clock);
+        await this.adoptFromListing(dest, scope, newOnes, ctx.signal, { adopted: adoptedPaths, clock });
       if (adoptedPaths.size) {
         skipped += adoptedPaths.size;
         toSend = candidates.filter((s) => !adoptedPaths.has(s.path));
@@ -1080,10 +1094,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           continue;
         }
         // Read after the lookup: a network adapter learns whether it keeps mtimes on connecting.
-        const precision = dest.capabilities.mtimePrecisionMs;
-        if (!dest.capabilities.preservesMtime || precision === null) continue;
-        if (d.size !== w.size || d.mtimeMs === undefined) continue;
-        if (Math.abs(d.mtimeMs - w.mtimeMs) > Math.max(1, precision)) continue;
+        if (d.size !== w.size || sameMtime(dest, d.mtimeMs, w.mtimeMs) !== true) continue;
         deletes.push({
           dest,
           scope,
@@ -1257,13 +1268,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   ): Promise<{ hashes: Partial<Record<HashKind, string>> | undefined } | false> {
     if (s.size !== d.size || s.size < 0) return false;
     // Read per entry: a network adapter learns its capabilities (MFMT…) when it connects.
-    const precision = dest.capabilities.mtimePrecisionMs;
-    if (dest.capabilities.preservesMtime && precision !== null) {
-      if (d.mtimeMs === undefined || s.mtimeMs === undefined) return false;
-      // Timestamps pass through seconds-as-doubles on the way (utimes), so allow one unit.
-      if (Math.abs(d.mtimeMs - s.mtimeMs) > Math.max(1, precision)) return false;
-      return { hashes: d.hashes };
-    }
+    const same = sameMtime(dest, d.mtimeMs, s.mtimeMs);
+    if (same !== undefined) return same && { hashes: d.hashes };
     if (d.hashes?.sha256 || d.hashes?.md5) {
       // No source mtime there to compare: the destination's digest must match the source's.
       const h = await this.hashSource(s.path, signal).catch(() => undefined);
@@ -1311,9 +1317,17 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     scope: ManifestScope,
     wanted: StorageEntry[],
     signal: AbortSignal | undefined,
-    adopted = new Set<string>(),
-    clock: { measured?: Promise<DestinationClock | null> } = {},
-    unlistableIsEmpty = true,
+    {
+      adopted = new Set<string>(),
+      clock = {},
+      unlistableIsEmpty = true,
+    }: {
+      /** Paths adopted so far (skipped), and this call's added. */
+      adopted?: Set<string>;
+      clock?: { measured?: Promise<DestinationClock | null> };
+      /** A destination that refuses to be listed adopts nothing, instead of rejecting. */
+      unlistableIsEmpty?: boolean;
+    } = {},
   ): Promise<number> {
     const byPath = new Map(wanted.map((s) => [s.path, s]));
     const batch: ManifestEntry[] = [];
