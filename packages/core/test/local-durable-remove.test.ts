@@ -8,6 +8,9 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 
 const synced: string[] = [];
+/** Folders whose next fsync fails with EIO; concurrent fsyncs seen. */
+const failNext = new Set<string>();
+const concurrency = { now: 0, max: 0 };
 vi.mock('node:fs/promises', async (importOriginal) => {
   const real = await importOriginal<typeof import('node:fs/promises')>();
   return {
@@ -18,7 +21,14 @@ vi.mock('node:fs/promises', async (importOriginal) => {
       const sync = fh.sync.bind(fh);
       fh.sync = async () => {
         synced.push(path);
-        return sync();
+        concurrency.max = Math.max(concurrency.max, ++concurrency.now);
+        try {
+          await new Promise((r) => setTimeout(r, 2));
+          if (failNext.delete(path)) throw Object.assign(new Error('EIO: i/o error'), { code: 'EIO' });
+          return await sync();
+        } finally {
+          concurrency.now--;
+        }
       };
       return fh;
     },
@@ -31,6 +41,8 @@ const dirs: string[] = [];
 afterEach(() => {
   for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
   synced.length = 0;
+  failNext.clear();
+  concurrency.max = 0;
 });
 
 describe('LocalStorage removals are made durable by flush', () => {
@@ -55,6 +67,29 @@ describe('LocalStorage removals are made durable by flush', () => {
     writeFileSync(join(root, 'x.dcm'), 'x');
     const s = new LocalStorage({ root, fsync: false });
     await s.remove('x.dcm');
+    await s.flush();
+    expect(synced).toEqual([]);
+  });
+
+  it('fsyncs the changed folders several at a time; a folder whose fsync failed stays for the next flush', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'medsync-rm-'));
+    dirs.push(root);
+    const s = new LocalStorage({ root });
+    for (let i = 0; i < 40; i++) await s.write(`f${i}/x.dcm`, Buffer.from(`x${i}`));
+    synced.length = 0;
+    failNext.add(join(root, 'f7'));
+    await expect(s.flush()).rejects.toMatchObject({ name: 'MedsyncError' });
+    expect(concurrency.max).toBeGreaterThan(1);
+    const first = new Set(synced);
+    expect(first.has(join(root, 'f7'))).toBe(true);
+    synced.length = 0;
+    await s.flush();
+    // The failed folder again, plus those the failure stopped before their fsync; none twice.
+    expect(synced).toContain(join(root, 'f7'));
+    expect(new Set(synced).size).toBe(synced.length);
+    const all = new Set([...first, ...synced]);
+    for (let i = 0; i < 40; i++) expect(all.has(join(root, `f${i}`))).toBe(true);
+    synced.length = 0;
     await s.flush();
     expect(synced).toEqual([]);
   });

@@ -1360,6 +1360,53 @@ describe('SyncJob mirror', () => {
     expect(await k.run()).toMatchObject({ status: 'success', filesSynced: 4 });
   });
 
+  it('records delivered files in one waiting batch while a slow flush runs, not one batch per 256 files', async () => {
+    const files: Record<string, string> = {};
+    for (let i = 0; i < 1100; i++) files[`d${i % 7}/f${i}.dcm`] = `file ${i}`;
+    const src = new MemoryStorage();
+    for (const [p, b] of Object.entries(files)) await src.write(p, Buffer.from(b));
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const order: string[] = [];
+    class SlowFlush extends MemoryStorage {
+      flushes = 0;
+      async flush(): Promise<void> {
+        order.push(`flush ${++this.flushes}`);
+        // The first flush waits until every file has been delivered.
+        if (this.flushes === 1) await gate;
+      }
+    }
+    const dst = new SlowFlush();
+    const store = new MemoryStore();
+    const put = store.manifest.put.bind(store.manifest);
+    const sizes: number[] = [];
+    store.manifest.put = async (e) => {
+      const n = Array.isArray(e) ? e.length : 1;
+      sizes.push(n);
+      order.push(`put ${n}`);
+      return put(e);
+    };
+    const j = job({ source: src, destinations: [dst], concurrency: 8 }, store);
+    let done = 0;
+    j.on('file:done', () => {
+      if (++done === 1100) release();
+    });
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 1100 });
+    // The first batch of 256 waited on the slow flush; everything delivered meanwhile went in one
+    // more batch (before: a chain of 256-record batches, each holding its records in memory).
+    expect(sizes).toEqual([256, 844]);
+    // Each batch was written after a flush that began once its files were written (the run's
+    // last flush finds nothing left to record).
+    expect(order.slice(0, 4)).toEqual(['flush 1', 'put 256', 'flush 2', 'put 844']);
+    expect(order.slice(4).every((x) => x.startsWith('flush'))).toBe(true);
+    let recorded = 0;
+    for await (const m of store.manifest.list({ jobId: 'job-1', destination: dst.id })) {
+      expect(m.size).toBe(Buffer.byteLength(files[m.path]!));
+      recorded++;
+    }
+    expect(recorded).toBe(1100);
+  });
+
   it('a move is made durable at the destination before the manifest records it', async () => {
     const src = tmp();
     writeTree(src, { 'a/one.dcm': randomBytes(3000), 'a/two.dcm': randomBytes(3001) });

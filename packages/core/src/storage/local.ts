@@ -120,6 +120,8 @@ const FS_TYPE_TTL_MS = 10_000;
 const deviceGroups = new Map<number, GroupSync>();
 
 /** Temporary names: a per-process random prefix and a counter (cheaper than random bytes per file). */
+/** Folders fsynced at once by flush(). */
+const FLUSH_CONCURRENCY = 16;
 const TMP_PREFIX = randomBytes(4).toString('hex');
 let tmpCounter = 0;
 
@@ -513,22 +515,41 @@ export class LocalStorage implements Storage {
   async flush(opts: OpOptions = {}): Promise<void> {
     const dirs = [...this.dirty];
     this.dirty.clear();
-    for (const d of dirs) {
-      throwIfAborted(opts.signal);
-      let fh: fsp.FileHandle | undefined;
-      try {
-        fh = await fsp.open(d, 'r');
-        await fh.sync();
-      } catch (e) {
-        const code = (e as { code?: string }).code;
-        // A folder removed since (retention) has nothing left to make durable.
-        if (code !== 'ENOENT' && code !== 'EINVAL' && code !== 'EISDIR') {
+    // Several folders at once: the file system commits concurrent fsyncs together (one journal
+    // commit for many folders), where one after another each waits for its own.
+    let next = 0;
+    let failure: unknown;
+    const worker = async (): Promise<void> => {
+      while (next < dirs.length && failure === undefined) {
+        const d = dirs[next++]!;
+        try {
+          throwIfAborted(opts.signal);
+        } catch (e) {
+          failure ??= e;
           this.dirty.add(d);
-          throw this.err(e, 'Making written files durable');
+          continue;
         }
-      } finally {
-        await fh?.close().catch(() => undefined);
+        let fh: fsp.FileHandle | undefined;
+        try {
+          fh = await fsp.open(d, 'r');
+          await fh.sync();
+        } catch (e) {
+          const code = (e as { code?: string }).code;
+          // A folder removed since (retention) has nothing left to make durable.
+          if (code !== 'ENOENT' && code !== 'EINVAL' && code !== 'EISDIR') {
+            this.dirty.add(d);
+            failure ??= this.err(e, 'Making written files durable');
+          }
+        } finally {
+          await fh?.close().catch(() => undefined);
+        }
       }
+    };
+    await Promise.all(Array.from({ length: Math.min(FLUSH_CONCURRENCY, dirs.length) }, worker));
+    if (failure !== undefined) {
+      // Folders not reached stay dirty for the next flush.
+      for (const d of dirs.slice(next)) this.dirty.add(d);
+      throw failure;
     }
   }
 

@@ -1683,14 +1683,19 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
 }
 
 /**
- * Buffers manifest records and writes them in batches (one transaction per batch). A crash loses
- * at most the last batch's records; the next run adopts those files from the destination's
- * listing instead of resending them.
+ * Buffers manifest records and writes them in batches (one transaction per batch). At most one
+ * batch is being written and one waits: records added meanwhile join the waiting batch, so a slow
+ * flush (an fsync of the destination, a busy store) makes the batches larger instead of queueing
+ * one per few hundred files (which held every waiting record in memory and recorded files ever
+ * later). A crash loses at most the records of the batches not yet written; the next run adopts
+ * those files from the destination's listing instead of resending them.
  */
 class ManifestWriter {
   private pending: ManifestEntry[] = [];
   private timer: unknown;
   private flushing: Promise<void> = Promise.resolve();
+  /** The flush that has not started yet: it takes everything pending when it starts. */
+  private waiting: Promise<void> | undefined;
   private failure: unknown;
 
   constructor(
@@ -1709,8 +1714,9 @@ class ManifestWriter {
 
   add(e: ManifestEntry): void {
     this.pending.push(e);
-    if (this.pending.length >= this.maxBatch) void this.flush().catch(() => undefined);
-    else if (this.timer === undefined) {
+    if (this.pending.length >= this.maxBatch) {
+      if (this.waiting === undefined) void this.flush().catch(() => undefined);
+    } else if (this.timer === undefined) {
       this.timer = this.clock.setTimeout(() => void this.flush().catch(() => undefined), this.maxDelayMs);
     }
   }
@@ -1722,35 +1728,40 @@ class ManifestWriter {
   flush(): Promise<void> {
     if (this.timer !== undefined) this.clock.clearTimeout(this.timer);
     this.timer = undefined;
-    const batch = this.pending;
-    this.pending = [];
-    this.flushing = this.flushing.then(async () => {
-      if (this.failure) return;
-      for (let attempt = 1; ; attempt++) {
-        try {
-          // Even with nothing to record: a move or delete about to be recorded by the caller
-          // must be durable at its destination first (a renamed folder entry, for one).
-          await Promise.all(this.destinations.map((d) => d.flush?.()));
-          if (batch.length > 0) await this.store.manifest.put(batch);
-          return;
-        } catch (e) {
-          const me = toMedsyncError(e);
-          if (!me.retryable || attempt >= 3) {
-            // Keep the records for the error; the run stops starting transfers (see `failed`).
-            this.pending.unshift(...batch);
-            this.failure = e;
-            return;
-          }
-          await this.clock.sleep(500 * attempt);
-        }
-      }
-    });
-    return this.flushing.then(() => {
+    this.waiting ??= this.flushing = this.flushing.then(() => this.writePending());
+    return this.waiting.then(() => {
       if (this.failure) {
         const me = toMedsyncError(this.failure, 'Recording delivered files in the state store');
         throw new MedsyncError(me.code, me.message, { cause: me, retryable: false });
       }
     });
+  }
+
+  private async writePending(): Promise<void> {
+    this.waiting = undefined;
+    if (this.failure) return;
+    // Taken before the destinations' flush: every record in it is for a file written before, so
+    // the flush covers it. Records added during the flush wait for the next one.
+    const batch = this.pending;
+    this.pending = [];
+    for (let attempt = 1; ; attempt++) {
+      try {
+        // Even with nothing to record: a move or delete about to be recorded by the caller
+        // must be durable at its destination first (a renamed folder entry, for one).
+        await Promise.all(this.destinations.map((d) => d.flush?.()));
+        if (batch.length > 0) await this.store.manifest.put(batch);
+        return;
+      } catch (e) {
+        const me = toMedsyncError(e);
+        if (!me.retryable || attempt >= 3) {
+          // Keep the records for the error; the run stops starting transfers (see `failed`).
+          this.pending.unshift(...batch);
+          this.failure = e;
+          return;
+        }
+        await this.clock.sleep(500 * attempt);
+      }
+    }
   }
 }
 
