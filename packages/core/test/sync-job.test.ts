@@ -1362,7 +1362,7 @@ describe('SyncJob mirror', () => {
 
   it('records delivered files in one waiting batch while a slow flush runs, not one batch per 256 files', async () => {
     const files: Record<string, string> = {};
-    for (let i = 0; i < 1100; i++) files[`d${i % 7}/f${i}.dcm`] = `file ${i}`;
+    for (let i = 0; i < 2600; i++) files[`d${i % 7}/f${i}.dcm`] = `file ${i}`;
     const src = new MemoryStorage();
     for (const [p, b] of Object.entries(files)) await src.write(p, Buffer.from(b));
     let release!: () => void;
@@ -1389,22 +1389,64 @@ describe('SyncJob mirror', () => {
     const j = job({ source: src, destinations: [dst], concurrency: 8 }, store);
     let done = 0;
     j.on('file:done', () => {
-      if (++done === 1100) release();
+      if (++done === 2600) release();
     });
-    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 1100 });
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 2600 });
     // The first batch of 256 waited on the slow flush; everything delivered meanwhile went in one
-    // more batch (before: a chain of 256-record batches, each holding its records in memory).
-    expect(sizes).toEqual([256, 844]);
+    // more batch (before: a chain of 256-record batches, each holding its records in memory),
+    // written in parts of at most 1024 records, all covered by one flush.
+    expect(sizes).toEqual([256, 1024, 1024, 296]);
     // Each batch was written after a flush that began once its files were written (the run's
     // last flush finds nothing left to record).
-    expect(order.slice(0, 4)).toEqual(['flush 1', 'put 256', 'flush 2', 'put 844']);
-    expect(order.slice(4).every((x) => x.startsWith('flush'))).toBe(true);
+    expect(order.slice(0, 6)).toEqual(['flush 1', 'put 256', 'flush 2', 'put 1024', 'put 1024', 'put 296']);
+    expect(order.slice(6).every((x) => x.startsWith('flush'))).toBe(true);
     let recorded = 0;
     for await (const m of store.manifest.list({ jobId: 'job-1', destination: dst.id })) {
       expect(m.size).toBe(Buffer.byteLength(files[m.path]!));
       recorded++;
     }
-    expect(recorded).toBe(1100);
+    expect(recorded).toBe(2600);
+  });
+
+  it('a manifest write that fails for good ends the run partial; the next run adopts the unrecorded files instead of resending them', async () => {
+    const src = new MemoryStorage();
+    for (let i = 0; i < 700; i++) await src.write(`d${i % 5}/f${i}.dcm`, Buffer.from(`file ${i}`));
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let flushes = 0;
+    class SlowFlush extends MemoryStorage {
+      async flush(): Promise<void> {
+        if (++flushes === 1) await gate;
+      }
+    }
+    const dst = new SlowFlush();
+    const store = new MemoryStore();
+    const put = store.manifest.put.bind(store.manifest);
+    let puts = 0;
+    store.manifest.put = async (e) => {
+      if (++puts === 2) throw new MedsyncError('E_PERMISSION', 'The state database is read-only.');
+      return put(e);
+    };
+    const j = job({ source: src, destinations: [dst], concurrency: 8 }, store);
+    let done = 0;
+    j.on('file:done', () => {
+      if (++done === 700) release();
+    });
+    const r = await j.run();
+    expect(puts).toBe(2);
+    expect(r.status).toBe('partial');
+    expect(r.errors).toEqual([expect.objectContaining({ code: 'E_PERMISSION' })]);
+    let recorded = 0;
+    for await (const _ of store.manifest.list({ jobId: 'job-1', destination: dst.id })) recorded++;
+    expect(recorded).toBe(256);
+    // Every file is at the destination; the next run records the rest from there, sends nothing.
+    const writes = dst.calls.write;
+    const again = await j.run();
+    expect(again).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 700 });
+    expect(dst.calls.write).toBe(writes);
+    recorded = 0;
+    for await (const _ of store.manifest.list({ jobId: 'job-1', destination: dst.id })) recorded++;
+    expect(recorded).toBe(700);
   });
 
   it('a move is made durable at the destination before the manifest records it', async () => {

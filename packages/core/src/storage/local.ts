@@ -119,9 +119,12 @@ const FS_TYPE_TTL_MS = 10_000;
  */
 const deviceGroups = new Map<number, GroupSync>();
 
+/**
+ * Folders fsynced at once by flush(): the thread pool's default size (4), so a flush does not
+ * queue ahead of every other file operation of the process.
+ */
+const FLUSH_CONCURRENCY = 4;
 /** Temporary names: a per-process random prefix and a counter (cheaper than random bytes per file). */
-/** Folders fsynced at once by flush(). */
-const FLUSH_CONCURRENCY = 16;
 const TMP_PREFIX = randomBytes(4).toString('hex');
 let tmpCounter = 0;
 

@@ -747,7 +747,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           // Deletions come last (rclone's --delete-after): a failed upload never costs a delete.
           if (!stopped()) await pump(deletes);
         } finally {
-          await writer.flush();
+          await writer.flush().catch(async (e: unknown) => {
+            // Delivered files the manifest could not record: the next run lists the destination
+            // and adopts them, as after a crash, instead of sending them again.
+            await store.settings.set(recoverKey, true).catch(() => undefined);
+            throw e;
+          });
         }
         if (!stopped()) await this.sweepPartials(inner.signal);
         if (inner.signal.aborted) {
@@ -1744,18 +1749,28 @@ class ManifestWriter {
     // the flush covers it. Records added during the flush wait for the next one.
     const batch = this.pending;
     this.pending = [];
+    /** Records of `batch` written so far. */
+    let written = 0;
     for (let attempt = 1; ; attempt++) {
       try {
         // Even with nothing to record: a move or delete about to be recorded by the caller
         // must be durable at its destination first (a renamed folder entry, for one).
         await Promise.all(this.destinations.map((d) => d.flush?.()));
-        if (batch.length > 0) await this.store.manifest.put(batch);
+        // A batch that grew during a slow flush goes in parts: a store may write one call in one
+        // synchronous transaction, which would hold the event loop (transfers, lease renewals).
+        while (written < batch.length) {
+          const part = batch.slice(written, written + WRITE_PART);
+          await this.store.manifest.put(part);
+          written += part.length;
+          if (written < batch.length) await new Promise<void>((r) => setImmediate(r));
+        }
         return;
       } catch (e) {
         const me = toMedsyncError(e);
         if (!me.retryable || attempt >= 3) {
           // Keep the records for the error; the run stops starting transfers (see `failed`).
-          this.pending.unshift(...batch);
+          // (concat, not unshift(...): a spread of a large batch overflows the stack.)
+          this.pending = batch.slice(written).concat(this.pending);
           this.failure = e;
           return;
         }
@@ -1764,6 +1779,9 @@ class ManifestWriter {
     }
   }
 }
+
+/** Records per manifest write of a large batch (see `ManifestWriter`). */
+const WRITE_PART = 1024;
 
 function mkBucket(rate: number | string, clock: Clock): TokenBucket | undefined {
   const r = parseRate(rate);
