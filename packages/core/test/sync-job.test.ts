@@ -1447,6 +1447,37 @@ describe('SyncJob mirror', () => {
     recorded = 0;
     for await (const _ of store.manifest.list({ jobId: 'job-1', destination: dst.id })) recorded++;
     expect(recorded).toBe(700);
+    expect(await store.settings.get('sync:job-1:adopt')).toBeUndefined();
+  });
+
+  it('after a destination flush that failed for good, the unrecorded files are sent again, not adopted', async () => {
+    const src = new MemoryStorage();
+    for (let i = 0; i < 100; i++) await src.write(`old/f${i}.dcm`, Buffer.from(`old ${i}`));
+    let failFlush = false;
+    class BadFlush extends MemoryStorage {
+      async flush(): Promise<void> {
+        if (failFlush) throw new MedsyncError('E_PERMISSION', 'The folder cannot be synced.');
+      }
+    }
+    const dst = new BadFlush();
+    const store = new MemoryStore();
+    const j = job({ source: src, destinations: [dst], concurrency: 4 }, store);
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 100 });
+    for (let i = 0; i < 50; i++) await src.write(`new/f${i}.dcm`, Buffer.from(`new ${i}`));
+    failFlush = true;
+    const r = await j.run();
+    expect(r.errors).toEqual(expect.arrayContaining([expect.objectContaining({ code: 'E_PERMISSION' })]));
+    let recorded = 0;
+    for await (const _ of store.manifest.list({ jobId: 'job-1', destination: dst.id })) recorded++;
+    expect(recorded).toBe(100);
+    expect(await store.settings.get('sync:job-1:adopt')).toBeUndefined();
+    failFlush = false;
+    const writes = dst.calls.write;
+    const landed = [...Array(50).keys()].filter((i) => dst.peek(`new/f${i}.dcm`) !== undefined).length;
+    expect(landed).toBeGreaterThan(0);
+    // Nothing says the landed ones are durable: all 50 are sent (again).
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 50, filesSkipped: 100 });
+    expect(dst.calls.write - writes).toBe(50);
   });
 
   it('a move is made durable at the destination before the manifest records it', async () => {

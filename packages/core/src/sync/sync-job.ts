@@ -407,10 +407,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       // A dry run must not use up the interrupted state: the next real run recovers.
       // The recovery (leftover cleanup, adoption) stays pending until a run gets through planning.
       const recoverKey = this.settingKey('recover');
+      const adoptKey = this.settingKey('adopt');
       let interrupted = false;
+      /** An earlier run delivered files the manifest could not record: adopt them from the listing. */
+      let adoptPending = false;
       if (!dryRun) {
         if (await this.markInterrupted()) await store.settings.set(recoverKey, true);
         interrupted = (await store.settings.get<boolean>(recoverKey)) === true;
+        adoptPending = (await store.settings.get<boolean>(adoptKey)) === true;
       }
       // Read by dry runs too (their plan shows the deletes it leads to); written by real runs only.
       unsureBefore = readUnsure(await store.settings.get(unsureKey));
@@ -441,6 +445,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           const unsure = new Map((unsureBefore[dest.id] ?? []).map((w) => [w.path, w]));
           r = await this.planDestination(dest, scope, sources, {
             interrupted,
+            adoptPending,
             dryRun,
             // The clock's own reading (startedAt may be a bumped one): the crash cleanup's cutoff.
             runStart: now,
@@ -518,7 +523,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       record.filesSkipped = plan.skipped;
       // Recovery (leftover cleanup, adoption) stays pending until every destination got it.
       // A stop during planning may have cut the leftover cleanup short: keep it pending.
-      if (interrupted && unplanned === 0 && !planSignal.aborted) await store.settings.delete(recoverKey);
+      if (unplanned === 0 && !planSignal.aborted) {
+        if (interrupted) await store.settings.delete(recoverKey);
+        if (adoptPending) await store.settings.delete(adoptKey);
+      }
       const { ops: _ops, ...planSummary } = plan;
       this.safeEmit('plan', { runId, jobId: this.id, plan: planSummary });
 
@@ -748,9 +756,17 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           if (!stopped()) await pump(deletes);
         } finally {
           await writer.flush().catch(async (e: unknown) => {
-            // Delivered files the manifest could not record: the next run lists the destination
-            // and adopts them, as after a crash, instead of sending them again.
-            await store.settings.set(recoverKey, true).catch(() => undefined);
+            // Delivered files, made durable, that the manifest could not record: the next run
+            // lists the destination and adopts them instead of sending them again. (After a
+            // failed destination flush they are sent again: nothing says they are durable.)
+            if (writer.storeFailed) {
+              await store.settings.set(adoptKey, true).catch((e2: unknown) =>
+                this.log.warn('Marking unrecorded files for adoption failed', {
+                  jobId: this.id,
+                  error: toMedsyncError(e2).message,
+                }),
+              );
+            }
             throw e;
           });
         }
@@ -869,9 +885,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
 
   /**
    * This job's own keys in the Store's settings: `recover` (an interrupted run's recovery is
-   * pending), `unsure` (see {@link saveUnsure}).
+   * pending), `adopt` (a run's last manifest records could not be written: the next run adopts
+   * from the destination's listing, without the crash cleanup), `unsure` (see {@link saveUnsure}).
    */
-  private settingKey(name: 'recover' | 'unsure'): string {
+  private settingKey(name: 'recover' | 'adopt' | 'unsure'): string {
     return `sync:${this.id}:${name}`;
   }
 
@@ -940,6 +957,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     sources: Map<string, StorageEntry>,
     ctx: {
       interrupted: boolean;
+      /** Adopt from the listing as after a crash, without its cleanup (see `settingKey`). */
+      adoptPending?: boolean;
       dryRun: boolean;
       runStart: number;
       only: readonly string[] | undefined;
@@ -1044,7 +1063,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const newOnes = candidates.filter(
         (s) => !manifest.has(s.path) && !adoptedPaths.has(s.path) && !unsure?.get(s.path)?.bad,
       );
-      if (newOnes.length > 0 && (ctx.interrupted || manifest.size === 0))
+      if (newOnes.length > 0 && (ctx.interrupted || ctx.adoptPending || manifest.size === 0))
         await this.adoptFromListing(dest, scope, newOnes, ctx.signal, { adopted: adoptedPaths, clock });
       if (adoptedPaths.size) {
         skipped += adoptedPaths.size;
@@ -1717,6 +1736,9 @@ class ManifestWriter {
     return this.failure !== undefined;
   }
 
+  /** Whether that failure came from the store, after the destinations' flush had succeeded. */
+  storeFailed = false;
+
   add(e: ManifestEntry): void {
     this.pending.push(e);
     if (this.pending.length >= this.maxBatch) {
@@ -1751,17 +1773,24 @@ class ManifestWriter {
     this.pending = [];
     /** Records of `batch` written so far. */
     let written = 0;
+    let flushed = false;
+    // Up to 3 tries for the flush, then for each part.
     for (let attempt = 1; ; attempt++) {
       try {
-        // Even with nothing to record: a move or delete about to be recorded by the caller
-        // must be durable at its destination first (a renamed folder entry, for one).
-        await Promise.all(this.destinations.map((d) => d.flush?.()));
+        if (!flushed) {
+          // Even with nothing to record: a move or delete about to be recorded by the caller
+          // must be durable at its destination first (a renamed folder entry, for one).
+          await Promise.all(this.destinations.map((d) => d.flush?.()));
+          flushed = true;
+          attempt = 1;
+        }
         // A batch that grew during a slow flush goes in parts: a store may write one call in one
         // synchronous transaction, which would hold the event loop (transfers, lease renewals).
         while (written < batch.length) {
           const part = batch.slice(written, written + WRITE_PART);
           await this.store.manifest.put(part);
           written += part.length;
+          attempt = 1;
           if (written < batch.length) await new Promise<void>((r) => setImmediate(r));
         }
         return;
@@ -1772,6 +1801,7 @@ class ManifestWriter {
           // (concat, not unshift(...): a spread of a large batch overflows the stack.)
           this.pending = batch.slice(written).concat(this.pending);
           this.failure = e;
+          this.storeFailed = flushed;
           return;
         }
         await this.clock.sleep(500 * attempt);
