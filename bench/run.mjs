@@ -42,6 +42,11 @@ const BENCHES = {
     run: benchFtp,
     rows: ['ftp-copy-256k', 'ftp-copy-4k', 'ftp-copy-big', 'ftp-no-change-rerun'],
   },
+  scale: {
+    describe:
+      'local -> local, 200,000 files of 100 B: medsync vs rclone first copy and no-change re-run (time, peak RSS; informational)',
+    run: benchScale,
+  },
   sftp: {
     describe:
       'local -> loopback OpenSSH sshd: medsync vs rclone copy (sftp backend) vs OpenSSH sftp put -r (throughput, re-run, RSS)',
@@ -384,6 +389,68 @@ const maxKB = (...runs) =>
 
 // ---------------------------------------------------------------- sync bench
 
+const sizeLabel = (bytes) => (bytes >= KiB ? `${bytes / KiB} KiB` : `${bytes} B`);
+
+/**
+ * Copies a fresh corpus once with each tool (timed), then times no-change re-runs over those
+ * destinations; fails if a re-run rewrote anything. Returns both tools' figures.
+ */
+async function measureRerun(ctx, c, label) {
+  const medsync = medsyncRunner(ctx);
+  const rclone = rcloneRunner(ctx);
+  const src = join(ctx.tmp, `${label}-src`);
+  log(`${label}: generating ${c.files} x ${sizeLabel(c.size)} in ${c.dirs} folders`);
+  await makeCorpus(src, c);
+  const dstM = join(ctx.tmp, `${label}-dst-medsync`);
+  const dstR = join(ctx.tmp, `${label}-dst-rclone`);
+  const state = join(ctx.tmp, `${label}-state.db`);
+  const bytes = c.files * c.size;
+  flush();
+  const firstM = await medsync(src, dstM, state, { synced: c.files, skipped: 0, bytes });
+  log(`${label}: first copy medsync ${firstM.seconds.toFixed(2)} s`);
+  const wM = await verifyCopy('medsync', src, dstM, c);
+  flush();
+  const firstR = await rclone(src, dstR);
+  log(`${label}: first copy rclone  ${firstR.seconds.toFixed(2)} s`);
+  const wR = await verifyCopy('rclone', src, dstR, c);
+  const runs = await alternate(ctx.trials, {
+    medsync: async (t) => {
+      const r = await medsync(src, dstM, state, { synced: 0, skipped: c.files, bytes: 0 });
+      log(`${label}: trial ${t + 1} medsync ${r.seconds.toFixed(3)} s`);
+      return r;
+    },
+    rclone: async (t) => {
+      const r = await rclone(src, dstR);
+      log(`${label}: trial ${t + 1} rclone  ${r.seconds.toFixed(3)} s`);
+      return r;
+    },
+  });
+  // Nothing at either destination may have been rewritten by a re-run.
+  for (const [tool, dst, before] of [
+    ['medsync', dstM, wM],
+    ['rclone', dstR, wR],
+  ]) {
+    const after = await walk(dst);
+    if (after.count !== c.files || after.maxCtimeNs !== before.maxCtimeNs)
+      fail(`${tool}: the no-change re-run changed the destination`);
+  }
+  const fig = (runs, first) => {
+    const b = best(runs);
+    return {
+      seconds: round(b.seconds),
+      filesPerSec: round(c.files / b.seconds, 0),
+      peakRssMB: kbToMB(maxKB(first, ...runs)),
+      rerunPeakRssMB: kbToMB(maxKB(...runs)),
+      firstRunPeakRssMB: kbToMB(first.peakKB),
+      firstRunSeconds: round(first.seconds),
+      firstRunFilesPerSec: round(c.files / first.seconds, 0),
+      trialsSeconds: runs.map((r) => round(r.seconds)),
+      ...(b.internalSeconds !== undefined ? { runDurationSeconds: round(b.internalSeconds) } : {}),
+    };
+  };
+  return { m: fig(runs.medsync, firstM), r: fig(runs.rclone, firstR) };
+}
+
 async function benchSync(ctx) {
   const S = ctx.small
     ? { copy: { files: 200, size: 256 * KiB, dirs: 4 }, rerun: { files: 2000, size: 4 * KiB, dirs: 10 } }
@@ -463,57 +530,7 @@ async function benchSync(ctx) {
   // 2. No-change re-run: each tool copies once into its own destination, then re-runs over it.
   {
     const c = S.rerun;
-    const src = join(ctx.tmp, 'rerun-src');
-    log(`re-run: generating ${c.files} x ${c.size / KiB} KiB in ${c.dirs} folders`);
-    await makeCorpus(src, c);
-    const dstM = join(ctx.tmp, 'rerun-dst-medsync');
-    const dstR = join(ctx.tmp, 'rerun-dst-rclone');
-    const state = join(ctx.tmp, 'rerun-state.db');
-    const bytes = c.files * c.size;
-    flush();
-    const firstM = await medsync(src, dstM, state, { synced: c.files, skipped: 0, bytes });
-    log(`re-run: first copy medsync ${firstM.seconds.toFixed(2)} s`);
-    const wM = await verifyCopy('medsync', src, dstM, c);
-    flush();
-    const firstR = await rclone(src, dstR);
-    log(`re-run: first copy rclone  ${firstR.seconds.toFixed(2)} s`);
-    const wR = await verifyCopy('rclone', src, dstR, c);
-    const runs = await alternate(ctx.trials, {
-      medsync: async (t) => {
-        const r = await medsync(src, dstM, state, { synced: 0, skipped: c.files, bytes: 0 });
-        log(`re-run: trial ${t + 1} medsync ${r.seconds.toFixed(3)} s`);
-        return r;
-      },
-      rclone: async (t) => {
-        const r = await rclone(src, dstR);
-        log(`re-run: trial ${t + 1} rclone  ${r.seconds.toFixed(3)} s`);
-        return r;
-      },
-    });
-    // Nothing at either destination may have been rewritten by a re-run.
-    for (const [tool, dst, before] of [
-      ['medsync', dstM, wM],
-      ['rclone', dstR, wR],
-    ]) {
-      const after = await walk(dst);
-      if (after.count !== c.files || after.maxCtimeNs !== before.maxCtimeNs)
-        fail(`${tool}: the no-change re-run changed the destination`);
-    }
-    const fig = (runs, first) => {
-      const b = best(runs);
-      return {
-        seconds: round(b.seconds),
-        filesPerSec: round(c.files / b.seconds, 0),
-        peakRssMB: kbToMB(maxKB(first, ...runs)),
-        rerunPeakRssMB: kbToMB(maxKB(...runs)),
-        firstRunPeakRssMB: kbToMB(first.peakKB),
-        firstRunSeconds: round(first.seconds),
-        trialsSeconds: runs.map((r) => round(r.seconds)),
-        ...(b.internalSeconds !== undefined ? { runDurationSeconds: round(b.internalSeconds) } : {}),
-      };
-    };
-    const m = fig(runs.medsync, firstM);
-    const r = fig(runs.rclone, firstR);
+    const { m, r } = await measureRerun(ctx, c, 're-run');
     const ratio = round(r.seconds / m.seconds);
     results.push({
       name: 'no-change-rerun',
@@ -554,6 +571,67 @@ async function benchSync(ctx) {
       keep: 'best (lowest wall-clock) of the trials; order alternates between trials',
       small: ctx.small,
       corpora: S,
+      units: 'MB = 1,000,000 bytes; seconds are wall-clock around the whole process (start-up included)',
+    },
+    results,
+  };
+}
+
+// ---------------------------------------------------------------- scale bench
+
+/** Many tiny files: how time and memory grow with the tree (informational rows, no targets). */
+async function benchScale(ctx) {
+  const c = ctx.small ? { files: 20000, size: 100, dirs: 200 } : { files: 200000, size: 100, dirs: 2000 };
+  const { m, r } = await measureRerun(ctx, c, 'scale');
+  const tree = `${c.files} files x ${sizeLabel(c.size)} in ${c.dirs} folders, local -> local`;
+  const results = [
+    {
+      name: 'scale-first-copy',
+      description: `${tree}: first copy into a fresh destination (one run per tool)`,
+      medsync: {
+        seconds: m.firstRunSeconds,
+        filesPerSec: m.firstRunFilesPerSec,
+        peakRssMB: m.firstRunPeakRssMB,
+      },
+      rclone: {
+        seconds: r.firstRunSeconds,
+        filesPerSec: r.firstRunFilesPerSec,
+        peakRssMB: r.firstRunPeakRssMB,
+      },
+      ratio: round(r.firstRunSeconds / m.firstRunSeconds),
+      ratioDefinition: 'rclone seconds / medsync seconds (informational; medsync fsyncs unless --no-fsync)',
+      target: null,
+      pass: null,
+    },
+    {
+      name: 'scale-no-change-rerun',
+      description: `${tree}: run again with nothing to send`,
+      medsync: {
+        seconds: m.seconds,
+        filesPerSec: m.filesPerSec,
+        peakRssMB: m.rerunPeakRssMB,
+        trialsSeconds: m.trialsSeconds,
+      },
+      rclone: {
+        seconds: r.seconds,
+        filesPerSec: r.filesPerSec,
+        peakRssMB: r.rerunPeakRssMB,
+        trialsSeconds: r.trialsSeconds,
+      },
+      ratio: round(r.seconds / m.seconds),
+      ratioDefinition: 'rclone seconds / medsync seconds (informational)',
+      target: null,
+      pass: null,
+    },
+  ];
+  return {
+    config: {
+      concurrency: ctx.concurrency,
+      medsyncFsync: !ctx.noFsync,
+      rcloneCheckers: 8,
+      trials: ctx.trials,
+      small: ctx.small,
+      corpus: c,
       units: 'MB = 1,000,000 bytes; seconds are wall-clock around the whole process (start-up included)',
     },
     results,

@@ -108,6 +108,7 @@ describe('LocalStorage removals are made durable by flush', () => {
     synced.length = 0;
     await s.flush();
     expect(synced.filter((d) => first.has(d))).toEqual([]);
-    for (let i = 0; i < 40; i++) expect(first.has(join(root, `f${i}`)) || synced.includes(join(root, `f${i}`))).toBe(true);
+    for (let i = 0; i < 40; i++)
+      expect(first.has(join(root, `f${i}`)) || synced.includes(join(root, `f${i}`))).toBe(true);
   });
 });
