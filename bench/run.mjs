@@ -389,6 +389,18 @@ const maxKB = (...runs) =>
 
 // ---------------------------------------------------------------- sync bench
 
+/** The `config` of a local -> local bench (sync, scale), with its corpora. */
+const localConfig = (ctx, corpora) => ({
+  concurrency: ctx.concurrency,
+  medsyncFsync: !ctx.noFsync,
+  rcloneCheckers: 8,
+  trials: ctx.trials,
+  keep: 'best (lowest wall-clock) of the trials; order alternates between trials',
+  small: ctx.small,
+  ...corpora,
+  units: 'MB = 1,000,000 bytes; seconds are wall-clock around the whole process (start-up included)',
+});
+
 const sizeLabel = (bytes) => (bytes >= KiB ? `${bytes / KiB} KiB` : `${bytes} B`);
 
 /**
@@ -562,19 +574,7 @@ async function benchSync(ctx) {
     });
   }
 
-  return {
-    config: {
-      concurrency: ctx.concurrency,
-      medsyncFsync: !ctx.noFsync,
-      rcloneCheckers: 8,
-      trials: ctx.trials,
-      keep: 'best (lowest wall-clock) of the trials; order alternates between trials',
-      small: ctx.small,
-      corpora: S,
-      units: 'MB = 1,000,000 bytes; seconds are wall-clock around the whole process (start-up included)',
-    },
-    results,
-  };
+  return { config: localConfig(ctx, { corpora: S }), results };
 }
 
 // ---------------------------------------------------------------- scale bench
@@ -584,20 +584,23 @@ async function benchScale(ctx) {
   const c = ctx.small ? { files: 20000, size: 100, dirs: 200 } : { files: 200000, size: 100, dirs: 2000 };
   const { m, r } = await measureRerun(ctx, c, 'scale');
   const tree = `${c.files} files x ${sizeLabel(c.size)} in ${c.dirs} folders, local -> local`;
+  const first = (f) => ({
+    seconds: f.firstRunSeconds,
+    filesPerSec: f.firstRunFilesPerSec,
+    peakRssMB: f.firstRunPeakRssMB,
+  });
+  const rerun = (f) => ({
+    seconds: f.seconds,
+    filesPerSec: f.filesPerSec,
+    peakRssMB: f.rerunPeakRssMB,
+    trialsSeconds: f.trialsSeconds,
+  });
   const results = [
     {
       name: 'scale-first-copy',
       description: `${tree}: first copy into a fresh destination (one run per tool)`,
-      medsync: {
-        seconds: m.firstRunSeconds,
-        filesPerSec: m.firstRunFilesPerSec,
-        peakRssMB: m.firstRunPeakRssMB,
-      },
-      rclone: {
-        seconds: r.firstRunSeconds,
-        filesPerSec: r.firstRunFilesPerSec,
-        peakRssMB: r.firstRunPeakRssMB,
-      },
+      medsync: first(m),
+      rclone: first(r),
       ratio: round(r.firstRunSeconds / m.firstRunSeconds),
       ratioDefinition: 'rclone seconds / medsync seconds (informational; medsync fsyncs unless --no-fsync)',
       target: null,
@@ -606,36 +609,15 @@ async function benchScale(ctx) {
     {
       name: 'scale-no-change-rerun',
       description: `${tree}: run again with nothing to send`,
-      medsync: {
-        seconds: m.seconds,
-        filesPerSec: m.filesPerSec,
-        peakRssMB: m.rerunPeakRssMB,
-        trialsSeconds: m.trialsSeconds,
-      },
-      rclone: {
-        seconds: r.seconds,
-        filesPerSec: r.filesPerSec,
-        peakRssMB: r.rerunPeakRssMB,
-        trialsSeconds: r.trialsSeconds,
-      },
+      medsync: rerun(m),
+      rclone: rerun(r),
       ratio: round(r.seconds / m.seconds),
       ratioDefinition: 'rclone seconds / medsync seconds (informational)',
       target: null,
       pass: null,
     },
   ];
-  return {
-    config: {
-      concurrency: ctx.concurrency,
-      medsyncFsync: !ctx.noFsync,
-      rcloneCheckers: 8,
-      trials: ctx.trials,
-      small: ctx.small,
-      corpus: c,
-      units: 'MB = 1,000,000 bytes; seconds are wall-clock around the whole process (start-up included)',
-    },
-    results,
-  };
+  return { config: localConfig(ctx, { corpus: c }), results };
 }
 
 // ---------------------------------------------------------------- ftp bench

@@ -45,6 +45,16 @@ afterEach(() => {
   concurrency.max = 0;
 });
 
+/** A storage with 40 folders (f0…f39) changed since its last flush. */
+async function fortyChangedFolders() {
+  const root = mkdtempSync(join(tmpdir(), 'medsync-rm-'));
+  dirs.push(root);
+  const s = new LocalStorage({ root });
+  for (let i = 0; i < 40; i++) await s.write(`f${i}/x.dcm`, Buffer.from(`x${i}`));
+  synced.length = 0;
+  return { root, s };
+}
+
 describe('LocalStorage removals are made durable by flush', () => {
   it('fsyncs the folder a file was removed from, once, and not for a file that was not there', async () => {
     const root = mkdtempSync(join(tmpdir(), 'medsync-rm-'));
@@ -72,11 +82,7 @@ describe('LocalStorage removals are made durable by flush', () => {
   });
 
   it('fsyncs the changed folders several at a time; a folder whose fsync failed stays for the next flush', async () => {
-    const root = mkdtempSync(join(tmpdir(), 'medsync-rm-'));
-    dirs.push(root);
-    const s = new LocalStorage({ root });
-    for (let i = 0; i < 40; i++) await s.write(`f${i}/x.dcm`, Buffer.from(`x${i}`));
-    synced.length = 0;
+    const { root, s } = await fortyChangedFolders();
     failNext.add(join(root, 'f7'));
     await expect(s.flush()).rejects.toMatchObject({ name: 'MedsyncError' });
     expect(concurrency.max).toBeGreaterThan(1);
@@ -95,11 +101,7 @@ describe('LocalStorage removals are made durable by flush', () => {
   });
 
   it('a cancelled flush stops, and the folders it did not reach stay for the next flush', async () => {
-    const root = mkdtempSync(join(tmpdir(), 'medsync-rm-'));
-    dirs.push(root);
-    const s = new LocalStorage({ root });
-    for (let i = 0; i < 40; i++) await s.write(`f${i}/x.dcm`, Buffer.from(`x${i}`));
-    synced.length = 0;
+    const { root, s } = await fortyChangedFolders();
     const ac = new AbortController();
     setTimeout(() => ac.abort(), 5);
     await expect(s.flush({ signal: ac.signal })).rejects.toMatchObject({ code: 'E_ABORTED' });

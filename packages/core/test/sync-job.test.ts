@@ -58,6 +58,44 @@ function job(
   return new SyncJob({ id: 'job-1', store, retry: fast, scheduledRetry: fast, eventPaths: true, ...o });
 }
 
+/** The next run sends a.dcm once, and the manifest says the read-back verified it. */
+async function expectSentOnceByReadBack(j: SyncJob, dst: MemoryStorage, store: MemoryStore): Promise<void> {
+  const writes = dst.calls.write;
+  expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 1 });
+  expect(dst.calls.write - writes).toBe(1);
+  expect((await store.manifest.get({ jobId: 'job-1', destination: dst.id }, 'a.dcm'))?.verifiedBy).toBe(
+    'readback',
+  );
+}
+
+/** Manifest records of job-1 at `dst`. */
+async function recorded(store: MemoryStore, dst: Storage): Promise<number> {
+  let n = 0;
+  for await (const _ of store.manifest.list({ jobId: 'job-1', destination: dst.id })) n++;
+  return n;
+}
+
+/** A memory destination whose first flush waits for release(); `onFlush` sees each flush's number. */
+class FirstFlushWaits extends MemoryStorage {
+  flushes = 0;
+  onFlush?: (n: number) => void;
+  release!: () => void;
+  private readonly gate = new Promise<void>((r) => (this.release = r));
+  async flush(): Promise<void> {
+    this.flushes++;
+    this.onFlush?.(this.flushes);
+    if (this.flushes === 1) await this.gate;
+  }
+}
+
+/** Releases `dst`'s first flush once `files` files are done. */
+function releaseAfter(j: SyncJob, dst: FirstFlushWaits, files: number): void {
+  let done = 0;
+  j.on('file:done', () => {
+    if (++done === files) dst.release();
+  });
+}
+
 describe('SyncJob copy', () => {
   it('copies a tree byte-identically, then sends nothing on the second run', async () => {
     const src = tmp();
@@ -872,13 +910,7 @@ describe('SyncJob writes whose answer was lost', () => {
     // The copy that failed its checks is not left under the final name.
     expect(dst.peek('a.dcm')).toBeUndefined();
     dst.broken = false;
-    const writes = dst.calls.write;
-    const r2 = await j.run();
-    expect(r2).toMatchObject({ status: 'success', filesSynced: 1 });
-    expect(dst.calls.write - writes).toBe(1);
-    expect((await store.manifest.get({ jobId: 'job-1', destination: dst.id }, 'a.dcm'))?.verifiedBy).toBe(
-      'readback',
-    );
+    await expectSentOnceByReadBack(j, dst, store);
   });
 
   it('a corrupt copy that could not be removed is never adopted: the next run sends it again', async () => {
@@ -897,13 +929,7 @@ describe('SyncJob writes whose answer was lost', () => {
     expect((await j.run()).filesFailed).toBe(1);
     // Rebuilding the manifest from the listing does not take it either.
     expect(await j.rebuildManifest()).toBe(0);
-    const writes = dst.calls.write;
-    const r2 = await j.run();
-    expect(r2).toMatchObject({ status: 'success', filesSynced: 1 });
-    expect(dst.calls.write - writes).toBe(1);
-    expect((await store.manifest.get({ jobId: 'job-1', destination: dst.id }, 'a.dcm'))?.verifiedBy).toBe(
-      'readback',
-    );
+    await expectSentOnceByReadBack(j, dst, store);
   });
 
   it('rebuildManifest() rejects for a destination it may not list, instead of adopting nothing', async () => {
@@ -1365,18 +1391,10 @@ describe('SyncJob mirror', () => {
     for (let i = 0; i < 2600; i++) files[`d${i % 7}/f${i}.dcm`] = `file ${i}`;
     const src = new MemoryStorage();
     for (const [p, b] of Object.entries(files)) await src.write(p, Buffer.from(b));
-    let release!: () => void;
-    const gate = new Promise<void>((r) => (release = r));
     const order: string[] = [];
-    class SlowFlush extends MemoryStorage {
-      flushes = 0;
-      async flush(): Promise<void> {
-        order.push(`flush ${++this.flushes}`);
-        // The first flush waits until every file has been delivered.
-        if (this.flushes === 1) await gate;
-      }
-    }
-    const dst = new SlowFlush();
+    // The first flush waits until every file has been delivered.
+    const dst = new FirstFlushWaits();
+    dst.onFlush = (n) => order.push(`flush ${n}`);
     const store = new MemoryStore();
     const put = store.manifest.put.bind(store.manifest);
     const sizes: number[] = [];
@@ -1387,10 +1405,7 @@ describe('SyncJob mirror', () => {
       return put(e);
     };
     const j = job({ source: src, destinations: [dst], concurrency: 8 }, store);
-    let done = 0;
-    j.on('file:done', () => {
-      if (++done === 2600) release();
-    });
+    releaseAfter(j, dst, 2600);
     expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 2600 });
     // The first batch of 256 waited on the slow flush; everything delivered meanwhile went in one
     // more batch (before: a chain of 256-record batches, each holding its records in memory),
@@ -1400,26 +1415,15 @@ describe('SyncJob mirror', () => {
     // last flush finds nothing left to record).
     expect(order.slice(0, 6)).toEqual(['flush 1', 'put 256', 'flush 2', 'put 1024', 'put 1024', 'put 296']);
     expect(order.slice(6).every((x) => x.startsWith('flush'))).toBe(true);
-    let recorded = 0;
-    for await (const m of store.manifest.list({ jobId: 'job-1', destination: dst.id })) {
+    for await (const m of store.manifest.list({ jobId: 'job-1', destination: dst.id }))
       expect(m.size).toBe(Buffer.byteLength(files[m.path]!));
-      recorded++;
-    }
-    expect(recorded).toBe(2600);
+    expect(await recorded(store, dst)).toBe(2600);
   });
 
   it('a manifest write that fails for good ends the run partial; the next run adopts the unrecorded files instead of resending them', async () => {
     const src = new MemoryStorage();
     for (let i = 0; i < 700; i++) await src.write(`d${i % 5}/f${i}.dcm`, Buffer.from(`file ${i}`));
-    let release!: () => void;
-    const gate = new Promise<void>((r) => (release = r));
-    let flushes = 0;
-    class SlowFlush extends MemoryStorage {
-      async flush(): Promise<void> {
-        if (++flushes === 1) await gate;
-      }
-    }
-    const dst = new SlowFlush();
+    const dst = new FirstFlushWaits();
     const store = new MemoryStore();
     const put = store.manifest.put.bind(store.manifest);
     let puts = 0;
@@ -1428,25 +1432,18 @@ describe('SyncJob mirror', () => {
       return put(e);
     };
     const j = job({ source: src, destinations: [dst], concurrency: 8 }, store);
-    let done = 0;
-    j.on('file:done', () => {
-      if (++done === 700) release();
-    });
+    releaseAfter(j, dst, 700);
     const r = await j.run();
     expect(puts).toBe(2);
     expect(r.status).toBe('partial');
     expect(r.errors).toEqual([expect.objectContaining({ code: 'E_PERMISSION' })]);
-    let recorded = 0;
-    for await (const _ of store.manifest.list({ jobId: 'job-1', destination: dst.id })) recorded++;
-    expect(recorded).toBe(256);
+    expect(await recorded(store, dst)).toBe(256);
     // Every file is at the destination; the next run records the rest from there, sends nothing.
     const writes = dst.calls.write;
     const again = await j.run();
     expect(again).toMatchObject({ status: 'success', filesSynced: 0, filesSkipped: 700 });
     expect(dst.calls.write).toBe(writes);
-    recorded = 0;
-    for await (const _ of store.manifest.list({ jobId: 'job-1', destination: dst.id })) recorded++;
-    expect(recorded).toBe(700);
+    expect(await recorded(store, dst)).toBe(700);
     expect(await store.settings.get('sync:job-1:adopt')).toBeUndefined();
   });
 
@@ -1467,9 +1464,7 @@ describe('SyncJob mirror', () => {
     failFlush = true;
     const r = await j.run();
     expect(r.errors).toEqual(expect.arrayContaining([expect.objectContaining({ code: 'E_PERMISSION' })]));
-    let recorded = 0;
-    for await (const _ of store.manifest.list({ jobId: 'job-1', destination: dst.id })) recorded++;
-    expect(recorded).toBe(100);
+    expect(await recorded(store, dst)).toBe(100);
     expect(await store.settings.get('sync:job-1:adopt')).toBeUndefined();
     failFlush = false;
     const writes = dst.calls.write;

@@ -524,14 +524,13 @@ export class LocalStorage implements Storage {
     let failure: unknown;
     const worker = async (): Promise<void> => {
       while (next < dirs.length && failure === undefined) {
-        const d = dirs[next++]!;
         try {
           throwIfAborted(opts.signal);
         } catch (e) {
           failure ??= e;
-          this.dirty.add(d);
-          continue;
+          return;
         }
+        const d = dirs[next++]!;
         let fh: fsp.FileHandle | undefined;
         try {
           fh = await fsp.open(d, 'r');
@@ -550,7 +549,7 @@ export class LocalStorage implements Storage {
     };
     await Promise.all(Array.from({ length: Math.min(FLUSH_CONCURRENCY, dirs.length) }, worker));
     if (failure !== undefined) {
-      // Folders not reached stay dirty for the next flush.
+      // Folders not reached (after a failure or a cancel) stay dirty for the next flush.
       for (const d of dirs.slice(next)) this.dirty.add(d);
       throw failure;
     }
