@@ -135,7 +135,19 @@ describe('errors and paths', () => {
   it('normalises paths and rejects dangerous ones before any I/O', () => {
     expect(normalizePath('a//b/./c.dcm')).toBe('a/b/c.dcm');
     expect(normalizePath('', { allowRoot: true })).toBe('');
-    for (const bad of ['../x', 'a/../../x', '/abs', 'a\0b', 'a\\b', '']) {
+    // Paths that are normal already come back unchanged; the rest are rewritten.
+    const cases: Array<[string, string]> = [
+      ['a/b/c.dcm', 'a/b/c.dcm'],
+      ['.hidden/..x/x..', '.hidden/..x/x..'],
+      ['a/...', 'a/...'],
+      ['a/', 'a'],
+      ['./a', 'a'],
+      ['a/.', 'a'],
+      ['a/./b', 'a/b'],
+      ['a//b', 'a/b'],
+    ];
+    for (const [input, out] of cases) expect(normalizePath(input)).toBe(out);
+    for (const bad of ['../x', 'a/../../x', 'a/..', '..', '.', '//x', '/abs', 'C:x', 'a\0b', 'a\\b', '']) {
       expect(() => normalizePath(bad)).toThrow(expect.objectContaining({ code: 'E_INVALID_PATH' }));
     }
   });
@@ -192,6 +204,59 @@ describe('RetryPolicy', () => {
       }),
     ).rejects.toMatchObject({ code: 'E_AUTH' });
     expect(permanent).toBe(1);
+  });
+
+  it('numbers attempts and retries the same way from the first failure on, and stops on a cancel', async () => {
+    const clock = new FakeClock();
+    const policy = new RetryPolicy({ retries: 3, initialDelayMs: 100, multiplier: 2, jitter: 0 }, clock);
+    const attempts: number[] = [];
+    const events: Array<[number, number]> = [];
+    const failing = policy.run(
+      async (n) => {
+        attempts.push(n);
+        throw new MedsyncError('E_TRANSIENT', 'try again');
+      },
+      { onRetry: (e) => events.push([e.attempt, e.retriesLeft]) },
+    );
+    const settled = failing.catch((e: unknown) => e);
+    await clock.advance(10_000);
+    expect(await settled).toMatchObject({ code: 'E_TRANSIENT' });
+    expect(attempts).toEqual([1, 2, 3, 4]);
+    expect(events).toEqual([
+      [1, 3],
+      [2, 2],
+      [3, 1],
+    ]);
+    // No retries: one attempt, no event.
+    const once = new RetryPolicy({ retries: 0 }, clock);
+    let calls = 0;
+    await expect(
+      once.run(async () => {
+        calls++;
+        throw new MedsyncError('E_TRANSIENT', 'x');
+      }),
+    ).rejects.toMatchObject({ code: 'E_TRANSIENT' });
+    expect(calls).toBe(1);
+    // Cancelled before it starts: not called. Cancelled during a wait: E_ABORTED, no more attempts.
+    const ac = new AbortController();
+    ac.abort();
+    await expect(policy.run(async () => ++calls, { signal: ac.signal })).rejects.toMatchObject({
+      code: 'E_ABORTED',
+    });
+    expect(calls).toBe(1);
+    const ac2 = new AbortController();
+    const waiting = policy
+      .run(
+        async () => {
+          calls++;
+          throw new MedsyncError('E_TRANSIENT', 'x');
+        },
+        { signal: ac2.signal, onRetry: () => ac2.abort() },
+      )
+      .catch((e: unknown) => e);
+    await clock.advance(10_000);
+    expect(await waiting).toMatchObject({ code: 'E_ABORTED' });
+    expect(calls).toBe(2);
   });
 
   it('honours retryAfterMs and gives up after the last retry with the last error', async () => {

@@ -159,6 +159,7 @@ export class LocalStorage implements Storage {
       throw new MedsyncError('E_CONFIG', 'LocalStorage needs a root folder.', { adapter: 'local' });
     }
     this.root = nodePath.resolve(opts.root);
+    this.rootPrefix = this.root.endsWith(nodePath.sep) ? this.root : this.root + nodePath.sep;
     this.id = pathToFileURL(this.root).href;
     this.opts = {
       createRoot: true,
@@ -173,9 +174,17 @@ export class LocalStorage implements Storage {
     };
   }
 
+  /**
+   * The absolute path of a normalised relative one (no empty, `.` or `..` segment): the root and
+   * the path concatenated, as `path.join` would give them without its garbage per call.
+   */
   private abs(rel: string): string {
-    return rel === '' ? this.root : nodePath.join(this.root, ...rel.split('/'));
+    if (rel === '') return this.root;
+    return this.rootPrefix + (nodePath.sep === '/' ? rel : rel.replaceAll('/', nodePath.sep));
   }
+
+  /** The root with one separator after it. */
+  private readonly rootPrefix: string;
 
   private check(): void {
     if (this.closed) throw new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: 'local' });
@@ -562,8 +571,8 @@ export class LocalStorage implements Storage {
     try {
       if (this.opts.syncIoBelow > 0 && this.syncCalls()) {
         // Tiny files: synchronous calls cost less than handing each step to the thread pool.
-        const st = fs.statSync(this.abs(rel));
-        if (st.isFile() && st.size < this.opts.syncIoBelow) return fs.readFileSync(this.abs(rel));
+        const small = this.readSmallSync(this.abs(rel));
+        if (small) return small;
       }
       return await fsp.readFile(this.abs(rel), opts.signal ? { signal: opts.signal } : {});
     } catch (e) {
@@ -574,6 +583,30 @@ export class LocalStorage implements Storage {
         });
       }
       throw this.err(e, 'Reading the file', rel);
+    }
+  }
+
+  /**
+   * A file under `syncIoBelow` read whole in synchronous calls: one open and one fstat (a stat
+   * of the path first would be one more call per file). Undefined when it is larger or not a
+   * regular file (the caller reads it on the thread pool). O_NONBLOCK: opening a FIFO must not
+   * hold the main thread; on a regular file it changes nothing.
+   */
+  private readSmallSync(abs: string): Buffer | undefined {
+    const fd = fs.openSync(abs, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    try {
+      const st = fs.fstatSync(fd);
+      if (!st.isFile() || st.size >= this.opts.syncIoBelow) return undefined;
+      const buf = Buffer.allocUnsafe(st.size);
+      let n = 0;
+      while (n < buf.length) {
+        const got = fs.readSync(fd, buf, n, buf.length - n, n);
+        if (got === 0) break;
+        n += got;
+      }
+      return n === buf.length ? buf : buf.subarray(0, n);
+    } finally {
+      fs.closeSync(fd);
     }
   }
 

@@ -1,11 +1,20 @@
 import { MedsyncError } from '../errors/errors.js';
 
 /**
+ * What a normal path never holds: NUL, a backslash, a leading `/` or drive letter, an empty,
+ * `.` or `..` segment (`//`, a trailing `/`, `./`, `/..`).
+ */
+const NEEDS_WORK = /[\0\\]|^\/|^[a-zA-Z]:|\/\/|\/$|(?:^|\/)\.{1,2}(?:\/|$)/;
+
+/**
  * Validates and normalises a storage path: POSIX, relative to the adapter's root, no `..`
  * segment, no NUL, no backslash, not absolute. `''` (the root) is allowed only where
  * `allowRoot` is set (listing). Throws E_INVALID_PATH before any I/O.
  */
 export function normalizePath(path: string, opts: { allowRoot?: boolean } = {}): string {
+  // Already normal (the common case: paths from listings and manifests): returned as is, without
+  // the split and join below, which cost a few hundred bytes of garbage per call on a hot path.
+  if (typeof path === 'string' && path !== '' && !NEEDS_WORK.test(path)) return path;
   if (typeof path !== 'string') {
     throw new MedsyncError('E_INVALID_PATH', 'A storage path must be a string.');
   }

@@ -74,11 +74,25 @@ export class RetryPolicy {
   /** Runs `fn` until it succeeds, fails with a non-retryable error, or retries run out. */
   async run<T>(fn: (attempt: number) => Promise<T>, opts: RetryRunOptions = {}): Promise<T> {
     const { signal } = opts;
+    // The first attempt runs without p-retry: nearly every call succeeds at once, and a sync of
+    // many small files makes one call per file (p-retry's set-up costs ~2.5 KB of garbage each).
+    // p-retry takes over from the first failure that may be retried, with the same checks.
+    let first: MedsyncError;
     try {
+      signal?.throwIfAborted();
+      const result = await fn(1);
+      signal?.throwIfAborted();
+      return result;
+    } catch (e) {
+      first = toMedsyncError(e);
+      if (!first.retryable || signal?.aborted || this.retries === 0) throw first;
+    }
+    try {
+      await this.beforeRetry(first, 1, this.retries, opts);
       return await pRetry(
-        async (attempt) => {
+        async (n) => {
           try {
-            return await fn(attempt);
+            return await fn(n + 1);
           } catch (e) {
             const me = toMedsyncError(e);
             if (!me.retryable || signal?.aborted) throw new AbortError(me);
@@ -86,25 +100,14 @@ export class RetryPolicy {
           }
         },
         {
-          retries: this.retries,
+          retries: this.retries - 1,
           minTimeout: 0,
           maxTimeout: 0,
           randomize: false,
           ...(signal ? { signal } : {}),
           onFailedAttempt: async (ctx) => {
             if (ctx.retriesLeft <= 0) return;
-            const me = toMedsyncError(ctx.error);
-            let delay = this.delayFor(ctx.attemptNumber);
-            if (this.jitter > 0)
-              delay = Math.round(delay * (1 - this.jitter + Math.random() * 2 * this.jitter));
-            if (me.retryAfterMs !== undefined) delay = Math.max(delay, me.retryAfterMs);
-            opts.onRetry?.({
-              attempt: ctx.attemptNumber,
-              retriesLeft: ctx.retriesLeft,
-              error: me,
-              delayMs: delay,
-            });
-            await this.clock.sleep(delay, signal);
+            await this.beforeRetry(toMedsyncError(ctx.error), ctx.attemptNumber + 1, ctx.retriesLeft, opts);
           },
         },
       );
@@ -113,5 +116,19 @@ export class RetryPolicy {
       const inner = (e as { originalError?: unknown }).originalError;
       throw toMedsyncError(inner ?? e);
     }
+  }
+
+  /** Reports a failed attempt that will be retried, then waits the delay before the next one. */
+  private async beforeRetry(
+    me: MedsyncError,
+    attempt: number,
+    retriesLeft: number,
+    opts: RetryRunOptions,
+  ): Promise<void> {
+    let delay = this.delayFor(attempt);
+    if (this.jitter > 0) delay = Math.round(delay * (1 - this.jitter + Math.random() * 2 * this.jitter));
+    if (me.retryAfterMs !== undefined) delay = Math.max(delay, me.retryAfterMs);
+    opts.onRetry?.({ attempt, retriesLeft, error: me, delayMs: delay });
+    await this.clock.sleep(delay, opts.signal);
   }
 }
