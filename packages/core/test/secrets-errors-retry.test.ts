@@ -152,6 +152,36 @@ describe('errors and paths', () => {
     }
   });
 
+  it('normalises every short path exactly as its definition says (the fast path included)', () => {
+    // Every string of up to 5 characters over an alphabet of the characters that matter.
+    const alphabet = ['a', '.', '/', '\\', '\0', ':', 'C'];
+    const expected = (p: string): string | 'E_INVALID_PATH' => {
+      if (p.includes('\0') || p.includes('\\') || p.startsWith('/') || /^[a-zA-Z]:/.test(p))
+        return 'E_INVALID_PATH';
+      const segs = p.split('/');
+      if (segs.includes('..')) return 'E_INVALID_PATH';
+      const out = segs.filter((x) => x !== '' && x !== '.').join('/');
+      return out === '' ? 'E_INVALID_PATH' : out;
+    };
+    let checked = 0;
+    const visit = (p: string) => {
+      if (p !== '') {
+        let got: string;
+        try {
+          got = normalizePath(p);
+        } catch (e) {
+          got = (e as { code: string }).code;
+        }
+        if (got !== expected(p))
+          expect({ input: JSON.stringify(p), got }).toEqual({ input: JSON.stringify(p), got: expected(p) });
+        checked++;
+      }
+      if (p.length < 5) for (const c of alphabet) visit(p + c);
+    };
+    visit('');
+    expect(checked).toBe(19_607);
+  });
+
   it('temporary names stay within 255 bytes for the longest names, cut between characters', async () => {
     const bytes = (n: string) => Buffer.byteLength(n.slice(n.lastIndexOf('/') + 1));
     // 83 CJK characters (249 bytes), 62 emoji (248 bytes, surrogate pairs), 250 ASCII bytes.
