@@ -75,3 +75,30 @@ describe('LocalStorage: small files on a network mount go through the thread poo
     expect(await copy('sync', 'sync')).toMatchObject({ entry: { path: 'big.dcm', size: 200 * 1024 } });
   });
 });
+
+describe('LocalStorage: synchronous small reads', () => {
+  it.runIf(fs.existsSync('/proc/self/status'))(
+    'a file that reports size 0 but holds bytes (procfs) is read to its end',
+    async () => {
+      const s = new LocalStorage({ root: '/proc/self', listMode: 'sync', fsync: false });
+      expect(fs.statSync('/proc/self/status').size).toBe(0);
+      const got = (await s.readBuffer('status')).toString();
+      expect(got.startsWith('Name:')).toBe(true);
+      expect(got.length).toBeGreaterThan(100);
+    },
+  );
+
+  it('reads small, empty and larger files whole', async () => {
+    const root = tmp();
+    const small = Buffer.from('tiny file');
+    const large = Buffer.alloc(100 * 1024, 3);
+    writeFileSync(join(root, 'small.dcm'), small);
+    writeFileSync(join(root, 'empty.dcm'), '');
+    writeFileSync(join(root, 'large.dcm'), large);
+    const s = new LocalStorage({ root, listMode: 'sync', fsync: false });
+    expect((await s.readBuffer('small.dcm')).equals(small)).toBe(true);
+    expect((await s.readBuffer('empty.dcm')).length).toBe(0);
+    expect((await s.readBuffer('large.dcm')).equals(large)).toBe(true);
+    await expect(s.readBuffer('missing.dcm')).rejects.toMatchObject({ code: 'E_NOT_FOUND' });
+  });
+});

@@ -257,6 +257,7 @@ describe('RetryPolicy', () => {
       [2, 2],
       [3, 1],
     ]);
+    expect(() => new RetryPolicy({ retries: 1.5 })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
     // No retries: one attempt, no event.
     const once = new RetryPolicy({ retries: 0 }, clock);
     let calls = 0;

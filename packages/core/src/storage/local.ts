@@ -105,16 +105,16 @@ const LOCAL_FS_TYPES = new Set([
  * GPFS, OCFS2, GFS2. Small files there are read and written on the thread pool, never with
  * synchronous calls; other file systems (local disks, including USB vfat/exFAT/NTFS) use them.
  */
+const NETWORK_FS_TYPES = new Set([
+  0x6969, 0x517b, 0xff534d42, 0xfe534d42, 0x65735546, 0x00c36400, 0x01021997, 0x6b414653, 0x5346414f,
+  0x73757245, 0x564c, 0x0bd00bd0, 0x47504653, 0x7461636f, 0x01161970,
+]);
+
 /**
  * fs.rename on a callback: a promise of fs/promises carries a stats array of its own, ~400 bytes
  * more garbage per call, once per file delivered.
  */
 const renameFile = promisify(fs.rename);
-
-const NETWORK_FS_TYPES = new Set([
-  0x6969, 0x517b, 0xff534d42, 0xfe534d42, 0x65735546, 0x00c36400, 0x01021997, 0x6b414653, 0x5346414f,
-  0x73757245, 0x564c, 0x0bd00bd0, 0x47504653, 0x7461636f, 0x01161970,
-]);
 
 /** How long the root's file system type is trusted before it is asked again (a late mount). */
 const FS_TYPE_TTL_MS = 10_000;
@@ -603,7 +603,9 @@ export class LocalStorage implements Storage {
     const fd = fs.openSync(abs, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
     try {
       const st = fs.fstatSync(fd);
-      if (!st.isFile() || st.size >= this.opts.syncIoBelow) return undefined;
+      // Size 0 may be a file that tells no size (procfs, sysfs, some FUSE file systems): the
+      // caller's read then goes to the end of the file.
+      if (!st.isFile() || st.size === 0 || st.size >= this.opts.syncIoBelow) return undefined;
       const buf = Buffer.allocUnsafe(st.size);
       let n = 0;
       while (n < buf.length) {

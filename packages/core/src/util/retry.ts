@@ -54,6 +54,7 @@ export class RetryPolicy {
     this.maxDelayMs = opts.maxDelayMs ?? 60_000;
     this.jitter = opts.jitter ?? 0.2;
     if (
+      !(Number.isInteger(this.retries) || this.retries === Infinity) ||
       !(this.retries >= 0) ||
       !(this.initialDelayMs >= 0) ||
       !(this.multiplier >= 1) ||
@@ -61,7 +62,7 @@ export class RetryPolicy {
     ) {
       throw new MedsyncError(
         'E_CONFIG',
-        'RetryPolicy: retries and delays must be >= 0, multiplier >= 1, jitter in 0..1.',
+        'RetryPolicy: retries must be a whole number >= 0, delays >= 0, multiplier >= 1, jitter in 0..1.',
       );
     }
   }
