@@ -26,7 +26,18 @@ const alignedBuf = () => {
   return dbuf;
 };
 const fail = (code, message) => Object.assign(new Error(message), { code });
+// An O_DIRECT write runs on the thread pool while this thread hashes the same bytes (both only
+// read the buffer): the write waits on the disk, the hashing on the CPU.
+const writeAt = (fd, b, off, len, at) =>
+  new Promise((resolve, reject) => fs.write(fd, b, off, len, at, (e, n) => (e ? reject(e) : resolve(n))));
+// One copy at a time per worker (the pool may queue several here): they share the buffers.
+let queue = Promise.resolve();
+// copyOne reports its own failures; anything else ends the worker, as a throw in a synchronous
+// handler did (the pool then fails the copies it held).
 parentPort.on('message', (m) => {
+  queue = queue.then(() => copyOne(m)).catch((e) => process.nextTick(() => { throw e; }));
+});
+const copyOne = async (m) => {
   const hashes = m.kinds.map((k) => [k, createHash(k)]);
   let src, out, cached, side = 'source', made, total = 0, reported = 0, tmpMade = false;
   let direct = Boolean(m.direct && DIO !== undefined && alignedBuf());
@@ -47,12 +58,12 @@ parentPort.on('message', (m) => {
   };
   // Writes at a position. When O_DIRECT is refused (EINVAL: a file system or device with other
   // rules) the rest of the file goes through the page cache.
-  const put = (b, off, len, at) => {
+  const put = async (b, off, len, at) => {
     while (len > 0) {
       let n;
       if (direct) {
         try {
-          n = fs.writeSync(out, b, off, len, at);
+          n = await writeAt(out, b, off, len, at);
         } catch (e) {
           if (e.code !== 'EINVAL') throw e;
           direct = false;
@@ -97,11 +108,14 @@ parentPort.on('message', (m) => {
       if (m.expected >= 0 && total > m.expected) throw fail('ECHANGED', 'grew');
       side = 'dest';
       const chunk = b.subarray(fill, fill + n);
-      for (const h of hashes) h[1].update(chunk);
       fill += n;
       const whole = direct ? fill - (fill % BLOCK) : fill;
-      if (whole > 0) {
-        put(b, 0, whole, pos);
+      // Started before the hashing, awaited after it (no microtask runs in between, so a failed
+      // write is never an unhandled rejection).
+      const writing = whole > 0 ? put(b, 0, whole, pos) : undefined;
+      for (const h of hashes) h[1].update(chunk);
+      if (writing) {
+        await writing;
         pos += whole;
         if (whole < fill) b.copyWithin(0, whole, fill);
         fill -= whole;
@@ -117,7 +131,7 @@ parentPort.on('message', (m) => {
     // The last partial block goes through the page cache: O_DIRECT cannot write it.
     if (fill > 0) {
       direct = false;
-      put(b, 0, fill, pos);
+      await put(b, 0, fill, pos);
     }
     if (m.mtime !== undefined) fs.futimesSync(out, m.mtime, m.mtime);
     // fdatasync flushes the file, whichever descriptor wrote its pages.
@@ -148,7 +162,7 @@ parentPort.on('message', (m) => {
       error: { code: e && e.code, syscall: e && e.syscall, message: String(e && e.message), side, made },
     });
   }
-});
+};
 `;
 
 /** One file copy for {@link CopyPool.copy}; paths are absolute. */
