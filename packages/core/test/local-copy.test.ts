@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { LocalStorage, MemoryStorage } from '@medsync/core';
 import { CopyPool } from '../src/util/copy-pool.js';
+import type { HashKind } from '../src/storage/types.js';
 import { readTree, writeTree } from '@medsync/core/testing';
 
 const dirs: string[] = [];
@@ -180,6 +181,40 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     expect(pool.usable).toBe(false);
     expect(workers()).toHaveLength(1);
     await pool.close();
+  });
+
+  it('a copy that fails outside its own error handling ends the worker before a copy queued behind it starts', async () => {
+    const a = tmp();
+    const b = tmp();
+    writeFileSync(join(a, 'long.bin'), randomBytes(16 * 1024 * 1024));
+    writeFileSync(join(a, 'next.bin'), randomBytes(4096));
+    const pool = new CopyPool(1);
+    const job = (name: string, size: number, kinds: readonly string[]) => ({
+      src: join(a, name),
+      dst: join(b, name),
+      tmp: join(b, `.${name}.x.medsync-part`),
+      dir: b,
+      mkdir: false,
+      mayMkdir: false,
+      expected: size,
+      kinds: kinds as readonly HashKind[],
+      fsync: false,
+    });
+    try {
+      // All three wait in the one worker: the second asks for a hash that does not exist, which
+      // throws before its copy's own error handling; the third must never start.
+      const first = pool.copy(job('long.bin', 16 * 1024 * 1024, ['sha256']));
+      const bad = pool.copy(job('long.bin', 16 * 1024 * 1024, ['no-such-hash']));
+      const third = pool.copy(job('next.bin', 4096, ['sha256']));
+      await expect(first).resolves.toMatchObject({ size: 16 * 1024 * 1024 });
+      await expect(bad).rejects.toThrow();
+      await expect(third).rejects.toThrow();
+      expect(existsSync(join(b, '.next.bin.x.medsync-part'))).toBe(false);
+      expect(existsSync(join(b, 'next.bin'))).toBe(false);
+      expect(pool.usable).toBe(false);
+    } finally {
+      await pool.close();
+    }
   });
 
   it('with onStaged, a durable copy waits for the group flush before its final name appears', async () => {

@@ -4,7 +4,8 @@ import type { HashKind } from '../storage/types.js';
 import type { Digests } from './streams.js';
 
 // Plain CommonJS evaluated from a string, so it works from the ESM and CJS builds. Each message
-// is one whole file copy done with synchronous calls: no thread-pool hand-off per step.
+// is one whole file copy done with synchronous calls (no thread-pool hand-off per step), except
+// O_DIRECT writes, which run on the thread pool while the worker hashes the same bytes.
 const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const fs = require('node:fs');
@@ -33,9 +34,15 @@ const writeAt = (fd, b, off, len, at) =>
 // One copy at a time per worker (the pool may queue several here): they share the buffers.
 let queue = Promise.resolve();
 // copyOne reports its own failures; anything else ends the worker, as a throw in a synchronous
-// handler did (the pool then fails the copies it held).
+// handler did (the pool then fails the copies it held), and no copy queued behind it starts.
+let dead = false;
 parentPort.on('message', (m) => {
-  queue = queue.then(() => copyOne(m)).catch((e) => process.nextTick(() => { throw e; }));
+  queue = queue
+    .then(() => (dead ? undefined : copyOne(m)))
+    .catch((e) => {
+      dead = true;
+      process.nextTick(() => { throw e; });
+    });
 });
 const copyOne = async (m) => {
   const hashes = m.kinds.map((k) => [k, createHash(k)]);
@@ -113,7 +120,13 @@ const copyOne = async (m) => {
       // Started before the hashing, awaited after it (no microtask runs in between, so a failed
       // write is never an unhandled rejection).
       const writing = whole > 0 ? put(b, 0, whole, pos) : undefined;
-      for (const h of hashes) h[1].update(chunk);
+      try {
+        for (const h of hashes) h[1].update(chunk);
+      } catch (e) {
+        // Never close the file (below) while its write still runs.
+        if (writing) await writing.catch(() => undefined);
+        throw e;
+      }
       if (writing) {
         await writing;
         pos += whole;
@@ -229,7 +242,8 @@ interface Pending {
 }
 
 /**
- * Copies local files on worker threads with synchronous I/O, hashing on the way. On machines
+ * Copies local files on worker threads with synchronous I/O (O_DIRECT writes excepted: they
+ * overlap with the hashing), hashing on the way. On machines
  * where each thread-pool hand-off is costly (a VM, two cores), a whole small-file copy in one
  * worker costs a fraction of the dozen asynchronous steps it takes otherwise. Workers are unref'd
  * and start on first use.
