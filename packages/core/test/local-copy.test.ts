@@ -286,6 +286,41 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     expect(readdirSync(b)).toEqual([]);
   });
 
+  // Pools of 2 workers or fewer overlap each O_DIRECT write with the hashing (on the shared thread
+  // pool); larger pools write on their own threads. Both must give the same file and digests.
+  it.runIf(DIRECT_FS.has(statfsSync(tmpdir()).type))(
+    'O_DIRECT copies are the same with and without overlapped writes',
+    async () => {
+      const a = tmp();
+      const b = tmp();
+      const body = randomBytes(3 * 1024 * 1024 + 4097);
+      writeFileSync(join(a, 'f.bin'), body);
+      for (const size of [2, 3]) {
+        const pool = new CopyPool(size);
+        try {
+          const done = await pool.copy({
+            src: join(a, 'f.bin'),
+            dst: join(b, `p${size}.bin`),
+            tmp: join(b, `.p${size}.bin.x.medsync-part`),
+            dir: b,
+            mkdir: false,
+            mayMkdir: false,
+            expected: body.length,
+            kinds: ['md5', 'sha256'],
+            fsync: true,
+            direct: true,
+          });
+          expect(done).toMatchObject({ size: body.length, cachedBytes: 1, directRefused: false });
+          expect(done.digests.sha256).toBe(sha256(body));
+          expect(done.digests.md5).toBe(createHash('md5').update(body).digest('hex'));
+          expect(readFileSync(join(b, `p${size}.bin`)).equals(body)).toBe(true);
+        } finally {
+          await pool.close();
+        }
+      }
+    },
+  );
+
   // ext4 and XFS refuse a misaligned O_DIRECT buffer (EINVAL); tmpfs 6.6+ takes it, older tmpfs
   // and ZFS before 2.3 refuse O_DIRECT at open.
   it.runIf(DIRECT_FS.has(statfsSync(tmpdir()).type))(

@@ -28,7 +28,8 @@ const alignedBuf = () => {
 };
 const fail = (code, message) => Object.assign(new Error(message), { code });
 // An O_DIRECT write runs on the thread pool while this thread hashes the same bytes (both only
-// read the buffer): the write waits on the disk, the hashing on the CPU.
+// read the buffer): the write waits on the disk, the hashing on the CPU. Only where the pool asks
+// (m.overlap): the thread pool is shared by the whole process.
 const writeAt = (fd, b, off, len, at) =>
   new Promise((resolve, reject) => fs.write(fd, b, off, len, at, (e, n) => (e ? reject(e) : resolve(n))));
 // One copy at a time per worker (the pool may queue several here): they share the buffers.
@@ -70,7 +71,7 @@ const copyOne = async (m) => {
       let n;
       if (direct) {
         try {
-          n = await writeAt(out, b, off, len, at);
+          n = m.overlap ? await writeAt(out, b, off, len, at) : fs.writeSync(out, b, off, len, at);
         } catch (e) {
           if (e.code !== 'EINVAL') throw e;
           direct = false;
@@ -332,7 +333,10 @@ export class CopyPool {
     }
     return new Promise<CopyDone>((resolve, reject) => {
       this.pending.set(id, { resolve, reject, onBytes, worker: w });
-      w.postMessage({ ...job, id, abort: flag });
+      // Overlapped writes use the process's shared thread pool (4 threads unless UV_THREADPOOL_SIZE
+      // says otherwise): only a pool of 2 workers (2 cores) uses it, leaving the main thread room;
+      // larger pools keep each write on their own thread.
+      w.postMessage({ ...job, id, abort: flag, overlap: this.size <= 2 });
     }).finally(() => {
       if (onAbort) signal?.removeEventListener('abort', onAbort);
     });
