@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { LocalStorage, MemoryStorage } from '@medsync/core';
-import { CopyPool } from '../src/util/copy-pool.js';
+import { CopyPool, type CopyJob } from '../src/util/copy-pool.js';
 import type { HashKind } from '../src/storage/types.js';
 import { readTree, writeTree } from '@medsync/core/testing';
 
@@ -30,6 +30,32 @@ afterEach(() => {
 
 /** ext4 and XFS: O_DIRECT taken at open, a misaligned buffer refused. */
 const DIRECT_FS = new Set([0xef53, 0x58465342]);
+
+/**
+ * A CopyPool job: `from` in folder `a` to `name` in folder `b` (existing), through the temporary
+ * name `.<name>.x.medsync-part`; SHA-256, no fsync unless `more` says otherwise.
+ */
+function copyJob(
+  a: string,
+  b: string,
+  from: string,
+  name: string,
+  expected: number,
+  more: Partial<CopyJob> = {},
+): CopyJob {
+  return {
+    src: join(a, from),
+    dst: join(b, name),
+    tmp: join(b, `.${name}.x.medsync-part`),
+    dir: b,
+    mkdir: false,
+    mayMkdir: false,
+    expected,
+    kinds: ['sha256'],
+    fsync: false,
+    ...more,
+  };
+}
 
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 const md5 = (b: Buffer) => createHash('md5').update(b).digest('hex');
@@ -154,17 +180,7 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     writeFileSync(join(a, 'one.bin'), randomBytes(32 * 1024 * 1024));
     writeFileSync(join(a, 'two.bin'), randomBytes(8 * 1024 * 1024));
     const pool = new CopyPool(2);
-    const job = (name: string, size: number) => ({
-      src: join(a, name),
-      dst: join(b, name),
-      tmp: join(b, `.${name}.x.medsync-part`),
-      dir: b,
-      mkdir: false,
-      mayMkdir: false,
-      expected: size,
-      kinds: ['sha256'] as const,
-      fsync: false,
-    });
+    const job = (name: string, size: number) => copyJob(a, b, name, name, size);
     const workers = () => (pool as unknown as { workers: Array<{ terminate(): Promise<number> }> }).workers;
     let killed = false;
     const one = pool.copy(job('one.bin', 32 * 1024 * 1024), undefined, () => {
@@ -189,17 +205,8 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
     writeFileSync(join(a, 'long.bin'), randomBytes(16 * 1024 * 1024));
     writeFileSync(join(a, 'next.bin'), randomBytes(4096));
     const pool = new CopyPool(1);
-    const job = (name: string, size: number, kinds: readonly string[]) => ({
-      src: join(a, name),
-      dst: join(b, name),
-      tmp: join(b, `.${name}.x.medsync-part`),
-      dir: b,
-      mkdir: false,
-      mayMkdir: false,
-      expected: size,
-      kinds: kinds as readonly HashKind[],
-      fsync: false,
-    });
+    const job = (name: string, size: number, kinds: readonly string[]) =>
+      copyJob(a, b, name, name, size, { kinds: kinds as readonly HashKind[] });
     try {
       // All three wait in the one worker: the second asks for a hash that does not exist, which
       // throws before its copy's own error handling; the third must never start.
@@ -298,18 +305,13 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
       for (const size of [2, 3]) {
         const pool = new CopyPool(size);
         try {
-          const done = await pool.copy({
-            src: join(a, 'f.bin'),
-            dst: join(b, `p${size}.bin`),
-            tmp: join(b, `.p${size}.bin.x.medsync-part`),
-            dir: b,
-            mkdir: false,
-            mayMkdir: false,
-            expected: body.length,
-            kinds: ['md5', 'sha256'],
-            fsync: true,
-            direct: true,
-          });
+          const done = await pool.copy(
+            copyJob(a, b, 'f.bin', `p${size}.bin`, body.length, {
+              kinds: ['md5', 'sha256'],
+              fsync: true,
+              direct: true,
+            }),
+          );
           expect(done).toMatchObject({ size: body.length, cachedBytes: 1, directRefused: false });
           expect(done.digests.sha256).toBe(sha256(body));
           expect(done.digests.md5).toBe(createHash('md5').update(body).digest('hex'));
@@ -331,18 +333,8 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
       const body = randomBytes(2 * 1024 * 1024 + 5000);
       writeFileSync(join(a, 'f.bin'), body);
       const pool = new CopyPool(1);
-      const job = (name: string, more: object) => ({
-        src: join(a, 'f.bin'),
-        dst: join(b, name),
-        tmp: join(b, `.${name}.x.medsync-part`),
-        dir: b,
-        mkdir: false,
-        mayMkdir: false,
-        expected: body.length,
-        kinds: ['sha256'] as const,
-        fsync: true,
-        ...more,
-      });
+      const job = (name: string, more: Partial<CopyJob>) =>
+        copyJob(a, b, 'f.bin', name, body.length, { fsync: true, ...more });
       try {
         const direct = await pool.copy(job('direct.bin', { direct: true }));
         // Only the last partial block went through the cache (5000 bytes past the last 4 KiB).
