@@ -151,6 +151,33 @@ function suite(name: ServerName, title: string): void {
         }
       });
     });
+    describe(`${title} letter case`, () => {
+      it('two names that differ only in case both arrive (the server is asked, and its probe is removed)', async () => {
+        const s = storageOn(server!);
+        const src = mkdtempSync(join(tmpdir(), 'medsync-case-'));
+        try {
+          writeTree(src, { 'S1/a.dcm': 'lower', 'S1/A.dcm': 'upper' });
+          const job = new SyncJob({
+            id: 'case',
+            source: new LocalStorage({ root: src }),
+            destinations: [s],
+            store: new MemoryStore(),
+          });
+          expect(await job.run()).toMatchObject({ status: 'success', filesSynced: 2 });
+          // Every file there, hidden ones included: no probe left behind.
+          const local = join(server!.root, s.options.root);
+          expect(readTree(local)).toEqual(readTree(src));
+          writeTree(src, { 'S1/b.dcm': 'b', 'S1/B.dcm': 'B' });
+          expect(await job.run()).toMatchObject({ status: 'success', filesSynced: 2 });
+          expect(readTree(local)).toEqual(readTree(src));
+          expect(Object.keys(readTree(local))).toHaveLength(4);
+        } finally {
+          rmSync(src, { recursive: true, force: true });
+          await s.close();
+          removeRoot(server!)(s);
+        }
+      });
+    });
     describe(`${title} folders removed behind the cache`, () => {
       it('a folder removed since this storage made it is made again by the next write', async () => {
         const s = storageOn(server!);

@@ -27,6 +27,7 @@ import {
   type Storage,
   type StorageEntry,
   type SyncJobOptions,
+  noopLogger,
 } from '@medsync/core';
 
 const dirs: string[] = [];
@@ -1384,6 +1385,133 @@ describe('SyncJob mirror', () => {
     const both = new MemoryStorage();
     const k = job({ id: 'k', source: new LocalStorage({ root: src }), destinations: [both] });
     expect(await k.run()).toMatchObject({ status: 'success', filesSynced: 4 });
+  });
+
+  /**
+   * A MemoryStorage that folds case (like a FAT drive or a Windows server) or not, while declaring
+   * `caseInsensitive: false` with `caseInsensitiveVaries`; it records every path written.
+   */
+  function varyingCase(folds: boolean): MemoryStorage & { written: string[] } {
+    const dst = new MemoryStorage({ caseInsensitive: folds });
+    Object.assign(dst, {
+      capabilities: { ...dst.capabilities, caseInsensitive: false, caseInsensitiveVaries: true },
+    });
+    const write = dst.write.bind(dst);
+    const written: string[] = [];
+    dst.write = (path, body, o) => {
+      written.push(path);
+      return write(path, body, o);
+    };
+    return Object.assign(dst, { written });
+  }
+  /** The case probes written to `dst`, after checking that none of them is left there. */
+  const probesOf = (dst: MemoryStorage & { written: string[] }): number => {
+    const probes = dst.written.filter((p) => /medsync-case-probe/i.test(p));
+    for (const p of probes) expect(dst.peek(p)).toBeUndefined();
+    return probes.length;
+  };
+
+  it('a destination that folds case without declaring it is asked before two such names are sent', async () => {
+    const src = tmp();
+    writeTree(src, { 'p/a.dcm': 'first', 'p/A.dcm': 'second', 'p/b.dcm': 'b' });
+    const dst = varyingCase(true);
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst] });
+    const r = await j.run();
+    // One of the two is kept (the first in code-point order: `A` sorts before `a`); the other
+    // would have overwritten it there.
+    expect(r).toMatchObject({ status: 'partial', filesSynced: 2, filesFailed: 1 });
+    expect(r.errors).toEqual([expect.objectContaining({ code: 'E_EXISTS', path: 'p/a.dcm' })]);
+    expect(dst.peek('p/A.dcm')?.toString()).toBe('second');
+    // Two probe files whose names differ only in case, both removed.
+    expect(probesOf(dst)).toBe(2);
+    // `p/a.dcm` is still to send, so the next run asks again.
+    writeTree(src, { 'p/c.dcm': 'c' });
+    const r2 = await j.run();
+    expect(r2).toMatchObject({ status: 'partial', filesSynced: 1, filesFailed: 1 });
+    expect(r2.errors).toEqual([expect.objectContaining({ code: 'E_EXISTS', path: 'p/a.dcm' })]);
+    expect(probesOf(dst)).toBe(4);
+    expect(dst.peek('p/A.dcm')?.toString()).toBe('second');
+  });
+
+  it('a destination whose kind may fold case but this one does not takes both names; asked only when such names are to be sent', async () => {
+    const src = tmp();
+    writeTree(src, { 'p/a.dcm': 'first', 'p/A.dcm': 'second' });
+    const dst = varyingCase(false);
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst] });
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 2 });
+    expect(dst.peek('p/a.dcm')?.toString()).toBe('first');
+    expect(dst.peek('p/A.dcm')?.toString()).toBe('second');
+    expect(probesOf(dst)).toBe(2);
+    // A new file with no twin, then no change: nothing asked.
+    writeTree(src, { 'p/b.dcm': 'b' });
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 1 });
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0 });
+    expect(probesOf(dst)).toBe(2);
+    // A new twin of a delivered file: asked again.
+    writeTree(src, { 'p/B.dcm': 'B' });
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 1 });
+    expect(dst.peek('p/b.dcm')?.toString()).toBe('b');
+    expect(probesOf(dst)).toBe(4);
+  });
+
+  it('a destination that cannot be asked whether it folds case gets neither of two such names, the rest as usual', async () => {
+    const src = tmp();
+    writeTree(src, { 'p/a.dcm': 'first', 'p/A.dcm': 'second', 'p/b.dcm': 'b' });
+    const dst = varyingCase(false);
+    // The probe is the first write of a first run (planning comes before the transfers).
+    dst.faults.failNext('write', 1, new MedsyncError('E_PERMISSION', 'Refused.'));
+    const warned: string[] = [];
+    const logger = {
+      ...noopLogger,
+      warn: (m: string, f?: object) => warned.push(`${m} ${JSON.stringify(f)}`),
+    };
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst], logger });
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'partial', filesSynced: 2, filesFailed: 1 });
+    expect(r.errors[0]).toMatchObject({ code: 'E_EXISTS', path: 'p/a.dcm' });
+    expect(dst.peek('p/A.dcm')?.toString()).toBe('second');
+    expect(warned.join('\n')).toContain('letter case');
+    expect(warned.join('\n')).not.toContain('a.dcm');
+  });
+
+  it('refused credentials while asking end the destination at once: one error, no other call', async () => {
+    const src = tmp();
+    writeTree(src, { 'p/a.dcm': 'first', 'p/A.dcm': 'second' });
+    const dst = varyingCase(false);
+    dst.faults.failNext('write', 1, new MedsyncError('E_AUTH', 'The server refused the login.'));
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst] });
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'failed', filesSynced: 0 });
+    expect(r.errors).toEqual([expect.objectContaining({ code: 'E_AUTH', destination: dst.id })]);
+    expect(dst.calls).toMatchObject({ write: 1, list: 0, stat: 0, remove: 0 });
+  });
+
+  it('a dry run writes nothing to ask a destination: the declaration stands', async () => {
+    const src = tmp();
+    writeTree(src, { 'p/a.dcm': 'first', 'p/A.dcm': 'second' });
+    const dst = varyingCase(true);
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst] });
+    const plan = await j.run({ dryRun: true });
+    expect(plan.plan.uploads).toBe(2);
+    expect(dst.calls).toMatchObject({ write: 0, remove: 0 });
+  });
+
+  it('a local destination on a case-sensitive file system takes both names, and no probe stays there', async () => {
+    const src = tmp();
+    const out = tmp();
+    writeTree(src, { 'p/a.dcm': 'first', 'p/A.dcm': 'second' });
+    // Where the temporary folder itself folds case (macOS, Windows) there is no such source.
+    if (Object.keys(readTree(src)).length < 2) return;
+    const j = job({
+      source: new LocalStorage({ root: src }),
+      destinations: [new LocalStorage({ root: out })],
+    });
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 2 });
+    // readTree lists hidden files too.
+    expect(readTree(out)).toEqual(readTree(src));
+    writeTree(src, { 'p/b.dcm': 'b', 'p/B.dcm': 'B' });
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 2 });
+    expect(readTree(out)).toEqual(readTree(src));
   });
 
   it('records delivered files in one waiting batch while a slow flush runs, not one batch per 256 files', async () => {

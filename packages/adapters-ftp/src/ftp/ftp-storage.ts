@@ -275,6 +275,8 @@ export class FtpStorage implements Storage {
       atomicRename: true,
       rangeReads: true,
       caseInsensitive: false,
+      // The server's file system decides (Windows servers fold case): SyncJob asks.
+      caseInsensitiveVaries: true,
       maxConcurrency: o.maxConnections,
     };
     if (o.secure === 'explicit' && !o.tls.rejectUnauthorized && !warnedInsecure.has(this.id)) {

@@ -107,6 +107,8 @@ export class SftpStorage implements Storage {
       atomicRename: true,
       rangeReads: true,
       caseInsensitive: false,
+      // The server's file system decides (Windows and macOS servers fold case): SyncJob asks.
+      caseInsensitiveVaries: true,
       maxConcurrency: o.maxConnections,
     };
     const hostKeys = {

@@ -142,6 +142,8 @@ const CAPABILITIES: StorageCapabilities = {
   atomicRename: true,
   rangeReads: true,
   caseInsensitive: false,
+  // A folder may be on a FAT or exFAT drive, a CIFS mount, macOS or Windows: SyncJob asks.
+  caseInsensitiveVaries: true,
   maxConcurrency: 32,
 };
 

@@ -158,6 +158,8 @@ export class MemoryStorage implements Storage {
   readonly capabilities: StorageCapabilities;
   readonly faults = new MemoryFaults();
   private readonly files = new Map<string, MemFile>();
+  /** Whether names are compared without case; set from the options, whatever `capabilities` says. */
+  private readonly foldsCase: boolean;
   private readonly clock: Clock;
   private closed = false;
   /** Number of calls per operation, for assertions in tests. */
@@ -183,10 +185,11 @@ export class MemoryStorage implements Storage {
       caseInsensitive: opts.caseInsensitive ?? false,
       maxConcurrency: 64,
     };
+    this.foldsCase = opts.caseInsensitive ?? false;
   }
 
   private key(p: string): string {
-    return this.capabilities.caseInsensitive ? p.toLowerCase() : p;
+    return this.foldsCase ? p.toLowerCase() : p;
   }
 
   private async enter(op: MemoryOp, signal?: AbortSignal): Promise<void> {

@@ -44,6 +44,13 @@ export interface StorageCapabilities {
   rangeReads: boolean;
   /** Whether names differing only in case are the same file. */
   caseInsensitive: boolean;
+  /**
+   * Set where `caseInsensitive` is what this kind of storage usually does rather than a fact of
+   * this one: a local folder may be on a FAT or exFAT drive, a CIFS mount, macOS or Windows; an
+   * FTP or SFTP server may run on Windows. Before relying on a `false` there, SyncJob asks the
+   * storage itself (a delivered file looked up in the other case, else a probe file).
+   */
+  caseInsensitiveVaries?: boolean;
   /** A sensible upper bound for parallel transfers against this backend. */
   maxConcurrency: number;
 }

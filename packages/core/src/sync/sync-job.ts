@@ -170,9 +170,34 @@ function sameMtime(dest: Storage, at: number | undefined, source: number | undef
   return at !== undefined && source !== undefined && Math.abs(at - source) <= Math.max(1, precision);
 }
 
+/** Any UTF-16 unit outside ASCII (surrogates included). */
+const NON_ASCII = /[\u0080-\uffff]/;
+
 /** A path as a case-insensitive file system compares it. */
 function foldName(p: string): string {
-  return p.normalize('NFC').toLowerCase();
+  return NON_ASCII.test(p) ? p.normalize('NFC').toLowerCase() : p.toLowerCase();
+}
+
+const twinsOf = new WeakMap<ReadonlyMap<string, StorageEntry>, ReadonlyMap<string, string[]>>();
+
+/**
+ * Groups of source paths that differ only in letter case (or Unicode form), by folded name; once
+ * per scan (about 1 µs per path).
+ */
+function caseTwins(sources: ReadonlyMap<string, StorageEntry>): ReadonlyMap<string, string[]> {
+  let groups = twinsOf.get(sources);
+  if (groups) return groups;
+  const first = new Map<string, string>();
+  const found = new Map<string, string[]>();
+  for (const p of sources.keys()) {
+    const fold = foldName(p);
+    const seen = first.get(fold);
+    if (seen === undefined) first.set(fold, p);
+    else found.set(fold, [...(found.get(fold) ?? [seen]), p]);
+  }
+  groups = found;
+  twinsOf.set(sources, groups);
+  return groups;
 }
 
 const MAX_KEPT_ERRORS = 1000;
@@ -487,7 +512,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
           addError(
             new MedsyncError(
               'E_EXISTS',
-              'Another source file has the same name but for letter case, and this destination does not tell them apart: rename one of them at the source.',
+              'Another source file has the same name but for letter case, and this destination does not tell them apart (or could not be asked whether it does): rename one of them at the source.',
               { retryable: false, path },
             ),
             path,
@@ -1032,14 +1057,28 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     // A destination that folds case cannot hold two source files whose names differ only in case
     // (`a.dcm`, `A.dcm`): one would overwrite the other there. The one delivered before (else the
     // first in code-point order) is kept; the others fail with E_EXISTS, named in the errors.
+    // Where the adapter's `false` is only what its kind usually does (a local folder may be on a
+    // FAT drive or a CIFS mount, an FTP server on Windows), the destination itself is asked.
+    // Asked only when such names are to be sent (a dry run asks nothing: the declaration stands).
     const caseConflicts: string[] = [];
-    if (dest.capabilities.caseInsensitive && candidates.length > 0) {
+    const caps = dest.capabilities;
+    const sameButCase =
+      candidates.length > 0 && (caps.caseInsensitive || caps.caseInsensitiveVaries === true)
+        ? caseTwins(sources)
+        : undefined;
+    if (
+      sameButCase?.size &&
+      candidates.some((c) => sameButCase.has(foldName(c.path))) &&
+      (caps.caseInsensitive || (!ctx.dryRun && (await this.foldsCase(dest, ctx.signal))))
+    ) {
       const owner = new Map<string, string>();
-      const paths = [...sources.keys()].sort();
-      for (const p of paths) if (manifest.has(p) && !owner.has(foldName(p))) owner.set(foldName(p), p);
-      for (const p of paths) if (!owner.has(foldName(p))) owner.set(foldName(p), p);
+      for (const [fold, group] of sameButCase) {
+        const sorted = [...group].sort();
+        owner.set(fold, sorted.find((p) => manifest.has(p)) ?? sorted[0]!);
+      }
       const kept = candidates.filter((c) => {
-        if (owner.get(foldName(c.path)) === c.path) return true;
+        const o = owner.get(foldName(c.path));
+        if (o === undefined || o === c.path) return true;
         caseConflicts.push(c.path);
         return false;
       });
@@ -1227,6 +1266,52 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
         'E_SAFETY',
         'None of the sampled files this job delivered is at the destination: is the share mounted? If the archive was emptied on purpose, clear the job state (or use a new --state) to send everything again.',
       );
+    }
+  }
+
+  /**
+   * Whether `dest` takes names that differ only in letter case for one file, asked of the
+   * destination itself: two small probe files whose names differ only in case are written at its
+   * root (temporary names, skipped by listings; the daily sweep removes them if left), the first
+   * is looked up, and both are removed. It folds case when the second replaced the first. True as
+   * well when it cannot tell (a failed write, or the first no longer found by its name): names
+   * that differ only in case are then not sent there this run, rather than risk one overwriting
+   * the other. Refused credentials end the destination's planning, as in its other lookups.
+   */
+  private async foldsCase(dest: Storage, signal: AbortSignal): Promise<boolean> {
+    const id = randomUUID().slice(0, 8);
+    const lower = partialNameFor('medsync-case-probe', id);
+    const upper = partialNameFor('MEDSYNC-CASE-PROBE', id.toUpperCase());
+    const written: string[] = [];
+    try {
+      for (const [path, body] of [
+        [lower, 'l'],
+        [upper, 'UU'],
+      ] as const) {
+        written.push(path);
+        await dest.write(path, Buffer.from(body), { size: body.length, signal });
+      }
+      let first: StorageEntry | undefined;
+      try {
+        first = await dest.stat(lower, { signal });
+      } catch (e) {
+        if (toMedsyncError(e).code !== 'E_NOT_FOUND') throw e;
+      }
+      if (first?.size === 1) return false;
+      if (first?.size !== 2)
+        throw new MedsyncError('E_TRANSIENT', 'The case probe was not found by its name.');
+      return true;
+    } catch (e) {
+      const me = toMedsyncError(e);
+      if (signal.aborted || DESTINATION_FATAL.has(me.code)) throw e;
+      this.log.warn(
+        'Could not check whether the destination tells names apart by letter case; names that differ only in case are not sent there this run',
+        { jobId: this.id, code: me.code },
+      );
+      return true;
+    } finally {
+      // Not after a refused first write (a refused login would be tried once more for nothing).
+      if (written.length > 1) for (const path of written) await dest.remove(path).catch(() => undefined);
     }
   }
 
