@@ -8,6 +8,8 @@
  *   is reset on both sides (TCP RST) in the middle of the upload, as a dropped link would.
  * - `refuseNextStor()`: the next STOR is answered with `425 Can't open data connection` by the
  *   proxy itself, the way a server that could not open the data connection answers.
+ *
+ * It also records the verbs of the commands each session sent (`stats.commands`).
  */
 import { createServer, connect, type Server, type Socket } from 'node:net';
 
@@ -21,6 +23,11 @@ export interface FaultProxy {
     refused: number;
     /** Bytes clients sent on data connections (uploads). */
     bytesUp: number;
+    /**
+     * The commands each control connection sent, by connection: the verb only (with the option's
+     * name for OPTS), never an argument (a password).
+     */
+    commands: string[][];
   };
   cutNextUpload(afterBytes: number): void;
   refuseNextStor(): void;
@@ -45,7 +52,14 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     s.on('error', () => undefined);
     return s;
   };
-  const stats = { controlConnections: 0, dataConnections: 0, cuts: 0, refused: 0, bytesUp: 0 };
+  const stats = {
+    controlConnections: 0,
+    dataConnections: 0,
+    cuts: 0,
+    refused: 0,
+    bytesUp: 0,
+    commands: [] as string[][],
+  };
   let cutAfter: number | undefined;
   let refuseStor = false;
   const refusals: Array<[RegExp, string]> = [];
@@ -85,6 +99,8 @@ export async function startFaultProxy(target: { host: string; port: number }): P
 
   const control = createServer((client) => {
     stats.controlConnections++;
+    const commands: string[] = [];
+    stats.commands.push(commands);
     track(client);
     const up = track(connect(target.port, target.host));
     const session: { data?: Socket } = {};
@@ -118,6 +134,8 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       while ((i = fromClient.indexOf('\n')) >= 0) {
         const line = fromClient.slice(0, i + 1);
         fromClient = fromClient.slice(i + 1);
+        const [verb = '', arg = ''] = line.trim().split(/\s+/);
+        commands.push(verb.toUpperCase() === 'OPTS' ? `OPTS ${arg.toUpperCase()}` : verb.toUpperCase());
         if (refuseStor && /^STOR /i.test(line)) {
           refuseStor = false;
           stats.refused++;

@@ -72,6 +72,27 @@ const fastRetry = { retries: 3, initialDelayMs: 100, multiplier: 2, jitter: 0 };
 const suite = plain && quota ? describe : describe.skip;
 
 suite('FTP faults (pure-ftpd)', () => {
+  it('a session opens in as few round trips as it can: FEAT once per storage, no repeated or default-only commands', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy, { maxConnections: 2 });
+    const names = ['a.dcm', 'b.dcm', 'ü ñ.dcm', 'd.dcm'];
+    const put = (n: string) => storage.write(`S/${n}`, Buffer.from(n), { size: Buffer.byteLength(n) });
+    // One session first; the parallel writes then open a second one.
+    await put(names[0]!);
+    await Promise.all(names.slice(1).map(put));
+    expect(allFiles(local)).toEqual(names.map((n) => `S/${n}`).sort());
+    expect(proxy.stats.commands).toHaveLength(2);
+    // Up to the first command of the work itself.
+    const opening = (cmds: string[]) =>
+      cmds.slice(
+        0,
+        cmds.findIndex((c) => !/^(USER|PASS|FEAT|TYPE|OPTS|STRU)/.test(c)),
+      );
+    const [first, second] = proxy.stats.commands.map(opening).sort((x, y) => y.length - x.length);
+    expect(first).toEqual(['USER', 'PASS', 'FEAT', 'TYPE', 'OPTS UTF8', 'OPTS MLST']);
+    expect(second).toEqual(['USER', 'PASS', 'TYPE', 'OPTS UTF8', 'OPTS MLST']);
+  });
+
   it('a data connection cut mid-upload: the write fails retryable and leaves nothing behind', async () => {
     const proxy = await proxyFor(plain!);
     const { storage, local } = storageOn(plain!, proxy);
