@@ -22,6 +22,7 @@ import os from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
+import { startLatencyProxy } from './latency-proxy.mjs';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const BUILT_CLI = join(ROOT, 'packages/cli/dist/bin.js');
@@ -69,6 +70,8 @@ options:
   --keep           keep the temp folder (its path is printed on stderr)
   --check          exit 3 if a target is missed
   --no-fsync       run medsync with --no-fsync (rclone does not fsync either)
+  --rtt MS         ftp: also time the no-change re-run through a proxy that adds this round-trip
+                   time, as on a link between sites (row ftp-no-change-rerun-rtt)
 `;
 
 // ---------------------------------------------------------------- helpers
@@ -106,6 +109,8 @@ function parseArgs(argv) {
     else if (a === '--keep') o.keep = true;
     else if (a === '--check') o.check = true;
     else if (a === '--no-fsync') o.noFsync = true;
+    else if (a === '--rtt') o.rtt = int(a, argv[++i], 1, 1000);
+    else if (a.startsWith('--rtt=')) o.rtt = int('--rtt', a.slice(6), 1, 1000);
     else if (a === '--only') o.only = (argv[++i] ?? '').split(',').filter(Boolean);
     else if (a.startsWith('--only=')) o.only = a.slice(7).split(',').filter(Boolean);
     else if (a === '-h' || a === '--help') {
@@ -116,6 +121,7 @@ function parseArgs(argv) {
   }
   if (!o.name) usage('no bench named');
   if (!Object.hasOwn(BENCHES, o.name)) usage(`unknown bench: ${o.name}`);
+  if (o.rtt !== undefined && o.name !== 'ftp') usage('--rtt is for the ftp bench');
   if (o.only) {
     const rows = BENCHES[o.name].rows;
     if (!rows) usage(`--only: the ${o.name} bench always runs all its rows`);
@@ -757,32 +763,35 @@ async function benchFtp(ctx) {
 
   const server = startPureFtpd(ctx.tmp);
   try {
-    const rcloneFtpConfig = join(ctx.tmp, 'rclone-ftp.conf');
     const ob = spawnSync(ctx.rclone, ['obscure', '-', '--config', ctx.rcloneConfig], {
       input: server.password,
       encoding: 'utf8',
     });
     if (ob.status !== 0 || !ob.stdout.trim()) fail('rclone obscure failed', ob.stderr);
-    writeFileSync(
-      rcloneFtpConfig,
-      `[benchftp]\ntype = ftp\nhost = ${server.host}\nport = ${server.port}\nuser = ${server.user}\npass = ${ob.stdout.trim()}\n`,
-      { mode: 0o600 },
-    );
     const medsyncEnv = { ...process.env, MEDSYNC_BENCH_FTP_PASSWORD: server.password };
     const medsync = medsyncRunner(ctx2, {
       args: ['--password-env', 'MEDSYNC_BENCH_FTP_PASSWORD'],
       env: medsyncEnv,
     });
-    const medsyncUrl = (name) =>
-      `ftp://${encodeURIComponent(server.user)}@${server.host}:${server.port}/${name}`;
-    const lftpRun = lftpRunner(ctx2, server);
-    const rcloneRun = rcloneFtpRunner(ctx2, rcloneFtpConfig);
-    const tools = ['medsync', 'lftp', 'rclone'];
-    const run = {
-      medsync: (src, name, state, expect) => medsync(src, medsyncUrl(name), state, expect),
-      lftp: (src, name) => lftpRun(src, `/${name}`),
-      rclone: (src, name) => rcloneRun(src, `/${name}`),
+    /** Each tool's run against the server at `at` (the server itself, or a proxy before it). */
+    const runnersFor = (at, tag) => {
+      const rcloneFtpConfig = join(ctx.tmp, `rclone-ftp${tag}.conf`);
+      writeFileSync(
+        rcloneFtpConfig,
+        `[benchftp]\ntype = ftp\nhost = ${at.host}\nport = ${at.port}\nuser = ${server.user}\npass = ${ob.stdout.trim()}\n`,
+        { mode: 0o600 },
+      );
+      const medsyncUrl = (name) => `ftp://${encodeURIComponent(server.user)}@${at.host}:${at.port}/${name}`;
+      const lftpRun = lftpRunner(ctx2, { ...server, host: at.host, port: at.port });
+      const rcloneRun = rcloneFtpRunner(ctx2, rcloneFtpConfig);
+      return {
+        medsync: (src, name, state, expect) => medsync(src, medsyncUrl(name), state, expect),
+        lftp: (src, name) => lftpRun(src, `/${name}`),
+        rclone: (src, name) => rcloneRun(src, `/${name}`),
+      };
     };
+    const tools = ['medsync', 'lftp', 'rclone'];
+    const run = runnersFor(server, '');
 
     // Warm the binaries and modules so no tool's first run pays for loading them from disk.
     spawnSync(process.execPath, [CLI, '--version'], { stdio: 'ignore' });
@@ -848,19 +857,20 @@ async function benchFtp(ctx) {
     const src4k = want('ftp-copy-4k') ? await copyCase('4k', 'ftp-copy-4k', S.files4k, true) : undefined;
     if (want('ftp-copy-big')) await copyCase('1g', 'ftp-copy-big', S.bigFile, false);
 
-    if (src4k && want('ftp-no-change-rerun')) {
+    /** The no-change re-run over the 4 KiB row's destinations, with `runs` for each tool. */
+    const rerunRow = async (row, description, runners) => {
       const c = S.files4k;
       const before = {};
       for (const tool of tools) before[tool] = await walk(join(server.root, kept[tool].name));
       const fns = {};
       for (const tool of tools) {
         fns[tool] = async (t) => {
-          const r = await run[tool](src4k, kept[tool].name, kept[tool].state, {
+          const r = await runners[tool](src4k, kept[tool].name, kept[tool].state, {
             synced: 0,
             skipped: c.files,
             bytes: 0,
           });
-          log(`ftp-no-change-rerun: trial ${t + 1} ${tool.padEnd(7)} ${r.seconds.toFixed(3)} s`);
+          log(`${row}: trial ${t + 1} ${tool.padEnd(7)} ${r.seconds.toFixed(3)} s`);
           return r;
         };
       }
@@ -890,8 +900,8 @@ async function benchFtp(ctx) {
       const f = Object.fromEntries(tools.map((t) => [t, fig(runs[t], t)]));
       const ratio = round(f.rclone.seconds / f.medsync.seconds);
       results.push({
-        name: 'ftp-no-change-rerun',
-        description: `second run over the ${c.files} files x ${c.size / KiB} KiB already on the server (nothing to send)`,
+        name: row,
+        description,
         ...f,
         ratio,
         ratioDefinition: 'rclone seconds / medsync seconds (>1: medsync faster)',
@@ -899,6 +909,31 @@ async function benchFtp(ctx) {
         target: `ratio >= ${rerunTarget}`,
         pass: ratio >= rerunTarget,
       });
+    };
+
+    if (src4k && want('ftp-no-change-rerun')) {
+      const what = `second run over the ${S.files4k.files} files x ${S.files4k.size / KiB} KiB already on the server (nothing to send)`;
+      await rerunRow('ftp-no-change-rerun', what, run);
+      if (ctx.rtt) {
+        // The same re-run over a link with latency: a proxy before the server holds each chunk
+        // back by half the round-trip time in each direction.
+        const proxy = await startLatencyProxy(server);
+        try {
+          const via = runnersFor(proxy, '-rtt');
+          // medsync keys its manifest by the destination's address: through the proxy, the files
+          // already there are another destination's, adopted by one untimed run (a listing).
+          const k = kept.medsync;
+          await via.medsync(src4k, k.name, k.state, { synced: 0, skipped: S.files4k.files, bytes: 0 });
+          proxy.setRtt(ctx.rtt);
+          await rerunRow(
+            'ftp-no-change-rerun-rtt',
+            `${what}, through a proxy adding ${ctx.rtt} ms of round-trip time`,
+            via,
+          );
+        } finally {
+          await proxy.close();
+        }
+      }
     }
 
     const peak = kbToMB(maxKB(...medsyncRuns));
@@ -916,6 +951,7 @@ async function benchFtp(ctx) {
       config: {
         concurrency: ctx.concurrency,
         medsyncFsync: !ctx.noFsync,
+        ...(ctx.rtt ? { rttMs: ctx.rtt } : {}),
         rcloneCheckers: 8,
         lftp: `${lftpVersion}; mirror -R --parallel=${ctx.concurrency} (ftp:ssl-allow no)`,
         server: `pure-ftpd on ${server.host}:${server.port} (scripts/services.sh)`,
