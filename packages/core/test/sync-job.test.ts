@@ -374,6 +374,44 @@ describe('SyncJob copy', () => {
     expect(r.errors[0]?.message).toMatch(/mounted/);
   });
 
+  it('opens the first destination (its presence check) while the source is still being scanned', async () => {
+    const src = new MemoryStorage();
+    for (const p of ['a.dcm', 'b.dcm']) await src.write(p, Buffer.from(p));
+    const dst = new MemoryStorage();
+    const j = job({ source: src, destinations: [dst] });
+    expect((await j.run()).filesSynced).toBe(2);
+    // The scan of the next run waits (up to 5 s) for the destination to be looked at.
+    let looked: () => void = () => undefined;
+    const lookedAt = new Promise<void>((r) => (looked = r));
+    const stat = dst.stat.bind(dst);
+    dst.stat = (path, o) => {
+      looked();
+      return stat(path, o);
+    };
+    const list = src.list.bind(src);
+    let seenDuringScan = false;
+    src.list = async function* (prefix, o) {
+      yield* list(prefix, o);
+      const timer = new Promise<boolean>((r) => setTimeout(() => r(false), 5000));
+      seenDuringScan = await Promise.race([lookedAt.then(() => true), timer]);
+    };
+    expect(await j.run()).toMatchObject({ status: 'success', filesSkipped: 2 });
+    expect(seenDuringScan).toBe(true);
+  });
+
+  it('a scan that fails while the first destination is being opened fails the run with its own error', async () => {
+    const dst = new MemoryStorage();
+    const src = tmp();
+    writeTree(src, { 'a.dcm': 'a' });
+    const j = job({ source: new LocalStorage({ root: src }), destinations: [dst] });
+    await j.run();
+    dst.faults.latency('stat', 200).failNext('stat', 1, new MedsyncError('E_AUTH', 'Refused.'));
+    rmSync(src, { recursive: true });
+    const r = await j.run();
+    expect(r.status).toBe('failed');
+    expect(r.errors).toEqual([expect.objectContaining({ code: 'E_NOT_FOUND' })]);
+  });
+
   it('syncs to several destinations, each with its own manifest', async () => {
     const src = tmp();
     writeTree(src, sample());

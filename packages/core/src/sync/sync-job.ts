@@ -450,8 +450,22 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       // A graceful stop (stopSignal) has no files in flight to wait for while scanning and
       // planning: it ends those at once, as a cancel does.
       const planSignal = opts.stopSignal ? AbortSignal.any([inner.signal, opts.stopSignal]) : inner.signal;
-      const sources = await this.scanSource(planSignal, opts.only);
+      // The first destination is opened beside the scan (its manifest read, its presence checked):
+      // over a network, its connection and lookups then take no time of their own. Its failure is
+      // reported by its planning; a scan that fails first waits for it to settle.
+      const first = this.o.destinations[0];
+      const opened = first
+        ? this.openDestination(first, { jobId: this.id, destination: first.id }, planSignal)
+        : undefined;
+      let sources: Map<string, StorageEntry>;
+      try {
+        sources = await this.scanSource(planSignal, opts.only);
+      } catch (e) {
+        await opened?.catch(() => undefined);
+        throw e;
+      }
       if (this.mode === 'mirror' && sources.size === 0 && !opts.only) {
+        await opened?.catch(() => undefined);
         throw new MedsyncError(
           'E_SAFETY',
           'The source is empty: a mirror run refuses to run, so an unmounted share never empties the archive. Check the source, or use copy mode.',
@@ -477,6 +491,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
             only: opts.only,
             signal: planSignal,
             unsure,
+            opened: dest === first ? opened : undefined,
           });
           // Planning looked up (or adopted, or planned to send) every file the scan covered.
           unsureSettled.set(
@@ -990,6 +1005,8 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       signal: AbortSignal;
       /** Files whose last write here had an unknown outcome, by path (see `saveUnsure`). */
       unsure?: ReadonlyMap<string, UnsureWrite> | undefined;
+      /** {@link openDestination}, already started for this destination. */
+      opened?: Promise<Map<string, BriefEntry>> | undefined;
     },
   ): Promise<{
     tasks: Task[];
@@ -1001,13 +1018,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     unsureKept: UnsureWrite[];
   }> {
     const store = this.o.store;
-    // Sizes and times are all planning needs of most entries; the rest is read for the few that
-    // changed.
-    const manifest = new Map<string, BriefEntry>();
-    for await (const m of store.manifest.list(scope, { fields: ['size', 'mtimeMs'] }))
-      manifest.set(m.path, m);
-
-    if (manifest.size > 0) await this.checkDestinationPresent(dest, manifest, ctx.signal);
+    const manifest = await (ctx.opened ?? this.openDestination(dest, scope, ctx.signal));
 
     if (ctx.interrupted && !ctx.dryRun && dest.cleanupPartials) {
       // Temporary files written before this run started are the crashed run's leftovers; those of
@@ -1237,6 +1248,23 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     const limit = this.o.maxDelete ?? Math.floor(manifest.size / 2);
     const refused = deletes.length > limit;
     return { tasks, deletes, skipped, refused, limit, caseConflicts, unsureKept };
+  }
+
+  /**
+   * The first look at a destination: what the manifest says the job delivered there (sizes and
+   * times are all planning needs of most entries; the rest is read for the few that changed), and
+   * the check that those files are still there.
+   */
+  private async openDestination(
+    dest: Storage,
+    scope: ManifestScope,
+    signal: AbortSignal,
+  ): Promise<Map<string, BriefEntry>> {
+    const manifest = new Map<string, BriefEntry>();
+    for await (const m of this.o.store.manifest.list(scope, { fields: ['size', 'mtimeMs'] }))
+      manifest.set(m.path, m);
+    if (manifest.size > 0) await this.checkDestinationPresent(dest, manifest, signal);
+    return manifest;
   }
 
   /**
