@@ -1,24 +1,37 @@
 /**
  * A TCP proxy in front of a plain FTP server that adds a round-trip time: every chunk waits half
- * of it on its way in each direction, as on a link between two sites. The passive replies
+ * of it on its way in each direction, and a new connection one more before anything passes, as on
+ * a link between two sites. The passive replies
  * (227 PASV, 229 EPSV) are rewritten to a listener of the proxy's own, so data connections take
  * the same delay. Used by `bench ftp --rtt MS` for the no-change re-run, where round trips, not
  * bandwidth, decide the time. Not for throughput: it does not hold back a fast sender.
  */
 import { connect, createServer } from 'node:net';
+import { performance } from 'node:perf_hooks';
 
-/** Sends what `from` receives to `to`, `delay()` ms later, in order; `rewrite` may change it. */
-function forward(from, to, delay, rewrite) {
+/**
+ * Sends what `from` receives to `to` half a round trip later, in order; `rewrite` may change it
+ * (and may wait, for a data listener). Nothing arrives before one and a half round trips after
+ * `openedAt`: a real connection spends a round trip on its handshake before either side can send,
+ * which the proxy's own accept does not.
+ */
+function forward(from, to, rtt, openedAt, rewrite) {
   let pending = '';
-  // Each chunk is scheduled once the ones before it are (a rewrite may wait for a listener).
-  let chain = Promise.resolve();
-  const later = (fn) => {
-    const ms = delay();
-    chain = chain.then(() => {
-      if (ms > 0) setTimeout(fn, ms);
-      else fn();
-    });
+  const queue = [];
+  let timer;
+  const pump = () => {
+    timer = undefined;
+    while (queue.length > 0 && queue[0].due <= performance.now()) queue.shift().fn();
+    if (queue.length > 0) timer = setTimeout(pump, Math.max(0, queue[0].due - performance.now()));
   };
+  const later = (fn) => {
+    const now = performance.now();
+    const last = queue.length > 0 ? queue[queue.length - 1].due : 0;
+    queue.push({ due: Math.max(now + rtt() / 2, openedAt + rtt() * 1.5, last), fn });
+    if (timer === undefined) timer = setTimeout(pump, Math.max(0, queue[0].due - now));
+  };
+  // Chunks are queued in arrival order, each once its rewrite (if any) is done.
+  let chain = Promise.resolve();
   from.on('data', (chunk) => {
     let out = chunk;
     if (rewrite) {
@@ -28,20 +41,16 @@ function forward(from, to, delay, rewrite) {
       if (end === 0) return;
       const lines = pending.slice(0, end);
       pending = pending.slice(end);
-      out = rewrite(lines);
+      out = rewrite(lines).then((text) => Buffer.from(text, 'latin1'));
     }
-    const ms = delay();
     chain = chain
       .then(() => out)
-      .then((b) => {
-        const send = () => {
-          if (!to.destroyed) to.write(typeof b === 'string' ? Buffer.from(b, 'latin1') : b);
-        };
-        if (ms > 0) setTimeout(send, ms);
-        else send();
-      });
+      .then((b) => later(() => to.destroyed || to.write(b)))
+      .catch(() => to.destroy());
   });
-  from.on('end', () => later(() => to.end()));
+  from.on('end', () => {
+    chain = chain.then(() => later(() => to.end()));
+  });
   // A reset (not an orderly end) is passed on at once.
   from.on('close', (hadError) => hadError && to.destroy());
   from.on('error', () => to.destroy());
@@ -60,7 +69,7 @@ function listen(server) {
  */
 export async function startLatencyProxy(target, rttMs = 0) {
   let rtt = rttMs;
-  const half = () => rtt / 2;
+  const getRtt = () => rtt;
   const sockets = new Set();
   const servers = new Set();
   const track = (s) => {
@@ -73,9 +82,10 @@ export async function startLatencyProxy(target, rttMs = 0) {
       srv.close();
       servers.delete(srv);
       track(client);
+      const openedAt = performance.now();
       const up = track(connect(upstreamPort, target.host));
-      forward(client, up, half);
-      forward(up, client, half);
+      forward(client, up, getRtt, openedAt);
+      forward(up, client, getRtt, openedAt);
     });
     servers.add(srv);
     return listen(srv);
@@ -97,9 +107,10 @@ export async function startLatencyProxy(target, rttMs = 0) {
   };
   const control = createServer((client) => {
     track(client);
+    const openedAt = performance.now();
     const up = track(connect(target.port, target.host));
-    forward(client, up, half);
-    forward(up, client, half, rewrite);
+    forward(client, up, getRtt, openedAt);
+    forward(up, client, getRtt, openedAt, rewrite);
   });
   servers.add(control);
   const port = await listen(control);

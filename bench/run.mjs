@@ -122,6 +122,8 @@ function parseArgs(argv) {
   if (!o.name) usage('no bench named');
   if (!Object.hasOwn(BENCHES, o.name)) usage(`unknown bench: ${o.name}`);
   if (o.rtt !== undefined && o.name !== 'ftp') usage('--rtt is for the ftp bench');
+  if (o.rtt !== undefined && o.only && !o.only.includes('ftp-no-change-rerun'))
+    usage('--rtt times the no-change re-run again: add ftp-no-change-rerun to --only');
   if (o.only) {
     const rows = BENCHES[o.name].rows;
     if (!rows) usage(`--only: the ${o.name} bench always runs all its rows`);

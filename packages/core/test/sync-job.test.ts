@@ -399,17 +399,39 @@ describe('SyncJob copy', () => {
     expect(seenDuringScan).toBe(true);
   });
 
-  it('a scan that fails while the first destination is being opened fails the run with its own error', async () => {
+  it('a scan that fails while the first destination is being opened fails the run with its own error, at once', async () => {
     const dst = new MemoryStorage();
     const src = tmp();
     writeTree(src, { 'a.dcm': 'a' });
     const j = job({ source: new LocalStorage({ root: src }), destinations: [dst] });
     await j.run();
-    dst.faults.latency('stat', 200).failNext('stat', 1, new MedsyncError('E_AUTH', 'Refused.'));
+    // An unreachable destination: its lookup would take a minute; the failed run does not wait.
+    dst.faults.latency('stat', 60_000);
     rmSync(src, { recursive: true });
     const r = await j.run();
     expect(r.status).toBe('failed');
     expect(r.errors).toEqual([expect.objectContaining({ code: 'E_NOT_FOUND' })]);
+  });
+
+  it('a first destination that fails while the source is still being scanned is reported by its planning', async () => {
+    const src = new MemoryStorage();
+    await src.write('a.dcm', Buffer.from('a'));
+    const dst = new MemoryStorage();
+    const j = job({ source: src, destinations: [dst] });
+    await j.run();
+    const before = { ...dst.calls };
+    // Refused at once, while the scan takes a while longer.
+    dst.faults.failNext('stat', 1, new MedsyncError('E_AUTH', 'Refused.'));
+    const list = src.list.bind(src);
+    src.list = async function* (prefix, o) {
+      yield* list(prefix, o);
+      await new Promise((r) => setTimeout(r, 100));
+    };
+    const r = await j.run();
+    expect(r.status).toBe('failed');
+    expect(r.errors).toEqual([expect.objectContaining({ code: 'E_AUTH', destination: dst.id })]);
+    // One look, refused: nothing else tries it.
+    expect(dst.calls).toEqual({ ...before, stat: before.stat + 1 });
   });
 
   it('syncs to several destinations, each with its own manifest', async () => {

@@ -351,7 +351,12 @@ export class FtpStorage implements Storage {
       const utf8 = utf8First ? await client.sendIgnoringError('OPTS UTF8 ON') : undefined;
       await client.login(o.user, password);
       step = 'connect';
-      if (!this.features) this.learnFeatures(await client.features());
+      if (!this.features) {
+        const feat = await client.features();
+        // Another connection may have learnt them meanwhile, and corrected them since (MFMT
+        // refused, a digest that failed): the first answer stands.
+        if (!this.features) this.learnFeatures(feat);
+      }
       await client.send('TYPE I');
       if (!utf8 || utf8.code >= 400) await client.sendIgnoringError('OPTS UTF8 ON');
       // Listings with every fact the adapter reads (the list of basic-ftp's useDefaultSettings).
@@ -559,7 +564,10 @@ export class FtpStorage implements Storage {
   }
 
   private async feats(c: Client): Promise<ServerFeatures> {
-    if (!this.features) this.learnFeatures(await c.features());
+    if (!this.features) {
+      const feat = await c.features();
+      if (!this.features) this.learnFeatures(feat);
+    }
     return this.features!;
   }
 

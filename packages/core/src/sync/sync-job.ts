@@ -452,20 +452,31 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const planSignal = opts.stopSignal ? AbortSignal.any([inner.signal, opts.stopSignal]) : inner.signal;
       // The first destination is opened beside the scan (its manifest read, its presence checked):
       // over a network, its connection and lookups then take no time of their own. Its failure is
-      // reported by its planning; a scan that fails first waits for it to settle.
+      // reported by its planning (the handler below only keeps it from counting as unhandled
+      // while the scan runs). A run that ends before planning stops it and waits for it.
       const first = this.o.destinations[0];
+      const stopOpening = new AbortController();
       const opened = first
-        ? this.openDestination(first, { jobId: this.id, destination: first.id }, planSignal)
+        ? this.openDestination(
+            first,
+            { jobId: this.id, destination: first.id },
+            AbortSignal.any([planSignal, stopOpening.signal]),
+          )
         : undefined;
+      opened?.catch(() => undefined);
+      const notOpened = async () => {
+        stopOpening.abort();
+        await opened?.catch(() => undefined);
+      };
       let sources: Map<string, StorageEntry>;
       try {
         sources = await this.scanSource(planSignal, opts.only);
       } catch (e) {
-        await opened?.catch(() => undefined);
+        await notOpened();
         throw e;
       }
       if (this.mode === 'mirror' && sources.size === 0 && !opts.only) {
-        await opened?.catch(() => undefined);
+        await notOpened();
         throw new MedsyncError(
           'E_SAFETY',
           'The source is empty: a mirror run refuses to run, so an unmounted share never empties the archive. Check the source, or use copy mode.',
