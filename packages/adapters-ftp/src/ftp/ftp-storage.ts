@@ -342,10 +342,11 @@ export class FtpStorage implements Storage {
         await client.useTLS(tls);
       }
       step = 'login';
-      // basic-ftp's `access` and `useDefaultSettings`, without their repeats, for a round trip
-      // less each (most felt on a link with latency, where a session takes 6 instead of 9):
-      // OPTS UTF8 ON before the login only for a user name or password that needs it, FEAT once
-      // per storage (it is learnt once), and no STRU F (file structure is the default, RFC 959).
+      // basic-ftp's `access` and `useDefaultSettings` in fewer round trips (most felt on a link
+      // with latency: after the greeting, 4 instead of 9 on the first connection, 3 instead of 7
+      // on the others): OPTS UTF8 ON before the login only for a user name or password that needs
+      // it, FEAT once per storage (it is learnt once), no STRU F (file structure is the default,
+      // RFC 959), and the settings after the login sent together.
       const ascii = /^[\x20-\x7e]*$/;
       const utf8First = !ascii.test(o.user) || !ascii.test(password);
       const utf8 = utf8First ? await client.sendIgnoringError('OPTS UTF8 ON') : undefined;
@@ -357,18 +358,18 @@ export class FtpStorage implements Storage {
         // refused, a digest that failed): the first answer stands.
         if (!this.features) this.learnFeatures(feat);
       }
-      await client.send('TYPE I');
-      if (!utf8 || utf8.code >= 400) await client.sendIgnoringError('OPTS UTF8 ON');
+      // In one write: none of them does harm when one before it was refused.
+      const settings = ['TYPE I'];
+      if (!utf8 || utf8.code >= 400) settings.push('OPTS UTF8 ON');
       // Listings with every fact the adapter reads (the list of basic-ftp's useDefaultSettings).
       if (this.features!.mlst) {
-        await client.sendIgnoringError(
+        settings.push(
           'OPTS MLST type;size;modify;unique;unix.mode;unix.owner;unix.group;unix.ownername;unix.groupname;',
         );
       }
-      if (client.ftp.hasTLS) {
-        await client.sendIgnoringError('PBSZ 0');
-        await client.sendIgnoringError('PROT P');
-      }
+      if (client.ftp.hasTLS) settings.push('PBSZ 0', 'PROT P');
+      const [type] = await sendPipelined(client, settings);
+      if (type!.code >= 400) throw replyError(type!);
       return client;
     } catch (e) {
       client.close();
