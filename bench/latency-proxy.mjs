@@ -1,10 +1,10 @@
 /**
- * A TCP proxy in front of a plain FTP server that adds a round-trip time: every chunk waits half
- * of it on its way in each direction, and a new connection one more before anything passes, as on
- * a link between two sites. The passive replies
- * (227 PASV, 229 EPSV) are rewritten to a listener of the proxy's own, so data connections take
- * the same delay. Used by `bench ftp --rtt MS` for the no-change re-run, where round trips, not
- * bandwidth, decide the time. Not for throughput: it does not hold back a fast sender.
+ * A TCP proxy in front of a server (plain FTP, or SSH) that adds a round-trip time: every chunk
+ * waits half of it on its way in each direction, and a new connection one more before anything
+ * passes, as on a link between two sites. For FTP, the passive replies (227 PASV, 229 EPSV) are
+ * rewritten to a listener of the proxy's own, so data connections take the same delay. Used by
+ * `bench ftp|sftp --rtt MS` for the no-change re-run, where round trips, not bandwidth, decide the
+ * time. Not for throughput: it does not hold back a fast sender.
  */
 import { connect, createServer } from 'node:net';
 import { performance } from 'node:perf_hooks';
@@ -65,9 +65,10 @@ function listen(server) {
 
 /**
  * Starts the proxy for `target` ({ host, port }). `rttMs` may be changed later with `setRtt`;
- * it applies to chunks sent from then on.
+ * it applies to chunks sent from then on. `ftp`: rewrite the passive replies of an FTP control
+ * connection (else the bytes pass as they are: SSH, SFTP).
  */
-export async function startLatencyProxy(target, rttMs = 0) {
+export async function startLatencyProxy(target, { rttMs = 0, ftp = false } = {}) {
   let rtt = rttMs;
   const getRtt = () => rtt;
   const sockets = new Set();
@@ -110,7 +111,7 @@ export async function startLatencyProxy(target, rttMs = 0) {
     const openedAt = performance.now();
     const up = track(connect(target.port, target.host));
     forward(client, up, getRtt, openedAt);
-    forward(up, client, getRtt, openedAt, rewrite);
+    forward(up, client, getRtt, openedAt, ftp ? rewrite : undefined);
   });
   servers.add(control);
   const port = await listen(control);

@@ -70,8 +70,8 @@ options:
   --keep           keep the temp folder (its path is printed on stderr)
   --check          exit 3 if a target is missed
   --no-fsync       run medsync with --no-fsync (rclone does not fsync either)
-  --rtt MS         ftp: also time the no-change re-run through a proxy that adds this round-trip
-                   time, as on a link between sites (row ftp-no-change-rerun-rtt)
+  --rtt MS         ftp, sftp: also time the no-change re-run through a proxy that adds this
+                   round-trip time, as on a link between sites (row <bench>-no-change-rerun-rtt)
 `;
 
 // ---------------------------------------------------------------- helpers
@@ -121,9 +121,10 @@ function parseArgs(argv) {
   }
   if (!o.name) usage('no bench named');
   if (!Object.hasOwn(BENCHES, o.name)) usage(`unknown bench: ${o.name}`);
-  if (o.rtt !== undefined && o.name !== 'ftp') usage('--rtt is for the ftp bench');
-  if (o.rtt !== undefined && o.only && !o.only.includes('ftp-no-change-rerun'))
-    usage('--rtt times the no-change re-run again: add ftp-no-change-rerun to --only');
+  if (o.rtt !== undefined && o.name !== 'ftp' && o.name !== 'sftp')
+    usage('--rtt is for the ftp and sftp benches');
+  if (o.rtt !== undefined && o.only && !o.only.includes(`${o.name}-no-change-rerun`))
+    usage(`--rtt times the no-change re-run again: add ${o.name}-no-change-rerun to --only`);
   if (o.only) {
     const rows = BENCHES[o.name].rows;
     if (!rows) usage(`--only: the ${o.name} bench always runs all its rows`);
@@ -628,6 +629,85 @@ async function benchScale(ctx) {
   return { config: localConfig(ctx, { corpus: c }), results };
 }
 
+/**
+ * The no-change re-run row of a network bench: each of `tools` runs again over its last 4 KiB
+ * destination (`kept`: name and state file) with nothing to send, through `runners`. Fails the
+ * bench when a destination lost files or medsync rewrote any; another tool's rewrite is reported.
+ * Returns the row (`ratio`: rclone seconds ÷ medsync seconds).
+ */
+async function rerunRow(ctx, o) {
+  const c = o.corpus;
+  const before = {};
+  for (const tool of o.tools) before[tool] = await walk(join(o.root, o.kept[tool].name));
+  const fns = {};
+  for (const tool of o.tools) {
+    fns[tool] = async (t) => {
+      const r = await o.runners[tool](o.src, o.kept[tool].name, o.kept[tool].state, {
+        synced: 0,
+        skipped: c.files,
+        bytes: 0,
+      });
+      log(`${o.row}: trial ${t + 1} ${tool.padEnd(7)} ${r.seconds.toFixed(3)} s`);
+      return r;
+    };
+  }
+  const runs = await alternate(ctx.trials, fns);
+  o.medsyncRuns.push(...runs.medsync);
+  const rewrote = {};
+  for (const tool of o.tools) {
+    const after = await walk(join(o.root, o.kept[tool].name));
+    if (after.count !== c.files || after.bytes !== c.files * c.size)
+      fail(`${tool}: after the re-run the destination holds ${after.count} files / ${after.bytes} bytes`);
+    rewrote[tool] = after.maxCtimeNs !== before[tool].maxCtimeNs;
+  }
+  if (rewrote.medsync) fail('medsync: the no-change re-run changed the destination');
+  for (const tool of o.tools.filter((t) => t !== 'medsync'))
+    if (rewrote[tool]) log(`WARNING: ${tool}'s no-change re-run rewrote files at its destination`);
+  const fig = (rs, tool) => {
+    const b = best(rs);
+    return {
+      seconds: round(b.seconds),
+      filesPerSec: round(c.files / b.seconds, 0),
+      peakRssMB: kbToMB(maxKB(...rs)),
+      trialsSeconds: rs.map((r) => round(r.seconds)),
+      rewroteFiles: rewrote[tool],
+      ...(b.internalSeconds !== undefined ? { runDurationSeconds: round(b.internalSeconds) } : {}),
+    };
+  };
+  const f = Object.fromEntries(o.tools.map((t) => [t, fig(runs[t], t)]));
+  const ratio = round(f.rclone.seconds / f.medsync.seconds);
+  return {
+    name: o.row,
+    description: o.description,
+    ...f,
+    ratio,
+    ratioDefinition: 'rclone seconds / medsync seconds (>1: medsync faster)',
+    ...(f.lftp ? { lftpRatio: round(f.lftp.seconds / f.medsync.seconds) } : {}),
+    target: o.target,
+    pass: f.rclone.seconds / f.medsync.seconds >= 5,
+  };
+}
+
+/**
+ * The re-run row again through a proxy before `o.server` that adds `ctx.rtt` ms of round-trip
+ * time (bench/latency-proxy.mjs). medsync keys its manifest by the destination's address, so
+ * through the proxy the files already there are another destination's: one untimed medsync run
+ * adopts them (a listing) before the round-trip time is switched on.
+ */
+async function rerunThroughLatency(ctx, o) {
+  const proxy = await startLatencyProxy(o.server, { ftp: o.ftp });
+  try {
+    const via = o.runnersFor(proxy, '-rtt');
+    const k = o.base.kept.medsync;
+    await via.medsync(o.base.src, k.name, k.state, { synced: 0, skipped: o.base.corpus.files, bytes: 0 });
+    proxy.setRtt(ctx.rtt);
+    const description = `${o.base.description}, through a proxy adding ${ctx.rtt} ms of round-trip time`;
+    return await rerunRow(ctx, { ...o.base, row: o.row, description, runners: via });
+  } finally {
+    await proxy.close();
+  }
+}
+
 // ---------------------------------------------------------------- ftp bench
 
 const SERVICES = join(ROOT, 'scripts/services.sh');
@@ -859,82 +939,21 @@ async function benchFtp(ctx) {
     const src4k = want('ftp-copy-4k') ? await copyCase('4k', 'ftp-copy-4k', S.files4k, true) : undefined;
     if (want('ftp-copy-big')) await copyCase('1g', 'ftp-copy-big', S.bigFile, false);
 
-    /** The no-change re-run over the 4 KiB row's destinations, with `runs` for each tool. */
-    const rerunRow = async (row, description, runners) => {
-      const c = S.files4k;
-      const before = {};
-      for (const tool of tools) before[tool] = await walk(join(server.root, kept[tool].name));
-      const fns = {};
-      for (const tool of tools) {
-        fns[tool] = async (t) => {
-          const r = await runners[tool](src4k, kept[tool].name, kept[tool].state, {
-            synced: 0,
-            skipped: c.files,
-            bytes: 0,
-          });
-          log(`${row}: trial ${t + 1} ${tool.padEnd(7)} ${r.seconds.toFixed(3)} s`);
-          return r;
-        };
-      }
-      const runs = await alternate(ctx.trials, fns);
-      medsyncRuns.push(...runs.medsync);
-      const rewrote = {};
-      for (const tool of tools) {
-        const after = await walk(join(server.root, kept[tool].name));
-        if (after.count !== c.files || after.bytes !== c.files * c.size)
-          fail(`${tool}: after the re-run the destination holds ${after.count} files / ${after.bytes} bytes`);
-        rewrote[tool] = after.maxCtimeNs !== before[tool].maxCtimeNs;
-      }
-      if (rewrote.medsync) fail('medsync: the no-change re-run changed the destination');
-      for (const tool of ['lftp', 'rclone'])
-        if (rewrote[tool]) log(`WARNING: ${tool}'s no-change re-run rewrote files at its destination`);
-      const fig = (rs, tool) => {
-        const b = best(rs);
-        return {
-          seconds: round(b.seconds),
-          filesPerSec: round(c.files / b.seconds, 0),
-          peakRssMB: kbToMB(maxKB(...rs)),
-          trialsSeconds: rs.map((r) => round(r.seconds)),
-          rewroteFiles: rewrote[tool],
-          ...(b.internalSeconds !== undefined ? { runDurationSeconds: round(b.internalSeconds) } : {}),
-        };
-      };
-      const f = Object.fromEntries(tools.map((t) => [t, fig(runs[t], t)]));
-      const ratio = round(f.rclone.seconds / f.medsync.seconds);
-      results.push({
-        name: row,
-        description,
-        ...f,
-        ratio,
-        ratioDefinition: 'rclone seconds / medsync seconds (>1: medsync faster)',
-        lftpRatio: round(f.lftp.seconds / f.medsync.seconds),
-        target: `ratio >= ${rerunTarget}`,
-        pass: ratio >= rerunTarget,
-      });
-    };
-
     if (src4k && want('ftp-no-change-rerun')) {
-      const what = `second run over the ${S.files4k.files} files x ${S.files4k.size / KiB} KiB already on the server (nothing to send)`;
-      await rerunRow('ftp-no-change-rerun', what, run);
+      const base = {
+        tools,
+        kept,
+        src: src4k,
+        corpus: S.files4k,
+        root: server.root,
+        medsyncRuns,
+        description: `second run over the ${S.files4k.files} files x ${S.files4k.size / KiB} KiB already on the server (nothing to send)`,
+        target: `ratio >= ${rerunTarget}`,
+      };
+      results.push(await rerunRow(ctx, { ...base, row: 'ftp-no-change-rerun', runners: run }));
       if (ctx.rtt) {
-        // The same re-run over a link with latency: a proxy before the server holds each chunk
-        // back by half the round-trip time in each direction.
-        const proxy = await startLatencyProxy(server);
-        try {
-          const via = runnersFor(proxy, '-rtt');
-          // medsync keys its manifest by the destination's address: through the proxy, the files
-          // already there are another destination's, adopted by one untimed run (a listing).
-          const k = kept.medsync;
-          await via.medsync(src4k, k.name, k.state, { synced: 0, skipped: S.files4k.files, bytes: 0 });
-          proxy.setRtt(ctx.rtt);
-          await rerunRow(
-            'ftp-no-change-rerun-rtt',
-            `${what}, through a proxy adding ${ctx.rtt} ms of round-trip time`,
-            via,
-          );
-        } finally {
-          await proxy.close();
-        }
+        const row = 'ftp-no-change-rerun-rtt';
+        results.push(await rerunThroughLatency(ctx, { server, ftp: true, runnersFor, base, row }));
       }
     }
 
@@ -1039,40 +1058,49 @@ async function benchSftp(ctx) {
 
   const server = startSshd(ctx.tmp);
   try {
-    const rcloneSftpConfig = join(ctx.tmp, 'rclone-sftp.conf');
-    writeFileSync(
-      rcloneSftpConfig,
-      `[benchsftp]\ntype = sftp\nhost = ${server.host}\nport = ${server.port}\nuser = ${server.user}\nkey_file = ${server.privateKey}\nknown_hosts_file = ${server.knownHosts}\n`,
-      { mode: 0o600 },
-    );
     const medsync = medsyncRunner(ctx2, {
       args: ['--identity', server.privateKey, '--host-fingerprint', server.hostFingerprint],
     });
-    const medsyncUrl = (name) =>
-      `sftp://${encodeURIComponent(server.user)}@${server.host}:${server.port}${server.root}/${name}`;
-    const rcloneRun = async (src, remoteDir) => {
-      const args = [
-        'copy',
-        src,
-        `benchsftp:${remoteDir}`,
-        '--config',
+    /** medsync's and rclone's runs against the server at `at` (the server itself, or a proxy). */
+    const runnersFor = (at, tag) => {
+      // rclone checks the host key against the address it dials.
+      const knownHosts = join(ctx.tmp, `known_hosts${tag}`);
+      const key = server.knownHostsLine.split(' ').slice(1).join(' ');
+      writeFileSync(knownHosts, `[${at.host}]:${at.port} ${key}\n`);
+      const rcloneSftpConfig = join(ctx.tmp, `rclone-sftp${tag}.conf`);
+      writeFileSync(
         rcloneSftpConfig,
-        '--transfers',
-        String(ctx.concurrency),
-        '--checkers',
-        '8',
-      ];
-      const r = await runTimed(ctx.rclone, args, ctx);
-      if (r.code !== 0) fail(`rclone copy exited ${r.code}`, `stderr: ${r.stderr.slice(-2000)}`);
-      return { seconds: r.seconds, peakKB: r.peakKB };
+        `[benchsftp]\ntype = sftp\nhost = ${at.host}\nport = ${at.port}\nuser = ${server.user}\nkey_file = ${server.privateKey}\nknown_hosts_file = ${knownHosts}\n`,
+        { mode: 0o600 },
+      );
+      const medsyncUrl = (name) =>
+        `sftp://${encodeURIComponent(server.user)}@${at.host}:${at.port}${server.root}/${name}`;
+      const rcloneRun = async (src, remoteDir) => {
+        const args = [
+          'copy',
+          src,
+          `benchsftp:${remoteDir}`,
+          '--config',
+          rcloneSftpConfig,
+          '--transfers',
+          String(ctx.concurrency),
+          '--checkers',
+          '8',
+        ];
+        const r = await runTimed(ctx.rclone, args, ctx);
+        if (r.code !== 0) fail(`rclone copy exited ${r.code}`, `stderr: ${r.stderr.slice(-2000)}`);
+        return { seconds: r.seconds, peakKB: r.peakKB };
+      };
+      return {
+        medsync: (src, name, state, expect) => medsync(src, medsyncUrl(name), state, expect),
+        rclone: (src, name) => rcloneRun(src, `${server.root}/${name}`),
+      };
     };
     const opensshRun = opensshSftpRunner(ctx2, server);
     const run = {
-      medsync: (src, name, state, expect) => medsync(src, medsyncUrl(name), state, expect),
-      rclone: (src, name) => rcloneRun(src, `${server.root}/${name}`),
+      ...runnersFor(server, ''),
       openssh: (src, name) => opensshRun(src, `${server.root}/${name}`),
     };
-
     spawnSync(process.execPath, [CLI, '--version'], { stdio: 'ignore' });
     spawnSync(ctx.rclone, ['version', '--config', ctx.rcloneConfig], { stdio: 'ignore' });
 
@@ -1139,54 +1167,21 @@ async function benchSftp(ctx) {
 
     if (src4k && want('sftp-no-change-rerun')) {
       // OpenSSH's sftp has no incremental mode: the re-run compares medsync and rclone.
-      const c = S.files4k;
-      const tools = ['medsync', 'rclone'];
-      const before = {};
-      for (const tool of tools) before[tool] = await walk(join(server.root, kept[tool].name));
-      const fns = {};
-      for (const tool of tools) {
-        fns[tool] = async (t) => {
-          const r = await run[tool](src4k, kept[tool].name, kept[tool].state, {
-            synced: 0,
-            skipped: c.files,
-            bytes: 0,
-          });
-          log(`sftp-no-change-rerun: trial ${t + 1} ${tool.padEnd(7)} ${r.seconds.toFixed(3)} s`);
-          return r;
-        };
-      }
-      const runs = await alternate(ctx.trials, fns);
-      medsyncRuns.push(...runs.medsync);
-      const rewrote = {};
-      for (const tool of tools) {
-        const after = await walk(join(server.root, kept[tool].name));
-        if (after.count !== c.files || after.bytes !== c.files * c.size)
-          fail(`${tool}: after the re-run the destination holds ${after.count} files / ${after.bytes} bytes`);
-        rewrote[tool] = after.maxCtimeNs !== before[tool].maxCtimeNs;
-      }
-      if (rewrote.medsync) fail('medsync: the no-change re-run changed the destination');
-      if (rewrote.rclone) log("WARNING: rclone's no-change re-run rewrote files at its destination");
-      const fig = (rs, tool) => {
-        const b = best(rs);
-        return {
-          seconds: round(b.seconds),
-          filesPerSec: round(c.files / b.seconds, 0),
-          peakRssMB: kbToMB(maxKB(...rs)),
-          trialsSeconds: rs.map((r) => round(r.seconds)),
-          rewroteFiles: rewrote[tool],
-          ...(b.internalSeconds !== undefined ? { runDurationSeconds: round(b.internalSeconds) } : {}),
-        };
-      };
-      const f = Object.fromEntries(tools.map((t) => [t, fig(runs[t], t)]));
-      results.push({
-        name: 'sftp-no-change-rerun',
-        description: `second run over the ${c.files} files x ${c.size / KiB} KiB already on the server (nothing to send)`,
-        ...f,
-        ratio: round(f.rclone.seconds / f.medsync.seconds),
-        ratioDefinition: 'rclone seconds / medsync seconds (>1: medsync faster)',
+      const base = {
+        tools: ['medsync', 'rclone'],
+        kept,
+        src: src4k,
+        corpus: S.files4k,
+        root: server.root,
+        medsyncRuns,
+        description: `second run over the ${S.files4k.files} files x ${S.files4k.size / KiB} KiB already on the server (nothing to send)`,
         target: 'ratio >= 5 (the FTP re-run target applied to SFTP)',
-        pass: f.rclone.seconds / f.medsync.seconds >= 5,
-      });
+      };
+      results.push(await rerunRow(ctx, { ...base, row: 'sftp-no-change-rerun', runners: run }));
+      if (ctx.rtt) {
+        const row = 'sftp-no-change-rerun-rtt';
+        results.push(await rerunThroughLatency(ctx, { server, ftp: false, runnersFor, base, row }));
+      }
     }
 
     const peak = kbToMB(maxKB(...medsyncRuns));
