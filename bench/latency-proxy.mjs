@@ -11,11 +11,12 @@ import { performance } from 'node:perf_hooks';
 
 /**
  * Sends what `from` receives to `to` half a round trip later, in order; `rewrite` may change it
- * (and may wait, for a data listener). Nothing arrives before one and a half round trips after
- * `openedAt`: a real connection spends a round trip on its handshake before either side can send,
- * which the proxy's own accept does not.
+ * (and may wait, for a data listener). Nothing arrives before `first` round trips after
+ * `openedAt`: on a real link the handshake takes a round trip before the client can send (its
+ * first bytes arrive after 1.5) and the server accepts only after 1.5 (its first bytes, a greeting,
+ * arrive after 2), which the proxy's own accept does not charge.
  */
-function forward(from, to, rtt, openedAt, rewrite) {
+function forward(from, to, rtt, openedAt, first, rewrite) {
   let pending = '';
   const queue = [];
   let timer;
@@ -27,7 +28,7 @@ function forward(from, to, rtt, openedAt, rewrite) {
   const later = (fn) => {
     const now = performance.now();
     const last = queue.length > 0 ? queue[queue.length - 1].due : 0;
-    queue.push({ due: Math.max(now + rtt() / 2, openedAt + rtt() * 1.5, last), fn });
+    queue.push({ due: Math.max(now + rtt() / 2, openedAt + rtt() * first, last), fn });
     if (timer === undefined) timer = setTimeout(pump, Math.max(0, queue[0].due - now));
   };
   // Chunks are queued in arrival order, each once its rewrite (if any) is done.
@@ -85,8 +86,8 @@ export async function startLatencyProxy(target, { rttMs = 0, ftp = false } = {})
       track(client);
       const openedAt = performance.now();
       const up = track(connect(upstreamPort, target.host));
-      forward(client, up, getRtt, openedAt);
-      forward(up, client, getRtt, openedAt);
+      forward(client, up, getRtt, openedAt, 1.5);
+      forward(up, client, getRtt, openedAt, 2);
     });
     servers.add(srv);
     return listen(srv);
@@ -110,8 +111,8 @@ export async function startLatencyProxy(target, { rttMs = 0, ftp = false } = {})
     track(client);
     const openedAt = performance.now();
     const up = track(connect(target.port, target.host));
-    forward(client, up, getRtt, openedAt);
-    forward(up, client, getRtt, openedAt, ftp ? rewrite : undefined);
+    forward(client, up, getRtt, openedAt, 1.5);
+    forward(up, client, getRtt, openedAt, 2, ftp ? rewrite : undefined);
   });
   servers.add(control);
   const port = await listen(control);

@@ -28,6 +28,8 @@ export interface FaultProxy {
      * name for OPTS), never an argument (a password).
      */
     commands: string[][];
+    /** The same verbs by the chunk they arrived in (`TYPE + OPTS UTF8`: sent together), by connection. */
+    chunks: string[][];
   };
   cutNextUpload(afterBytes: number): void;
   refuseNextStor(): void;
@@ -59,6 +61,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     refused: 0,
     bytesUp: 0,
     commands: [] as string[][],
+    chunks: [] as string[][],
   };
   let cutAfter: number | undefined;
   let refuseStor = false;
@@ -101,6 +104,8 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     stats.controlConnections++;
     const commands: string[] = [];
     stats.commands.push(commands);
+    const chunks: string[] = [];
+    stats.chunks.push(chunks);
     track(client);
     const up = track(connect(target.port, target.host));
     const session: { data?: Socket } = {};
@@ -129,13 +134,16 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       });
     });
     client.on('data', (chunk: Buffer) => {
+      const inChunk: string[] = [];
       fromClient += chunk.toString('latin1');
       let i: number;
       while ((i = fromClient.indexOf('\n')) >= 0) {
         const line = fromClient.slice(0, i + 1);
         fromClient = fromClient.slice(i + 1);
         const [verb = '', arg = ''] = line.trim().split(/\s+/);
-        commands.push(verb.toUpperCase() === 'OPTS' ? `OPTS ${arg.toUpperCase()}` : verb.toUpperCase());
+        const name = verb.toUpperCase() === 'OPTS' ? `OPTS ${arg.toUpperCase()}` : verb.toUpperCase();
+        commands.push(name);
+        inChunk.push(name);
         if (refuseStor && /^STOR /i.test(line)) {
           refuseStor = false;
           stats.refused++;
@@ -151,6 +159,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         }
         up.write(line, 'latin1');
       }
+      if (inChunk.length > 0) chunks.push(inChunk.join(' + '));
     });
     client.on('close', () => up.destroy());
     up.on('close', () => client.destroy());

@@ -91,6 +91,8 @@ suite('FTP faults (pure-ftpd)', () => {
     const [first, second] = proxy.stats.commands.map(opening).sort((x, y) => y.length - x.length);
     expect(first).toEqual(['USER', 'PASS', 'FEAT', 'TYPE', 'OPTS UTF8', 'OPTS MLST']);
     expect(second).toEqual(['USER', 'PASS', 'TYPE', 'OPTS UTF8', 'OPTS MLST']);
+    // The settings after the login leave in one write, for one round trip.
+    for (const chunks of proxy.stats.chunks) expect(chunks).toContain('TYPE + OPTS UTF8 + OPTS MLST');
   });
 
   it('a data connection cut mid-upload: the write fails retryable and leaves nothing behind', async () => {

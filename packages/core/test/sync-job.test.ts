@@ -1514,7 +1514,7 @@ describe('SyncJob mirror', () => {
     expect(probesOf(dst)).toBe(4);
   });
 
-  it('a destination that cannot be asked whether it folds case gets neither of two such names, the rest as usual', async () => {
+  it('a destination that cannot be asked whether it folds case gets only one of two such names, the rest as usual', async () => {
     const src = tmp();
     writeTree(src, { 'p/a.dcm': 'first', 'p/A.dcm': 'second', 'p/b.dcm': 'b' });
     const dst = varyingCase(false);

@@ -1313,9 +1313,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
    * destination itself: two small probe files whose names differ only in case are written at its
    * root (temporary names, skipped by listings; the daily sweep removes them if left), the first
    * is looked up, and both are removed. It folds case when the second replaced the first. True as
-   * well when it cannot tell (a failed write, or the first no longer found by its name): names
-   * that differ only in case are then not sent there this run, rather than risk one overwriting
-   * the other. Refused credentials end the destination's planning, as in its other lookups.
+   * well when it cannot tell (a failed write, or the first no longer found by its name): of names
+   * that differ only in case, only one is then sent there this run, rather than risk one
+   * overwriting the other. Refused credentials end the destination's planning, as in its other lookups.
    */
   private async foldsCase(dest: Storage, signal: AbortSignal): Promise<boolean> {
     const id = randomUUID().slice(0, 8);
@@ -1344,7 +1344,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const me = toMedsyncError(e);
       if (signal.aborted || DESTINATION_FATAL.has(me.code)) throw e;
       this.log.warn(
-        'Could not check whether the destination tells names apart by letter case; names that differ only in case are not sent there this run',
+        'Could not check whether the destination tells names apart by letter case; of names that differ only in case, only one is sent there this run',
         { jobId: this.id, code: me.code },
       );
       return true;
