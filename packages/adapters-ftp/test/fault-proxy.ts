@@ -33,8 +33,11 @@ export interface FaultProxy {
   };
   cutNextUpload(afterBytes: number): void;
   refuseNextStor(): void;
-  /** Answers every command matching `command` with `reply` (e.g. `502 Not implemented.`) itself. */
-  refuseAlways(command: RegExp, reply: string): void;
+  /**
+   * Answers every command matching `command` with `reply` (e.g. `502 Not implemented.`) itself;
+   * with `hangUp`, then closes that control connection (a server answering 421 and leaving).
+   */
+  refuseAlways(command: RegExp, reply: string, opts?: { hangUp?: boolean }): void;
   close(): Promise<void>;
 }
 
@@ -65,7 +68,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
   };
   let cutAfter: number | undefined;
   let refuseStor = false;
-  const refusals: Array<[RegExp, string]> = [];
+  const refusals: Array<[RegExp, string, boolean]> = [];
 
   /** A one-shot data listener forwarding to the server's passive port `upstreamPort`. */
   const dataListener = async (upstreamPort: number, session: { data?: Socket }): Promise<number> => {
@@ -155,6 +158,11 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         if (refusal) {
           stats.refused++;
           client.write(`${refusal[1]}\r\n`);
+          if (refusal[2]) {
+            client.end();
+            up.destroy();
+            return;
+          }
           continue;
         }
         up.write(line, 'latin1');
@@ -177,8 +185,8 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     refuseNextStor() {
       refuseStor = true;
     },
-    refuseAlways(command, reply) {
-      refusals.push([command, reply]);
+    refuseAlways(command, reply, opts = {}) {
+      refusals.push([command, reply, opts.hangUp === true]);
     },
     async close() {
       for (const s of sockets) s.destroy();

@@ -95,6 +95,19 @@ suite('FTP faults (pure-ftpd)', () => {
     for (const chunks of proxy.stats.chunks) expect(chunks).toContain('TYPE + OPTS UTF8 + OPTS MLST');
   });
 
+  it('a server that answers 421 to the settings sent together and hangs up: the error is its 421, retryable', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage } = storageOn(plain!, proxy);
+    proxy.refuseAlways(/^TYPE /i, '421 Too many connections, closing control connection.', { hangUp: true });
+    const err = await storage.stat('x.dcm').then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(isMedsyncError(err) && err.code).toBe('E_TRANSIENT');
+    expect((err as Error).message).toMatch(/421/);
+    expect((err as Error).message).toMatch(/maxConnections/);
+  });
+
   it('a data connection cut mid-upload: the write fails retryable and leaves nothing behind', async () => {
     const proxy = await proxyFor(plain!);
     const { storage, local } = storageOn(plain!, proxy);
