@@ -358,14 +358,15 @@ function medsyncRunner(ctx, extra = {}) {
   };
 }
 
-function rcloneRunner(ctx) {
+/** `rclone copy SRC DST` with `config` (the bench's empty one for local paths, or a remote's). */
+function rcloneRunner(ctx, config = ctx.rcloneConfig) {
   return async (src, dst) => {
     const args = [
       'copy',
       src,
       dst,
       '--config',
-      ctx.rcloneConfig,
+      config,
       '--transfers',
       String(ctx.concurrency),
       '--checkers',
@@ -802,25 +803,6 @@ function lftpRunner(ctx, server) {
   };
 }
 
-function rcloneFtpRunner(ctx, config) {
-  return async (src, remoteDir) => {
-    const args = [
-      'copy',
-      src,
-      `benchftp:${remoteDir}`,
-      '--config',
-      config,
-      '--transfers',
-      String(ctx.concurrency),
-      '--checkers',
-      '8',
-    ];
-    const r = await runTimed(ctx.rclone, args, ctx);
-    if (r.code !== 0) fail(`rclone copy exited ${r.code}`, `stderr: ${r.stderr.slice(-2000)}`);
-    return { seconds: r.seconds, peakKB: r.peakKB };
-  };
-}
-
 async function benchFtp(ctx) {
   const S = ctx.small
     ? {
@@ -868,11 +850,11 @@ async function benchFtp(ctx) {
       );
       const medsyncUrl = (name) => `ftp://${encodeURIComponent(server.user)}@${at.host}:${at.port}/${name}`;
       const lftpRun = lftpRunner(ctx2, { ...server, host: at.host, port: at.port });
-      const rcloneRun = rcloneFtpRunner(ctx2, rcloneFtpConfig);
+      const rcloneRun = rcloneRunner(ctx2, rcloneFtpConfig);
       return {
         medsync: (src, name, state, expect) => medsync(src, medsyncUrl(name), state, expect),
         lftp: (src, name) => lftpRun(src, `/${name}`),
-        rclone: (src, name) => rcloneRun(src, `/${name}`),
+        rclone: (src, name) => rcloneRun(src, `benchftp:/${name}`),
       };
     };
     const tools = ['medsync', 'lftp', 'rclone'];
@@ -1079,25 +1061,10 @@ async function benchSftp(ctx) {
       );
       const medsyncUrl = (name) =>
         `sftp://${encodeURIComponent(server.user)}@${at.host}:${at.port}${server.root}/${name}`;
-      const rcloneRun = async (src, remoteDir) => {
-        const args = [
-          'copy',
-          src,
-          `benchsftp:${remoteDir}`,
-          '--config',
-          rcloneSftpConfig,
-          '--transfers',
-          String(ctx.concurrency),
-          '--checkers',
-          '8',
-        ];
-        const r = await runTimed(ctx.rclone, args, ctx);
-        if (r.code !== 0) fail(`rclone copy exited ${r.code}`, `stderr: ${r.stderr.slice(-2000)}`);
-        return { seconds: r.seconds, peakKB: r.peakKB };
-      };
+      const rcloneRun = rcloneRunner(ctx, rcloneSftpConfig);
       return {
         medsync: (src, name, state, expect) => medsync(src, medsyncUrl(name), state, expect),
-        rclone: (src, name) => rcloneRun(src, `${server.root}/${name}`),
+        rclone: (src, name) => rcloneRun(src, `benchsftp:${server.root}/${name}`),
       };
     };
     const opensshRun = opensshSftpRunner(ctx2, server);

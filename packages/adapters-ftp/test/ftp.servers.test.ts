@@ -13,6 +13,7 @@ import { describe, expect, it } from 'vitest';
 import { LocalStorage, MemoryStore, SyncJob } from '@medsync/core';
 import { describeStorageConformance, readTree, writeTree } from '@medsync/core/testing';
 import { createFtpStorage, type FtpStorage, type FtpStorageOptions } from '@medsync/adapters-ftp';
+import { expectCaseTwinsArrive } from './case-twins.js';
 import { freshRoot, startServer, type ServerInfo, type ServerName } from './services.js';
 
 // Started (synchronously, one after the other: apt-get takes a lock) before the suites are defined.
@@ -154,25 +155,9 @@ function suite(name: ServerName, title: string): void {
     describe(`${title} letter case`, () => {
       it('two names that differ only in case both arrive (the server is asked, and its probe is removed)', async () => {
         const s = storageOn(server!);
-        const src = mkdtempSync(join(tmpdir(), 'medsync-case-'));
         try {
-          writeTree(src, { 'S1/a.dcm': 'lower', 'S1/A.dcm': 'upper' });
-          const job = new SyncJob({
-            id: 'case',
-            source: new LocalStorage({ root: src }),
-            destinations: [s],
-            store: new MemoryStore(),
-          });
-          expect(await job.run()).toMatchObject({ status: 'success', filesSynced: 2 });
-          // Every file there, hidden ones included: no probe left behind.
-          const local = join(server!.root, s.options.root);
-          expect(readTree(local)).toEqual(readTree(src));
-          writeTree(src, { 'S1/b.dcm': 'b', 'S1/B.dcm': 'B' });
-          expect(await job.run()).toMatchObject({ status: 'success', filesSynced: 2 });
-          expect(readTree(local)).toEqual(readTree(src));
-          expect(Object.keys(readTree(local))).toHaveLength(4);
+          await expectCaseTwinsArrive(s, join(server!.root, s.options.root));
         } finally {
-          rmSync(src, { recursive: true, force: true });
           await s.close();
           removeRoot(server!)(s);
         }

@@ -33,6 +33,7 @@ import {
   writeTree,
 } from '@medsync/core/testing';
 import { createSftpStorage, type SftpStorage, type SftpStorageOptions } from '@medsync/adapters-ftp';
+import { expectCaseTwinsArrive } from './case-twins.js';
 import { freshSftpRoot, startSshd, type SshdInfo } from './sshd.js';
 
 const server = startSshd();
@@ -641,26 +642,12 @@ function define(s: SshdInfo): void {
     });
 
     it('two names that differ only in case both arrive (the server is asked, and its probe is removed)', async () => {
-      const src = mkdtempSync(join(tmpdir(), 'medsync-sftp-case-'));
       const st = storageOn(s);
       try {
-        writeTree(src, { 'S1/a.dcm': 'lower', 'S1/A.dcm': 'upper' });
-        const job = new SyncJob({
-          id: 'case',
-          source: new LocalStorage({ root: src }),
-          destinations: [st],
-          store: new MemoryStore(),
-        });
-        expect(await job.run()).toMatchObject({ status: 'success', filesSynced: 2 });
-        // Every file there, hidden ones included: no probe left behind.
-        expect(readTree(st.options.root)).toEqual(readTree(src));
-        writeTree(src, { 'S1/b.dcm': 'b', 'S1/B.dcm': 'B' });
-        expect(await job.run()).toMatchObject({ status: 'success', filesSynced: 2 });
-        expect(readTree(st.options.root)).toEqual(readTree(src));
+        await expectCaseTwinsArrive(st, st.options.root);
       } finally {
         await st.close();
         removeRoot(st);
-        rmSync(src, { recursive: true, force: true });
       }
     });
 

@@ -222,6 +222,9 @@ function sendPipelined(c: Client, commands: readonly string[]): Promise<FTPRespo
   }
 }
 
+/** A user name or password that needs no OPTS UTF8 ON before the login. */
+const PLAIN_ASCII = /^[\x20-\x7e]*$/;
+
 /** A reply turned into basic-ftp's error type, for {@link toFtpError}. */
 /**
  * Replies that end a session: 421 (closing), and 530 (not logged in) from a server that logged an
@@ -350,22 +353,16 @@ export class FtpStorage implements Storage {
       // 8 on the others, on a server with MLST): OPTS UTF8 ON before the login only for a user
       // name or password that needs it, FEAT once per storage (it is learnt once), no STRU F (file
       // structure is the default, RFC 959), and the settings after the login sent together.
-      const ascii = /^[\x20-\x7e]*$/;
-      const utf8First = !ascii.test(o.user) || !ascii.test(password);
+      const utf8First = !PLAIN_ASCII.test(o.user) || !PLAIN_ASCII.test(password);
       const utf8 = utf8First ? await client.sendIgnoringError('OPTS UTF8 ON') : undefined;
       await client.login(o.user, password);
       step = 'connect';
-      if (!this.features) {
-        const feat = await client.features();
-        // Another connection may have learnt them meanwhile, and corrected them since (MFMT
-        // refused, a digest that failed): the first answer stands.
-        if (!this.features) this.learnFeatures(feat);
-      }
+      const feats = await this.feats(client);
       // In one write: none of them does harm when one before it was refused.
       const settings = ['TYPE I'];
       if (!utf8 || utf8.code >= 400) settings.push('OPTS UTF8 ON');
       // Listings with every fact the adapter reads (the list of basic-ftp's useDefaultSettings).
-      if (this.features!.mlst) {
+      if (feats.mlst) {
         settings.push(
           'OPTS MLST type;size;modify;unique;unix.mode;unix.owner;unix.group;unix.ownername;unix.groupname;',
         );
@@ -570,6 +567,8 @@ export class FtpStorage implements Storage {
   private async feats(c: Client): Promise<ServerFeatures> {
     if (!this.features) {
       const feat = await c.features();
+      // Another connection may have learnt them meanwhile, and corrected them since (MFMT
+      // refused, a digest that failed): the first answer stands.
       if (!this.features) this.learnFeatures(feat);
     }
     return this.features!;

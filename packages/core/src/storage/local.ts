@@ -183,6 +183,9 @@ export class LocalStorage implements Storage {
     };
   }
 
+  /** The root with one separator after it. */
+  private readonly rootPrefix: string;
+
   /**
    * The absolute path of a normalised relative one (no empty, `.` or `..` segment): the root and
    * the path concatenated, as `path.join` would give them without its garbage per call.
@@ -191,9 +194,6 @@ export class LocalStorage implements Storage {
     if (rel === '') return this.root;
     return this.rootPrefix + (nodePath.sep === '/' ? rel : rel.replaceAll('/', nodePath.sep));
   }
-
-  /** The root with one separator after it. */
-  private readonly rootPrefix: string;
 
   private check(): void {
     if (this.closed) throw new MedsyncError('E_CONFIG', 'This storage was closed.', { adapter: 'local' });

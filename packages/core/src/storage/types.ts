@@ -47,8 +47,8 @@ export interface StorageCapabilities {
   /**
    * Set where `caseInsensitive` is what this kind of storage usually does rather than a fact of
    * this one: a local folder may be on a FAT or exFAT drive, a CIFS mount, macOS or Windows; an
-   * FTP or SFTP server may run on Windows. Before relying on a `false` there, SyncJob asks the
-   * storage itself (a delivered file looked up in the other case, else a probe file).
+   * FTP or SFTP server may run on Windows. Before sending two names that differ only in case
+   * there, SyncJob asks the storage itself (two probe files whose names differ only in case).
    */
   caseInsensitiveVaries?: boolean;
   /** A sensible upper bound for parallel transfers against this backend. */

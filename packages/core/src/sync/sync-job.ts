@@ -1315,43 +1315,39 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
    * is looked up, and both are removed. It folds case when the second replaced the first. True as
    * well when it cannot tell (a failed write, or the first no longer found by its name): of names
    * that differ only in case, only one is then sent there this run, rather than risk one
-   * overwriting the other. Refused credentials end the destination's planning, as in its other lookups.
+   * overwriting the other. Refused credentials end the destination's planning, as in its other
+   * lookups.
    */
   private async foldsCase(dest: Storage, signal: AbortSignal): Promise<boolean> {
     const id = randomUUID().slice(0, 8);
     const lower = partialNameFor('medsync-case-probe', id);
     const upper = partialNameFor('MEDSYNC-CASE-PROBE', id.toUpperCase());
-    const written: string[] = [];
+    let written = false;
+    let code: string;
     try {
-      for (const [path, body] of [
-        [lower, 'l'],
-        [upper, 'UU'],
-      ] as const) {
-        written.push(path);
-        await dest.write(path, Buffer.from(body), { size: body.length, signal });
-      }
-      let first: StorageEntry | undefined;
-      try {
-        first = await dest.stat(lower, { signal });
-      } catch (e) {
-        if (toMedsyncError(e).code !== 'E_NOT_FOUND') throw e;
-      }
+      await dest.write(lower, Buffer.from('l'), { size: 1, signal });
+      written = true;
+      await dest.write(upper, Buffer.from('UU'), { size: 2, signal });
+      const first = await dest.stat(lower, { signal }).catch((e: unknown) => {
+        if (toMedsyncError(e).code === 'E_NOT_FOUND') return undefined;
+        throw e;
+      });
+      // Two files: it tells them apart. One, holding the second's bytes: it folds.
       if (first?.size === 1) return false;
-      if (first?.size !== 2)
-        throw new MedsyncError('E_TRANSIENT', 'The case probe was not found by its name.');
-      return true;
+      if (first?.size === 2) return true;
+      code = 'E_TRANSIENT'; // the first no longer found by its name
     } catch (e) {
-      const me = toMedsyncError(e);
-      if (signal.aborted || DESTINATION_FATAL.has(me.code)) throw e;
-      this.log.warn(
-        'Could not check whether the destination tells names apart by letter case; of names that differ only in case, only one is sent there this run',
-        { jobId: this.id, code: me.code },
-      );
-      return true;
+      code = toMedsyncError(e).code;
+      if (signal.aborted || DESTINATION_FATAL.has(code)) throw e;
     } finally {
       // Not after a refused first write (a refused login would be tried once more for nothing).
-      if (written.length > 1) for (const path of written) await dest.remove(path).catch(() => undefined);
+      if (written) for (const path of [lower, upper]) await dest.remove(path).catch(() => undefined);
     }
+    this.log.warn(
+      'Could not check whether the destination tells names apart by letter case; of names that differ only in case, only one is sent there this run',
+      { jobId: this.id, code },
+    );
+    return true;
   }
 
   /**

@@ -244,9 +244,9 @@ interface Pending {
 
 /**
  * Copies local files on worker threads with synchronous I/O (O_DIRECT writes excepted: they
- * overlap with the hashing), hashing on the way. On machines
- * where each thread-pool hand-off is costly (a VM, two cores), a whole small-file copy in one
- * worker costs a fraction of the dozen asynchronous steps it takes otherwise. Workers are unref'd
+ * overlap with the hashing), hashing on the way. On machines where each thread-pool hand-off is
+ * costly (a VM, two cores), a whole small-file copy in one worker costs a fraction of the dozen
+ * asynchronous steps it takes otherwise. Workers are unref'd
  * and start on first use.
  */
 export class CopyPool {
