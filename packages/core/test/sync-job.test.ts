@@ -1556,6 +1556,85 @@ describe('SyncJob mirror', () => {
     expect(dst.calls).toMatchObject({ write: 0, remove: 0 });
   });
 
+  /**
+   * A job whose manifest holds `p/a.dcm` and `p/A.dcm` as two delivered files on a destination
+   * that folds case (one file there): sent by a version that took the destination's kind's word
+   * (`caseInsensitive: false`, nothing varying), as before the destination was asked.
+   */
+  async function heldTwins(mode: 'copy' | 'mirror', folds = true, logger = noopLogger) {
+    const src = tmp();
+    writeTree(src, { 'p/a.dcm': 'first', 'p/A.dcm': 'second!', 'p/b.dcm': 'b' });
+    const dst = varyingCase(folds);
+    const declared = dst.capabilities;
+    Object.assign(dst, { capabilities: { ...declared, caseInsensitiveVaries: false } });
+    const store = new MemoryStore();
+    const j = job(
+      { source: new LocalStorage({ root: src }), destinations: [dst], mode, concurrency: 1, logger },
+      store,
+    );
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 3 });
+    Object.assign(dst, { capabilities: declared });
+    const held = async () => {
+      const known: string[] = [];
+      for await (const m of store.manifest.list({ jobId: j.id, destination: dst.id })) known.push(m.path);
+      return known.sort();
+    };
+    expect(await held()).toEqual(['p/A.dcm', 'p/a.dcm', 'p/b.dcm']);
+    return { src, dst, store, j, held };
+  }
+
+  it('names the manifest holds as two files on a destination that folds case: the one file is sent again, the twin fails E_EXISTS', async () => {
+    const warned: string[] = [];
+    const { dst, j, held } = await heldTwins('copy', true, {
+      ...noopLogger,
+      warn: (m: string, f?: object) => warned.push(`${m} ${JSON.stringify(f)}`),
+    });
+    const r = await j.run();
+    // `A` sorts before `a`: `p/A.dcm` is kept (sent again: the file there may hold the other's
+    // bytes), `p/a.dcm` fails as a twin sent for the first time would.
+    expect(r).toMatchObject({ status: 'partial', filesSynced: 1, filesFailed: 1, filesDeleted: 0 });
+    expect(r.errors).toEqual([expect.objectContaining({ code: 'E_EXISTS', path: 'p/a.dcm' })]);
+    expect(dst.peek('p/A.dcm')?.toString()).toBe('second!');
+    expect(await held()).toEqual(['p/A.dcm', 'p/b.dcm']);
+    expect(probesOf(dst)).toBe(2);
+    expect(warned.join('\n')).toContain('letter case');
+    expect(warned.join('\n')).not.toContain('a.dcm');
+    // Then as for any twin still at the source: asked again, nothing sent twice.
+    expect(await j.run()).toMatchObject({ status: 'failed', filesSynced: 0, filesFailed: 1 });
+    expect(dst.peek('P/A.DCM')?.toString()).toBe('second!');
+  });
+
+  it('mirror: removing one of two names the manifest holds as one file there never deletes that file', async () => {
+    const { src, dst, j, held } = await heldTwins('mirror');
+    rmSync(join(src, 'p/A.dcm'));
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'success', filesSynced: 1, filesDeleted: 0 });
+    expect(dst.peek('p/a.dcm')?.toString()).toBe('first');
+    expect(await held()).toEqual(['p/a.dcm', 'p/b.dcm']);
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0, filesDeleted: 0 });
+    // Both gone from the source: the one file is deleted once.
+    rmSync(join(src, 'p/a.dcm'));
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0, filesDeleted: 1 });
+    expect(dst.peek('p/a.dcm')).toBeUndefined();
+    expect(dst.peek('p/b.dcm')?.toString()).toBe('b');
+    expect(await held()).toEqual(['p/b.dcm']);
+  });
+
+  it('names the manifest holds that differ only in case stay as they are where the destination tells them apart (asked once), and a dry run changes nothing', async () => {
+    const { src, dst, j, held } = await heldTwins('mirror', false);
+    const plan = await j.run({ dryRun: true });
+    expect(plan.plan).toMatchObject({ uploads: 0, deletes: 0 });
+    expect(probesOf(dst)).toBe(0);
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0, filesDeleted: 0 });
+    expect(probesOf(dst)).toBe(2);
+    rmSync(join(src, 'p/A.dcm'));
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0, filesDeleted: 1 });
+    expect(dst.peek('p/a.dcm')?.toString()).toBe('first');
+    expect(dst.peek('p/A.dcm')).toBeUndefined();
+    expect(await held()).toEqual(['p/a.dcm', 'p/b.dcm']);
+    expect(probesOf(dst)).toBe(2);
+  });
+
   it('a local destination on a case-sensitive file system takes both names, and no probe stays there', async () => {
     const src = tmp();
     const out = tmp();

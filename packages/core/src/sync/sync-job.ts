@@ -178,13 +178,13 @@ function foldName(p: string): string {
   return NON_ASCII.test(p) ? p.normalize('NFC').toLowerCase() : p.toLowerCase();
 }
 
-const twinsOf = new WeakMap<ReadonlyMap<string, StorageEntry>, ReadonlyMap<string, string[]>>();
+const twinsOf = new WeakMap<ReadonlyMap<string, unknown>, ReadonlyMap<string, string[]>>();
 
 /**
- * Groups of source paths that differ only in letter case (or Unicode form), by folded name; once
- * per scan (about 1 µs per path).
+ * Groups of paths (of a scan, or of a manifest) that differ only in letter case (or Unicode form),
+ * by folded name; once per map (well under 1 µs per ASCII path).
  */
-function caseTwins(sources: ReadonlyMap<string, StorageEntry>): ReadonlyMap<string, string[]> {
+function caseTwins(sources: ReadonlyMap<string, unknown>): ReadonlyMap<string, string[]> {
   let groups = twinsOf.get(sources);
   if (groups) return groups;
   const first = new Map<string, string>();
@@ -937,10 +937,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   /**
    * This job's own keys in the Store's settings: `recover` (an interrupted run's recovery is
    * pending), `adopt` (a run's last manifest records could not be written: the next run adopts
-   * from the destination's listing, without the crash cleanup), `unsure` (see {@link saveUnsure}).
+   * from the destination's listing, without the crash cleanup), `unsure` (see {@link saveUnsure}),
+   * and per destination `caseChecked` (the manifest's names were checked against its case
+   * folding: see planDestination).
    */
-  private settingKey(name: 'recover' | 'adopt' | 'unsure'): string {
-    return `sync:${this.id}:${name}`;
+  private settingKey(name: 'recover' | 'adopt' | 'unsure'): string;
+  private settingKey(name: 'caseChecked', destination: string): string;
+  private settingKey(name: string, destination?: string): string {
+    return destination === undefined ? `sync:${this.id}:${name}` : `sync:${this.id}:${name}:${destination}`;
   }
 
   /** Emits without letting a throwing listener change the run's outcome. */
@@ -1050,6 +1054,49 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       }
     }
 
+    // Whether the destination takes names that differ only in case for one file: declared, or
+    // asked of it once this planning (a dry run asks nothing: the declaration stands).
+    const caps = dest.capabilities;
+    const mayFold = caps.caseInsensitive || caps.caseInsensitiveVaries === true;
+    let asked: Promise<boolean> | undefined;
+    const folds = (): Promise<boolean> =>
+      caps.caseInsensitive
+        ? Promise.resolve(true)
+        : ctx.dryRun
+          ? Promise.resolve(false)
+          : (asked ??= this.foldsCase(dest, ctx.signal));
+
+    // Names the manifest holds as delivered that differ only in case, on a destination that folds:
+    // one file there stands for all of them, with the bytes of whichever was written last (sent
+    // by a version that took the kind's word instead of asking). Deleting one of those names
+    // (mirror) would delete that file, and its content may be a twin's. The manifest forgets
+    // them: the first name still at the source is sent again (the others fail E_EXISTS as below),
+    // and where none is left one name stays recorded, for the mirror to delete the file once.
+    // Nothing is deleted here. Checked once per job and destination (`caseChecked`): since names
+    // to send are asked about, no such pair enters the manifest of a destination that folds.
+    const checked = this.settingKey('caseChecked', dest.id);
+    if (mayFold && (await store.settings.get<boolean>(checked)) !== true) {
+      const held = manifest.size > 1 ? caseTwins(manifest) : undefined;
+      if (held?.size && (await folds())) {
+        const forget: string[] = [];
+        for (const group of held.values()) {
+          const sorted = [...group].sort();
+          const stays = sorted.some((p) => sources.has(p)) ? undefined : sorted[0];
+          for (const p of sorted) {
+            if (p === stays) continue;
+            manifest.delete(p);
+            forget.push(p);
+          }
+        }
+        if (!ctx.dryRun) await store.manifest.remove(scope, forget);
+        this.log.warn(
+          'The job state held names that differ only in letter case as separate files on a destination that folds case; they are sent again, and only one of them is kept there',
+          { jobId: this.id, names: forget.length },
+        );
+      }
+      if (!ctx.dryRun) await store.settings.set(checked, true);
+    }
+
     let skipped = 0;
     /** Earlier unknown outcomes this planning could not decide: kept for a later run. */
     const unsureKept: UnsureWrite[] = [];
@@ -1081,18 +1128,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     // first in code-point order) is kept; the others fail with E_EXISTS, named in the errors.
     // Where the adapter's `false` is only what its kind usually does (a local folder may be on a
     // FAT drive or a CIFS mount, an FTP server on Windows), the destination itself is asked.
-    // Asked only when such names are to be sent (a dry run asks nothing: the declaration stands).
+    // Asked only when such names are to be sent (or, once, held by the manifest: above).
     const caseConflicts: string[] = [];
-    const caps = dest.capabilities;
-    const sameButCase =
-      candidates.length > 0 && (caps.caseInsensitive || caps.caseInsensitiveVaries === true)
-        ? caseTwins(sources)
-        : undefined;
-    if (
-      sameButCase?.size &&
-      candidates.some((c) => sameButCase.has(foldName(c.path))) &&
-      (caps.caseInsensitive || (!ctx.dryRun && (await this.foldsCase(dest, ctx.signal))))
-    ) {
+    const sameButCase = candidates.length > 0 && mayFold ? caseTwins(sources) : undefined;
+    if (sameButCase?.size && candidates.some((c) => sameButCase.has(foldName(c.path))) && (await folds())) {
       const owner = new Map<string, string>();
       for (const [fold, group] of sameButCase) {
         const sorted = [...group].sort();
