@@ -1197,6 +1197,39 @@ describe('SyncJob safety', () => {
     expect(readTree(dst)).toEqual({});
   });
 
+  it('looks up delivered files one at a time until one is there: one lookup when the first is, a refusal only when none of three is', async () => {
+    const files: Record<string, string> = {};
+    for (let i = 0; i < 9; i++) files[`d/${i}.dcm`] = `file ${i}`;
+    const src = new MemoryStorage();
+    for (const [p, b] of Object.entries(files)) await src.write(p, Buffer.from(b));
+    const dst = new MemoryStorage();
+    const j = job({ source: src, destinations: [dst] });
+    await j.run();
+    const looked: string[] = [];
+    const stat = dst.stat.bind(dst);
+    dst.stat = (p, o) => {
+      looked.push(p);
+      return stat(p, o);
+    };
+    expect(await j.run()).toMatchObject({ status: 'success', filesSkipped: 9 });
+    expect(looked).toHaveLength(1);
+    // The first sampled file gone: the second is looked up, and found.
+    await dst.remove(looked[0]!);
+    looked.length = 0;
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0 });
+    expect(looked).toHaveLength(2);
+    // The first two gone: the third.
+    await dst.remove(looked[1]!);
+    looked.length = 0;
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0 });
+    expect(looked).toHaveLength(3);
+    // None of the three: refused, nothing sent.
+    await dst.remove(looked[2]!);
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'failed', filesSynced: 0 });
+    expect(r.errors[0]).toMatchObject({ code: 'E_SAFETY' });
+  });
+
   it('refuses a destination nested in the source, or the reverse', () => {
     const src = tmp();
     expect(() =>

@@ -1329,22 +1329,21 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
   ): Promise<void> {
     const all = [...manifest.keys()];
     const sample = [...new Set([all[0]!, all[Math.floor(all.length / 2)]!, all[all.length - 1]!])];
-    let missing = 0;
+    // One found is enough (over a network, each lookup is a round trip): only a destination
+    // missing every sampled file is refused.
     for (const p of sample) {
       try {
         await dest.stat(p, { signal });
+        return;
       } catch (e) {
         const me = toMedsyncError(e);
         if (me.code !== 'E_NOT_FOUND') throw me;
-        missing++;
       }
     }
-    if (missing === sample.length) {
-      throw new MedsyncError(
-        'E_SAFETY',
-        'None of the sampled files this job delivered is at the destination: is the share mounted? If the archive was emptied on purpose, clear the job state (or use a new --state) to send everything again.',
-      );
-    }
+    throw new MedsyncError(
+      'E_SAFETY',
+      'None of the sampled files this job delivered is at the destination: is the share mounted? If the archive was emptied on purpose, clear the job state (or use a new --state) to send everything again.',
+    );
   }
 
   /**
