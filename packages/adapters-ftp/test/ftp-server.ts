@@ -58,6 +58,8 @@ export async function startFtpServer(
      * that moment): the client cannot know the file is in place.
      */
     dropAfterRename?: (from: string, to: string) => boolean;
+    /** The user `anonymous` logs in without a password (230 to USER; PASS is then answered 202). */
+    anonymous?: boolean;
   } = {},
 ): Promise<TestFtpServer> {
   const dir = mkdtempSync(join(tmpdir(), 'medsync-ftp-'));
@@ -91,6 +93,7 @@ export async function startFtpServer(
     pasv_max: pasvMin + 999,
     tls,
     log: quiet,
+    anonymous: opts.anonymous ?? false,
   });
   const stats = { logins: 0, peakConnections: 0 };
   // 'connect' is emitted by ftp-srv but missing from its typings.
@@ -102,6 +105,7 @@ export async function startFtpServer(
   );
   server.on('login', ({ connection, username, password: given }, resolve, reject) => {
     stats.logins++;
+    if (opts.anonymous && username === 'anonymous') return resolve({ root: dir });
     if (username === user && given === password) {
       const refuse = opts.refuse ?? {};
       if (!opts.refuse && !opts.dropAfterRename) return resolve({ root: dir });

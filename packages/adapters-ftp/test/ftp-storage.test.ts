@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { Readable, Transform } from 'node:stream';
@@ -144,6 +144,31 @@ describe('FtpStorage against ftp-srv', () => {
     }
     expect(ftp.stats.logins - before).toBeLessThanOrEqual(2);
     expect(s.id).not.toContain(wrong);
+  });
+
+  it('an account that needs no password (230 to USER) logs in; the password sent along is ignored', async () => {
+    const anon = await startFtpServer({ anonymous: true });
+    try {
+      mkdirSync(join(anon.dir, 'in'));
+      const s = createFtpStorage({
+        host: anon.host,
+        port: anon.port,
+        user: 'anonymous',
+        password: 'guest@example.org',
+        root: '/in',
+        maxConnections: 2,
+      });
+      try {
+        await Promise.all(['a.dcm', 'b.dcm', 'c.dcm'].map((n) => s.write(n, Buffer.from(n))));
+        expect((await s.readBuffer('b.dcm')).toString()).toBe('b.dcm');
+        expect(readFileSync(join(anon.dir, 'in/c.dcm'), 'utf8')).toBe('c.dcm');
+        expect(await s.test()).toMatchObject({ ok: true, writable: true, entries: 3 });
+      } finally {
+        await s.close();
+      }
+    } finally {
+      await anon.close();
+    }
   });
 
   it('test() reports a wrong password with advice instead of throwing', async () => {

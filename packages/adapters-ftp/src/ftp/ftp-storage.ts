@@ -222,6 +222,20 @@ function sendPipelined(c: Client, commands: readonly string[]): Promise<FTPRespo
   }
 }
 
+/** The features in a FEAT reply, as basic-ftp's `Client.features` reads them (none if refused). */
+function parseFeat(res: FTPResponse): Map<string, string> {
+  const features = new Map<string, string>();
+  const lines = res.message.split('\n');
+  // The first and last lines wrap the list (a single line: no features).
+  if (res.code < 400 && lines.length > 2) {
+    for (const line of lines.slice(1, -1)) {
+      const [name, value] = line.trim().split(' ');
+      if (name) features.set(name, value ?? '');
+    }
+  }
+  return features;
+}
+
 /** A user name or password that needs no OPTS UTF8 ON before the login. */
 const PLAIN_ASCII = /^[\x20-\x7e]*$/;
 
@@ -349,27 +363,40 @@ export class FtpStorage implements Storage {
       }
       step = 'login';
       // basic-ftp's `access` and `useDefaultSettings` in fewer round trips (most felt on a link
-      // with latency: after the greeting, 4 instead of 9 on the first connection and 3 instead of
-      // 8 on the others, on a server with MLST): OPTS UTF8 ON before the login only for a user
-      // name or password that needs it, FEAT once per storage (it is learnt once), no STRU F (file
-      // structure is the default, RFC 959), and the settings after the login sent together.
+      // with latency): the login, FEAT (on the storage's first connection only: it is learnt once)
+      // and the settings leave in one write, so a session is ready one round trip after the
+      // greeting (before: 9 on the first connection and 8 on the others, on a server with MLST).
+      // Servers read the control connection one command at a time; each of these is harmless
+      // when one before it was refused (a refused login answers the rest 530). OPTS UTF8 ON goes
+      // first, alone, only for a user name or password that needs it; no STRU F (file structure
+      // is the default, RFC 959). Options refuse CR, LF and NUL in the user name and password.
       const utf8First = !PLAIN_ASCII.test(o.user) || !PLAIN_ASCII.test(password);
       const utf8 = utf8First ? await client.sendIgnoringError('OPTS UTF8 ON') : undefined;
-      await client.login(o.user, password);
-      step = 'connect';
-      const feats = await this.feats(client);
-      // In one write: none of them does harm when one before it was refused.
+      const learn = !this.features;
       const settings = ['TYPE I'];
       if (!utf8 || utf8.code >= 400) settings.push('OPTS UTF8 ON');
-      // Listings with every fact the adapter reads (the list of basic-ftp's useDefaultSettings).
-      if (feats.mlst) {
+      // Listings with every fact the adapter reads (the list of basic-ftp's useDefaultSettings);
+      // sent before FEAT is known too (a server without MLST refuses it).
+      if (learn || this.features!.mlst) {
         settings.push(
           'OPTS MLST type;size;modify;unique;unix.mode;unix.owner;unix.group;unix.ownername;unix.groupname;',
         );
       }
       if (client.ftp.hasTLS) settings.push('PBSZ 0', 'PROT P');
-      const [type] = await sendPipelined(client, settings);
-      if (type!.code >= 400) throw replyError(type!);
+      const replies = await sendPipelined(client, [
+        `USER ${o.user}`,
+        `PASS ${password}`,
+        ...(learn ? ['FEAT'] : []),
+        ...settings,
+      ]);
+      const [user, pass] = replies;
+      // 230 to USER: logged in without a password (PASS is then answered 503 or 202).
+      if (user!.code >= 300 && user!.code !== 331) throw replyError(user!);
+      if (user!.code === 331 && pass!.code >= 300) throw replyError(pass!);
+      step = 'connect';
+      if (learn && !this.features) this.learnFeatures(parseFeat(replies[2]!));
+      const type = replies[learn ? 3 : 2]!;
+      if (type.code >= 400) throw replyError(type);
       return client;
     } catch (e) {
       client.close();
