@@ -1665,7 +1665,71 @@ describe('SyncJob mirror', () => {
     expect(dst.peek('p/a.dcm')?.toString()).toBe('first');
     expect(dst.peek('p/A.dcm')).toBeUndefined();
     expect(await held()).toEqual(['p/a.dcm', 'p/b.dcm']);
-    expect(probesOf(dst)).toBe(2);
+    // Asked once for the manifest, and once more before deleting a name that has a twin.
+    expect(probesOf(dst)).toBe(4);
+  });
+
+  it('mirror after a case-only rename recorded in copy mode: the old spelling is not deleted where it is the same file', async () => {
+    for (const folds of [true, false]) {
+      const src = tmp();
+      writeTree(src, { 'p/a.dcm': 'scan', 'p/b.dcm': 'b' });
+      const dst = varyingCase(folds);
+      const store = new MemoryStore();
+      const make = (mode: 'copy' | 'mirror') =>
+        job({ id: 'renamed', source: new LocalStorage({ root: src }), destinations: [dst], mode }, store);
+      expect(await make('copy').run()).toMatchObject({ status: 'success', filesSynced: 2 });
+      renameSync(join(src, 'p/a.dcm'), join(src, 'p/A.dcm'));
+      // Copy mode sends the new spelling and deletes nothing: both names are recorded.
+      expect(await make('copy').run()).toMatchObject({ status: 'success', filesSynced: 1 });
+      const r = await make('mirror').run();
+      const known: string[] = [];
+      for await (const m of store.manifest.list({ jobId: 'renamed', destination: dst.id }))
+        known.push(m.path);
+      expect(known.sort()).toEqual(['p/A.dcm', 'p/b.dcm']);
+      if (folds) {
+        // One file there for both names: it stays, with the new spelling's bytes.
+        expect(r).toMatchObject({ status: 'success', filesDeleted: 0 });
+        expect(dst.peek('p/A.dcm')?.toString()).toBe('scan');
+      } else {
+        expect(r).toMatchObject({ status: 'success', filesDeleted: 1 });
+        expect(dst.peek('p/a.dcm')).toBeUndefined();
+        expect(dst.peek('p/A.dcm')?.toString()).toBe('scan');
+      }
+      expect(await make('mirror').run()).toMatchObject({
+        status: 'success',
+        filesSynced: 0,
+        filesDeleted: 0,
+      });
+    }
+  });
+
+  it('names the manifest holds as one file there, none left at the source: the file is deleted once, and no move takes its digests', async () => {
+    const { src, dst, j, held } = await heldTwins('mirror');
+    // The twins move to another folder: without their digests, no rename takes the one file for
+    // either of them (it holds whichever was written last).
+    mkdirSync(join(src, 'q'));
+    renameSync(join(src, 'p/a.dcm'), join(src, 'q/a.dcm'));
+    renameSync(join(src, 'p/A.dcm'), join(src, 'q/A.dcm'));
+    const r = await j.run();
+    expect(r).toMatchObject({ filesFailed: 1, filesDeleted: 1, filesMoved: 0 });
+    expect(r.errors).toEqual([expect.objectContaining({ code: 'E_EXISTS', path: 'q/a.dcm' })]);
+    expect(dst.peek('p/a.dcm')).toBeUndefined();
+    expect(dst.peek('q/A.dcm')?.toString()).toBe('second!');
+    expect(await held()).toEqual(['p/b.dcm', 'q/A.dcm']);
+  });
+
+  it('a retry of some files does not check the manifest for names that differ only in case, and an unanswered probe is not remembered', async () => {
+    const { dst, j, held } = await heldTwins('copy');
+    // Only some files: the rest of the source is unknown to this run.
+    await j.run({ only: ['p/b.dcm'] });
+    expect(probesOf(dst)).toBe(0);
+    expect(await held()).toEqual(['p/A.dcm', 'p/a.dcm', 'p/b.dcm']);
+    // The probe fails: nothing is forgotten, and the next run asks again.
+    dst.faults.failNext('write', 1, new MedsyncError('E_PERMISSION', 'Refused.'));
+    expect(await j.run()).toMatchObject({ status: 'success', filesSynced: 0 });
+    expect(await held()).toEqual(['p/A.dcm', 'p/a.dcm', 'p/b.dcm']);
+    const r = await j.run();
+    expect(r).toMatchObject({ status: 'partial', filesSynced: 1, filesFailed: 1 });
   });
 
   it('a local destination on a case-sensitive file system takes both names, and no probe stays there', async () => {

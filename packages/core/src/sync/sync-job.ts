@@ -1055,11 +1055,12 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     }
 
     // Whether the destination takes names that differ only in case for one file: declared, or
-    // asked of it once this planning (a dry run asks nothing: the declaration stands).
+    // asked of it once this planning (a dry run asks nothing: the declaration stands). Undefined:
+    // it could not tell.
     const caps = dest.capabilities;
     const mayFold = caps.caseInsensitive || caps.caseInsensitiveVaries === true;
-    let asked: Promise<boolean> | undefined;
-    const folds = (): Promise<boolean> =>
+    let asked: Promise<boolean | undefined> | undefined;
+    const folds = (): Promise<boolean | undefined> =>
       caps.caseInsensitive
         ? Promise.resolve(true)
         : ctx.dryRun
@@ -1068,33 +1069,46 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
 
     // Names the manifest holds as delivered that differ only in case, on a destination that folds:
     // one file there stands for all of them, with the bytes of whichever was written last (sent
-    // by a version that took the kind's word instead of asking). Deleting one of those names
-    // (mirror) would delete that file, and its content may be a twin's. The manifest forgets
-    // them: the first name still at the source is sent again (the others fail E_EXISTS as below),
-    // and where none is left one name stays recorded, for the mirror to delete the file once.
-    // Nothing is deleted here. Checked once per job and destination (`caseChecked`): since names
-    // to send are asked about, no such pair enters the manifest of a destination that folds.
+    // by a version that took the kind's word instead of asking). Its content may be a twin's, so
+    // the manifest forgets them: the first name still at the source is sent again (the others
+    // fail E_EXISTS as below), and where none is left one name stays recorded, without digests
+    // (no move may take it for a file it is not), for the mirror to delete the file once. Nothing
+    // is deleted here. Checked once per job and destination (`caseChecked`), on a run over the
+    // whole source whose question was answered. (Pairs a later run may still record, such as a
+    // case-only rename in copy mode, are guarded at deletion below.)
     const checked = this.settingKey('caseChecked', dest.id);
-    if (mayFold && (await store.settings.get<boolean>(checked)) !== true) {
+    /** Names whose recorded content may be a twin's: not adopted, not moved this run. */
+    const suspect = new Set<string>();
+    if (mayFold && !ctx.only && (await store.settings.get<boolean>(checked)) !== true) {
       const held = manifest.size > 1 ? caseTwins(manifest) : undefined;
-      if (held?.size && (await folds())) {
+      const answer = held?.size ? await folds() : false;
+      if (answer) {
         const forget: string[] = [];
-        for (const group of held.values()) {
+        const bare: ManifestEntry[] = [];
+        for (const group of held!.values()) {
           const sorted = [...group].sort();
           const stays = sorted.some((p) => sources.has(p)) ? undefined : sorted[0];
           for (const p of sorted) {
-            if (p === stays) continue;
-            manifest.delete(p);
-            forget.push(p);
+            suspect.add(p);
+            if (p !== stays) {
+              manifest.delete(p);
+              forget.push(p);
+              continue;
+            }
+            const full = await store.manifest.get(scope, p);
+            if (full) bare.push({ ...full, md5: undefined, sha256: undefined });
           }
         }
-        if (!ctx.dryRun) await store.manifest.remove(scope, forget);
+        if (!ctx.dryRun) {
+          await store.manifest.remove(scope, forget);
+          if (bare.length) await store.manifest.put(bare);
+        }
         this.log.warn(
-          'The job state held names that differ only in letter case as separate files on a destination that folds case; they are sent again, and only one of them is kept there',
-          { jobId: this.id, names: forget.length },
+          'The job state held names that differ only in letter case as separate files on a destination that folds case: it now keeps one of each, sent again where the source still has it',
+          { jobId: this.id, names: suspect.size },
         );
       }
-      if (!ctx.dryRun) await store.settings.set(checked, true);
+      if (answer !== undefined && !ctx.dryRun) await store.settings.set(checked, true);
     }
 
     let skipped = 0;
@@ -1128,10 +1142,14 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
     // first in code-point order) is kept; the others fail with E_EXISTS, named in the errors.
     // Where the adapter's `false` is only what its kind usually does (a local folder may be on a
     // FAT drive or a CIFS mount, an FTP server on Windows), the destination itself is asked.
-    // Asked only when such names are to be sent (or, once, held by the manifest: above).
+    // Asked only when such names are to be sent (or held by the manifest, or deleted: see there).
     const caseConflicts: string[] = [];
     const sameButCase = candidates.length > 0 && mayFold ? caseTwins(sources) : undefined;
-    if (sameButCase?.size && candidates.some((c) => sameButCase.has(foldName(c.path))) && (await folds())) {
+    if (
+      sameButCase?.size &&
+      candidates.some((c) => sameButCase.has(foldName(c.path))) &&
+      (await folds()) !== false
+    ) {
       const owner = new Map<string, string>();
       for (const [fold, group] of sameButCase) {
         const sorted = [...group].sort();
@@ -1156,12 +1174,16 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const clock: { measured?: Promise<DestinationClock | null> } = {};
       const unsure = ctx.unsure;
       const maybe = unsure?.size
-        ? candidates.filter((s) => unsure.has(s.path) && !unsure.get(s.path)!.bad)
+        ? candidates.filter((s) => unsure.has(s.path) && !unsure.get(s.path)!.bad && !suspect.has(s.path))
         : [];
       if (maybe.length > 0)
         await this.adoptByStat(dest, scope, maybe, ctx.signal, adoptedPaths, clock, (p) => !manifest.has(p));
       const newOnes = candidates.filter(
-        (s) => !manifest.has(s.path) && !adoptedPaths.has(s.path) && !unsure?.get(s.path)?.bad,
+        (s) =>
+          !manifest.has(s.path) &&
+          !adoptedPaths.has(s.path) &&
+          !unsure?.get(s.path)?.bad &&
+          !suspect.has(s.path),
       );
       if (newOnes.length > 0 && (ctx.interrupted || ctx.adoptPending || manifest.size === 0))
         await this.adoptFromListing(dest, scope, newOnes, ctx.signal, { adopted: adoptedPaths, clock });
@@ -1234,6 +1256,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const bySize = new Map<number, Task[]>();
       const shaOf = new Map<string, string>();
       for (const d of deletes) {
+        if (suspect.has(d.op.path)) continue;
         const m = await store.manifest.get(scope, d.op.path);
         if (!m?.sha256) continue;
         shaOf.set(d.op.path, m.sha256);
@@ -1295,6 +1318,38 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       });
     }
 
+    // A delete whose name differs only in case from a name that stays (at the source, or recorded
+    // and not deleted) may be that name's file, on a destination that folds case: a case-only
+    // rename recorded in copy mode, or through a retry of some files, leaves both names in the
+    // manifest. There the manifest forgets it and nothing is deleted; where the destination tells
+    // them apart the delete goes ahead; where it cannot tell, the delete waits for a later run.
+    // Asked only when such a delete is planned.
+    if (mayFold && deletes.length > 0) {
+      const gone = new Set(deletes.map((d) => d.op.path));
+      const byFold = new Map<string, Task[]>();
+      for (const d of deletes) {
+        const f = foldName(d.op.path);
+        byFold.set(f, [...(byFold.get(f) ?? []), d]);
+      }
+      const shared = new Set<Task>();
+      for (const names of [sources.keys(), manifest.keys()]) {
+        for (const k of names) {
+          if (gone.has(k)) continue;
+          for (const d of byFold.get(foldName(k)) ?? []) shared.add(d);
+        }
+      }
+      const answer = shared.size > 0 ? await folds() : false;
+      if (answer !== false) {
+        for (const d of shared) deletes.splice(deletes.indexOf(d), 1);
+        if (answer && !ctx.dryRun) {
+          await store.manifest.remove(
+            scope,
+            [...shared].map((d) => d.op.path),
+          );
+        }
+      }
+    }
+
     const limit = this.o.maxDelete ?? Math.floor(manifest.size / 2);
     const refused = deletes.length > limit;
     return { tasks, deletes, skipped, refused, limit, caseConflicts, unsureKept };
@@ -1350,13 +1405,13 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
    * Whether `dest` takes names that differ only in letter case for one file, asked of the
    * destination itself: two small probe files whose names differ only in case are written at its
    * root (temporary names, skipped by listings; the daily sweep removes them if left), the first
-   * is looked up, and both are removed. It folds case when the second replaced the first. True as
-   * well when it cannot tell (a failed write, or the first no longer found by its name): of names
-   * that differ only in case, only one is then sent there this run, rather than risk one
-   * overwriting the other. Refused credentials end the destination's planning, as in its other
-   * lookups.
+   * is looked up, and both are removed. It folds case when the second replaced the first.
+   * Undefined when it cannot tell (a failed write, or the first no longer found by its name):
+   * callers then do what is safe either way (of names that differ only in case only one is sent,
+   * none is deleted, nothing is remembered). Refused credentials end the destination's planning,
+   * as in its other lookups.
    */
-  private async foldsCase(dest: Storage, signal: AbortSignal): Promise<boolean> {
+  private async foldsCase(dest: Storage, signal: AbortSignal): Promise<boolean | undefined> {
     const id = randomUUID().slice(0, 8);
     const lower = partialNameFor('medsync-case-probe', id);
     const upper = partialNameFor('MEDSYNC-CASE-PROBE', id.toUpperCase());
@@ -1382,10 +1437,10 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       if (written) for (const path of [lower, upper]) await dest.remove(path).catch(() => undefined);
     }
     this.log.warn(
-      'Could not check whether the destination tells names apart by letter case; of names that differ only in case, only one is sent there this run',
+      'Could not check whether the destination tells names apart by letter case; of names that differ only in case, only one is sent there this run, and none of them is deleted',
       { jobId: this.id, code },
     );
-    return true;
+    return undefined;
   }
 
   /**
