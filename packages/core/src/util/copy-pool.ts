@@ -284,7 +284,11 @@ export class CopyPool {
       }
     });
     // A worker that fails or exits on its own (killed, out of memory) fails the copies it held,
-    // and no new copy is given to the pool; the other workers finish theirs.
+    // and no new copy is given to the pool; the other workers finish theirs. The copies are failed
+    // at 'exit', not at 'error': a result the worker posted before it failed may still be on its
+    // way (it travels on another port than the error), and Node delivers it before 'exit'.
+    // Failing at 'error' reported a finished copy (renamed into place) as failed now and then.
+    let failure: unknown;
     const fail = (e: unknown) => {
       if (!this.workers.includes(w)) return;
       this.broken ??= e;
@@ -296,8 +300,12 @@ export class CopyPool {
         p.reject(e);
       }
     };
-    w.on('error', fail);
-    w.on('exit', (code) => fail(new Error(`A copy worker exited (code ${code}).`)));
+    w.on('error', (e: unknown) => {
+      failure ??= e;
+      // No new copy goes to the pool meanwhile.
+      this.broken ??= e;
+    });
+    w.on('exit', (code) => fail(failure ?? new Error(`A copy worker exited (code ${code}).`)));
     this.workers.push(w);
     return w;
   }
