@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { LocalStorage, MemoryStore, SyncJob } from '@medsync/core';
+import { isMedsyncError, LocalStorage, MemoryStore, SyncJob, type MedsyncError } from '@medsync/core';
 import { describeStorageConformance, readTree, writeTree } from '@medsync/core/testing';
 import { createFtpStorage, type FtpStorage, type FtpStorageOptions } from '@medsync/adapters-ftp';
 import { expectCaseTwinsArrive } from './case-twins.js';
@@ -160,6 +160,32 @@ function suite(name: ServerName, title: string): void {
         } finally {
           await s.close();
           removeRoot(server!)(s);
+        }
+      });
+    });
+    describe(`${title} login`, () => {
+      it('a wrong password (plain ASCII, or not: then OPTS UTF8 ON goes first) is E_AUTH, not retried, never echoed; the right one then logs in', async () => {
+        for (const password of ['wrong-Secret-1', 'fälsch-Sécret-2']) {
+          const s = storageOn(server!, { password });
+          try {
+            const err = await s.stat('x.dcm').then(
+              () => undefined,
+              (e: unknown) => e,
+            );
+            expect(isMedsyncError(err) && err.code).toBe('E_AUTH');
+            expect((err as MedsyncError).retryable).toBe(false);
+            expect(String((err as Error).message)).not.toContain(password);
+          } finally {
+            await s.close();
+          }
+        }
+        const ok = storageOn(server!);
+        try {
+          await ok.write('in.dcm', Buffer.from('in'));
+          expect((await ok.readBuffer('in.dcm')).toString()).toBe('in');
+        } finally {
+          await ok.close();
+          removeRoot(server!)(ok);
         }
       });
     });

@@ -100,10 +100,17 @@ export class HashPool {
         this.broken = true;
         this.failAll(e);
       };
-      w.on('error', fail);
+      // What waits on the worker fails at its exit, not at its error: digests it posted before
+      // failing travel on another port than the error, and Node delivers them before 'exit'
+      // (see CopyPool). New work hashes inline from the error on.
+      let failure: unknown;
+      w.on('error', (e: unknown) => {
+        failure ??= e;
+        this.broken = true;
+      });
       // A worker that exits on its own (killed, out of memory) must not leave digests waiting.
       w.on('exit', (code) => {
-        if (this.workers.includes(w)) fail(new Error(`A hashing worker exited (code ${code}).`));
+        if (this.workers.includes(w)) fail(failure ?? new Error(`A hashing worker exited (code ${code}).`));
       });
       this.workers.push(w);
       return w;
