@@ -1315,11 +1315,9 @@ export class FtpStorage implements Storage {
       throw e;
     }
     const signal = opts.signal;
-    const source: Readable = isStream
-      ? body
-      : Readable.from([Buffer.from(body.buffer, body.byteOffset, body.byteLength)]);
+    const source: Readable | undefined = isStream ? body : undefined;
     // Errors of the body surface through the upload; never as an uncaught event.
-    source.on('error', noop);
+    source?.on('error', noop);
     const finalAbs = this.abs(rel);
     // A large upload gets a temporary name derived from what it uploads (path, size, mtime), so
     // the attempt after a dropped connection finds the part already sent and appends the rest.
@@ -1348,12 +1346,26 @@ export class FtpStorage implements Storage {
     let streamError: unknown;
     // `skip` bytes (already on the server) are read from the body but not sent: they still pass
     // through the caller's hashing, so its digests cover the whole file.
-    const uploadBody = (skip = 0) => {
+    const uploadBody = (skip = 0): Readable => {
+      if (!isStream) {
+        // A buffer (small files): one chunk, without the generator below (its promise per chunk
+        // and second stream are most of a small upload's garbage). Never resumed: skip is 0.
+        const buf = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+        return new Readable({
+          highWaterMark: 0,
+          read() {
+            pulled = true;
+            sent += buf.length;
+            this.push(buf);
+            this.push(null);
+          },
+        });
+      }
       const r = Readable.from(
         (async function* () {
           pulled = true;
           let toSkip = skip;
-          for await (const chunk of source as AsyncIterable<Buffer | string>) {
+          for await (const chunk of source! as AsyncIterable<Buffer | string>) {
             let buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
             sent += buf.length;
             if (size !== undefined && sent > size) {
@@ -1393,7 +1405,7 @@ export class FtpStorage implements Storage {
     // write, it is forgotten and made again.
     let dirRechecked = false;
     const onAbort = () => {
-      source.destroy();
+      source?.destroy();
       lease?.conn.close();
     };
     signal?.addEventListener('abort', onAbort, { once: true });
@@ -1579,7 +1591,7 @@ export class FtpStorage implements Storage {
         ...(hashes ? { hashes } : {}),
       };
     } catch (e) {
-      source.destroy();
+      source?.destroy();
       let me: MedsyncError;
       if (signal?.aborted) me = this.aborted(e, rel);
       else if (this.closed)
