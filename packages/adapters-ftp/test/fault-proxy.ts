@@ -35,9 +35,11 @@ export interface FaultProxy {
   refuseNextStor(): void;
   /**
    * Answers every command matching `command` with `reply` (e.g. `502 Not implemented.`) itself;
-   * with `hangUp`, then closes that control connection (a server answering 421 and leaving).
+   * with `hangUp`, then closes that control connection (a server answering 421 and leaving); with
+   * `dropRest`, leaves every later command of that connection unanswered (a server that throws
+   * typed-ahead commands away after a refused login).
    */
-  refuseAlways(command: RegExp, reply: string, opts?: { hangUp?: boolean }): void;
+  refuseAlways(command: RegExp, reply: string, opts?: { hangUp?: boolean; dropRest?: boolean }): void;
   close(): Promise<void>;
 }
 
@@ -68,7 +70,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
   };
   let cutAfter: number | undefined;
   let refuseStor = false;
-  const refusals: Array<[RegExp, string, boolean]> = [];
+  const refusals: Array<[RegExp, string, { hangUp?: boolean; dropRest?: boolean }]> = [];
 
   /** A one-shot data listener forwarding to the server's passive port `upstreamPort`. */
   const dataListener = async (upstreamPort: number, session: { data?: Socket }): Promise<number> => {
@@ -112,6 +114,8 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     track(client);
     const up = track(connect(target.port, target.host));
     const session: { data?: Socket } = {};
+    /** After a refusal with `dropRest`: commands are recorded, never answered. */
+    let dropping = false;
     let fromServer = '';
     let fromClient = '';
     // Replies are rewritten line by line, in order; passive replies get the proxy's own data port.
@@ -147,6 +151,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         const name = verb.toUpperCase() === 'OPTS' ? `OPTS ${arg.toUpperCase()}` : verb.toUpperCase();
         commands.push(name);
         inChunk.push(name);
+        if (dropping) continue;
         if (refuseStor && /^STOR /i.test(line)) {
           refuseStor = false;
           stats.refused++;
@@ -158,11 +163,12 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         if (refusal) {
           stats.refused++;
           client.write(`${refusal[1]}\r\n`);
-          if (refusal[2]) {
+          if (refusal[2].hangUp) {
             client.end();
             up.destroy();
             return;
           }
+          if (refusal[2].dropRest) dropping = true;
           continue;
         }
         up.write(line, 'latin1');
@@ -186,7 +192,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       refuseStor = true;
     },
     refuseAlways(command, reply, opts = {}) {
-      refusals.push([command, reply, opts.hangUp === true]);
+      refusals.push([command, reply, opts]);
     },
     async close() {
       for (const s of sockets) s.destroy();

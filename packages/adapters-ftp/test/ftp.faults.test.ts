@@ -98,6 +98,22 @@ suite('FTP faults (pure-ftpd)', () => {
     ]);
   });
 
+  it('a server that drops the commands sent after a refused PASS: the refusal is E_AUTH at once, not a timeout that is retried', async () => {
+    const proxy = await proxyFor(plain!);
+    // A minute of silence before a timeout: the test's own 15 s limit fails a login that waits.
+    const { storage } = storageOn(plain!, proxy, { timeoutMs: 60_000 });
+    proxy.refuseAlways(/^PASS /i, '530 Login incorrect.', { dropRest: true });
+    const err = await storage.stat('x.dcm').then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(isMedsyncError(err) && err.code).toBe('E_AUTH');
+    expect(proxy.stats.controlConnections).toBe(1);
+    // The settings were sent with the login, and dropped unanswered.
+    expect(proxy.stats.chunks[0]![0]).toBe('USER + PASS + FEAT + TYPE + OPTS UTF8 + OPTS MLST');
+    await storage.close();
+  }, 15_000);
+
   it('a server that answers 421 to the settings sent together and hangs up: the error is its 421, retryable', async () => {
     const proxy = await proxyFor(plain!);
     const { storage } = storageOn(plain!, proxy);

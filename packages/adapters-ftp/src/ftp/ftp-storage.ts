@@ -193,7 +193,17 @@ class StaleConnection extends Error {}
  * when an earlier one fails (RNTO after a refused RNFR is answered 503). A dropped connection
  * rejects.
  */
-function sendPipelined(c: Client, commands: readonly string[]): Promise<FTPResponse[]> {
+function sendPipelined(
+  c: Client,
+  commands: readonly string[],
+  /**
+   * Looks at the replies so far (after each one): a reply returned rejects at once, without
+   * waiting for the others (the caller then closes the connection). For the login: a server may
+   * drop what was sent after a refused PASS, and waiting for those replies would turn a refusal
+   * into a timeout, which is retried.
+   */
+  failFast?: (replies: readonly FTPResponse[]) => FTPResponse | undefined,
+): Promise<FTPResponse[]> {
   const replies: FTPResponse[] = [];
   // basic-ftp sends one command per call (and refuses line breaks in it): the first goes through
   // it, the rest straight to the control socket right behind it. Paths never hold CR or LF. The
@@ -213,7 +223,9 @@ function sendPipelined(c: Client, commands: readonly string[]): Promise<FTPRespo
       } else if (res.code < 200)
         return; // a preliminary reply: the final one follows
       else replies.push(res);
-      if (replies.length === commands.length) task.resolve(replies);
+      const failed = failFast?.(replies);
+      if (failed) task.reject(replyError(failed));
+      else if (replies.length === commands.length) task.resolve(replies);
     }) as Promise<FTPResponse[]>;
     for (const command of commands.slice(1)) socket.write(`${command}\r\n`, c.ftp.encoding);
     return done;
@@ -383,16 +395,19 @@ export class FtpStorage implements Storage {
         );
       }
       if (client.ftp.hasTLS) settings.push('PBSZ 0', 'PROT P');
-      const replies = await sendPipelined(client, [
-        `USER ${o.user}`,
-        `PASS ${password}`,
-        ...(learn ? ['FEAT'] : []),
-        ...settings,
-      ]);
-      const [user, pass] = replies;
-      // 230 to USER: logged in without a password (PASS is then answered 503 or 202).
-      if (user!.code >= 300 && user!.code !== 331) throw replyError(user!);
-      if (user!.code === 331 && pass!.code >= 300) throw replyError(pass!);
+      // 230 to USER: logged in without a password (PASS is then answered 503 or 202). A refusal
+      // fails at once: the replies after it are not waited for.
+      const refused = ([user, pass]: readonly FTPResponse[]): FTPResponse | undefined =>
+        user && user.code >= 300 && user.code !== 331
+          ? user
+          : user?.code === 331 && pass && pass.code >= 300
+            ? pass
+            : undefined;
+      const replies = await sendPipelined(
+        client,
+        [`USER ${o.user}`, `PASS ${password}`, ...(learn ? ['FEAT'] : []), ...settings],
+        refused,
+      );
       step = 'connect';
       if (learn && !this.features) this.learnFeatures(parseFeat(replies[2]!));
       const type = replies[learn ? 3 : 2]!;
