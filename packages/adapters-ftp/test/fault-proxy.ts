@@ -35,11 +35,15 @@ export interface FaultProxy {
   refuseNextStor(): void;
   /**
    * Answers every command matching `command` with `reply` (e.g. `502 Not implemented.`) itself;
-   * with `hangUp`, then closes that control connection (a server answering 421 and leaving); with
-   * `dropRest`, leaves every later command of that connection unanswered (a server that throws
-   * typed-ahead commands away after a refused login).
+   * with `hangUp`, then closes that control connection (a server answering 421 and leaving).
    */
-  refuseAlways(command: RegExp, reply: string, opts?: { hangUp?: boolean; dropRest?: boolean }): void;
+  refuseAlways(command: RegExp, reply: string, opts?: { hangUp?: boolean }): void;
+  /**
+   * Forwards the first command matching `command` of each connection, then leaves every later
+   * command of that connection unanswered (a server that throws typed-ahead commands away, e.g.
+   * after a refused login).
+   */
+  dropAfter(command: RegExp): void;
   close(): Promise<void>;
 }
 
@@ -70,7 +74,8 @@ export async function startFaultProxy(target: { host: string; port: number }): P
   };
   let cutAfter: number | undefined;
   let refuseStor = false;
-  const refusals: Array<[RegExp, string, { hangUp?: boolean; dropRest?: boolean }]> = [];
+  const refusals: Array<[RegExp, string, { hangUp?: boolean }]> = [];
+  let dropAfter: RegExp | undefined;
 
   /** A one-shot data listener forwarding to the server's passive port `upstreamPort`. */
   const dataListener = async (upstreamPort: number, session: { data?: Socket }): Promise<number> => {
@@ -114,7 +119,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     track(client);
     const up = track(connect(target.port, target.host));
     const session: { data?: Socket } = {};
-    /** After a refusal with `dropRest`: commands are recorded, never answered. */
+    /** After the command `dropAfter` matches: commands are recorded, never answered. */
     let dropping = false;
     let fromServer = '';
     let fromClient = '';
@@ -168,10 +173,10 @@ export async function startFaultProxy(target: { host: string; port: number }): P
             up.destroy();
             return;
           }
-          if (refusal[2].dropRest) dropping = true;
           continue;
         }
         up.write(line, 'latin1');
+        if (dropAfter?.test(line)) dropping = true;
       }
       if (inChunk.length > 0) chunks.push(inChunk.join(' + '));
     });
@@ -193,6 +198,9 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     },
     refuseAlways(command, reply, opts = {}) {
       refusals.push([command, reply, opts]);
+    },
+    dropAfter(command) {
+      dropAfter = command;
     },
     async close() {
       for (const s of sockets) s.destroy();

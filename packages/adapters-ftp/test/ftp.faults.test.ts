@@ -101,8 +101,9 @@ suite('FTP faults (pure-ftpd)', () => {
   it('a server that drops the commands sent after a refused PASS: the refusal is E_AUTH at once, not a timeout that is retried', async () => {
     const proxy = await proxyFor(plain!);
     // A minute of silence before a timeout: the test's own 15 s limit fails a login that waits.
-    const { storage } = storageOn(plain!, proxy, { timeoutMs: 60_000 });
-    proxy.refuseAlways(/^PASS /i, '530 Login incorrect.', { dropRest: true });
+    const { storage } = storageOn(plain!, proxy, { timeoutMs: 60_000, password: 'not-the-password' });
+    // The server answers USER 331 and the wrong PASS 530; what follows is never answered.
+    proxy.dropAfter(/^PASS /i);
     const err = await storage.stat('x.dcm').then(
       () => undefined,
       (e: unknown) => e,

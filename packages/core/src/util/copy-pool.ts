@@ -316,11 +316,14 @@ export class CopyPool {
     if ([...this.busy.values()].every((b) => b === 0)) for (const x of this.workers) x.unref();
   }
 
-  /** Stops the workers. */
+  /** Stops the workers; copies still waiting on them fail. */
   async close(): Promise<void> {
     const ws = this.workers;
     this.workers = [];
     await Promise.all(ws.map((w) => w.terminate()));
+    const closed = new Error('The copy pool was closed.');
+    for (const p of this.pending.values()) p.reject(closed);
+    this.pending.clear();
   }
 
   /** Copies one file; `onBytes` hears progress (every 4 MiB and at the end). */
