@@ -637,6 +637,10 @@ async function benchScale(ctx) {
  * Returns the row (`ratio`: rclone seconds ÷ medsync seconds; `pass` against `o.minRatio`, null
  * without one).
  */
+/** What a network re-run row measures, over `c` (the 4 KiB corpus already on the server). */
+const rerunDescription = (c) =>
+  `second run over the ${c.files} files x ${c.size / KiB} KiB already on the server (nothing to send)`;
+
 async function rerunRow(ctx, o) {
   const c = o.corpus;
   const before = {};
@@ -680,7 +684,7 @@ async function rerunRow(ctx, o) {
   const ratio = round(f.rclone.seconds / f.medsync.seconds);
   return {
     name: o.row,
-    description: o.description,
+    description: o.description ?? rerunDescription(c),
     ...f,
     ratio,
     ratioDefinition: 'rclone seconds / medsync seconds (>1: medsync faster)',
@@ -705,7 +709,7 @@ async function rerunThroughLatency(ctx, o) {
     const k = o.base.kept.medsync;
     await via.medsync(o.base.src, k.name, k.state, { synced: 0, skipped: o.base.corpus.files, bytes: 0 });
     proxy.setRtt(ctx.rtt);
-    const description = `${o.base.description}, through a proxy adding ${ctx.rtt} ms of round-trip time`;
+    const description = `${rerunDescription(o.base.corpus)}, through a proxy adding ${ctx.rtt} ms of round-trip time`;
     return await rerunRow(ctx, { ...o.base, row: o.row, description, runners: via, minRatio: undefined });
   } finally {
     await proxy.close();
@@ -932,7 +936,6 @@ async function benchFtp(ctx) {
         corpus: S.files4k,
         root: server.root,
         medsyncRuns,
-        description: `second run over the ${S.files4k.files} files x ${S.files4k.size / KiB} KiB already on the server (nothing to send)`,
         target: `ratio >= ${rerunTarget}`,
         minRatio: rerunTarget,
       };
@@ -1145,7 +1148,6 @@ async function benchSftp(ctx) {
         corpus: S.files4k,
         root: server.root,
         medsyncRuns,
-        description: `second run over the ${S.files4k.files} files x ${S.files4k.size / KiB} KiB already on the server (nothing to send)`,
         target: 'ratio >= 5 (the FTP re-run target applied to SFTP)',
         minRatio: 5,
       };
