@@ -5,7 +5,10 @@
  * server's passive port. Faults are armed one at a time:
  *
  * - `cutNextUpload(n)`: the next data connection that carries more than `n` bytes from the client
- *   is reset on both sides (TCP RST) in the middle of the upload, as a dropped link would.
+ *   is reset on both sides (TCP RST) in the middle of the upload, as a dropped link would. With
+ *   `serverBusy`, the server is also slower to notice than the client: the next command of that
+ *   session is answered `500 Unknown command` before the server's own reply to the upload, as
+ *   pure-ftpd does to anything but ABOR and QUIT while it still reads the data connection.
  * - `refuseNextStor()`: the next STOR is answered with `425 Can't open data connection` by the
  *   proxy itself, the way a server that could not open the data connection answers.
  *
@@ -31,7 +34,7 @@ export interface FaultProxy {
     /** The same verbs by the chunk they arrived in (`TYPE + OPTS UTF8`: sent together), by connection. */
     chunks: string[][];
   };
-  cutNextUpload(afterBytes: number): void;
+  cutNextUpload(afterBytes: number, opts?: { serverBusy?: boolean }): void;
   refuseNextStor(): void;
   /**
    * Answers every command matching `command` with `reply` (e.g. `502 Not implemented.`) itself;
@@ -45,6 +48,13 @@ export interface FaultProxy {
    */
   dropAfter(command: RegExp): void;
   close(): Promise<void>;
+}
+
+/** One control connection's state shared with its data connections. */
+interface Session {
+  data?: Socket;
+  /** After a `serverBusy` cut: the server's replies held back until the next command is refused. */
+  held?: string[];
 }
 
 function listen(server: Server): Promise<number> {
@@ -73,12 +83,13 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     chunks: [] as string[][],
   };
   let cutAfter: number | undefined;
+  let cutBusy = false;
   let refuseStor = false;
   const refusals: Array<[RegExp, string, { hangUp?: boolean }]> = [];
   let dropAfter: RegExp | undefined;
 
   /** A one-shot data listener forwarding to the server's passive port `upstreamPort`. */
-  const dataListener = async (upstreamPort: number, session: { data?: Socket }): Promise<number> => {
+  const dataListener = async (upstreamPort: number, session: Session): Promise<number> => {
     const srv = createServer((client) => {
       srv.close();
       servers.delete(srv);
@@ -94,6 +105,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         if (armed !== undefined && cutAfter === armed && fromClient > armed) {
           cutAfter = undefined;
           stats.cuts++;
+          if (cutBusy) session.held = [];
           client.resetAndDestroy();
           up.resetAndDestroy();
           return;
@@ -118,7 +130,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     stats.chunks.push(chunks);
     track(client);
     const up = track(connect(target.port, target.host));
-    const session: { data?: Socket } = {};
+    const session: Session = {};
     /** After the command `dropAfter` matches: commands are recorded, never answered. */
     let dropping = false;
     let fromServer = '';
@@ -141,7 +153,8 @@ export async function startFaultProxy(target: { host: string; port: number }): P
             const port = await dataListener(Number(epsv[1]), session);
             line = `229 Extended Passive mode OK (|||${port}|)\r\n`;
           }
-          client.write(line, 'latin1');
+          if (session.held) session.held.push(line);
+          else client.write(line, 'latin1');
         }
       });
     });
@@ -157,6 +170,13 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         commands.push(name);
         inChunk.push(name);
         if (dropping) continue;
+        if (session.held) {
+          // Still "reading the upload": this command is refused, then the upload's reply follows.
+          client.write('500 Unknown command\r\n');
+          for (const held of session.held.splice(0)) client.write(held, 'latin1');
+          session.held = undefined;
+          continue;
+        }
         if (refuseStor && /^STOR /i.test(line)) {
           refuseStor = false;
           stats.refused++;
@@ -190,8 +210,9 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     host: '127.0.0.1',
     port,
     stats,
-    cutNextUpload(afterBytes) {
+    cutNextUpload(afterBytes, opts = {}) {
       cutAfter = afterBytes;
+      cutBusy = opts.serverBusy ?? false;
     },
     refuseNextStor() {
       refuseStor = true;

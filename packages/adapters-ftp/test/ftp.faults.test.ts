@@ -148,6 +148,33 @@ suite('FTP faults (pure-ftpd)', () => {
     expect((await storage.readBuffer('study/big.dcm')).equals(body)).toBe(true);
   });
 
+  it('a cut upload the server has not noticed yet (it refuses the next command with 500, then says 451) stays retryable and resumes', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy);
+    const MiB = 1024 * 1024;
+    const body = randomBytes(12 * MiB);
+    const put = () =>
+      storage.write('s/big.dcm', Readable.from([body]), { size: body.length, mtimeMs: Date.UTC(2024, 0, 1) });
+    proxy.cutNextUpload(5 * MiB, { serverBusy: true });
+    const err = await put().then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(proxy.stats.cuts).toBe(1);
+    // The 500 answered the adapter's question, not the upload: the verdict is the 451 after it.
+    expect(err).toMatchObject({
+      code: 'E_TRANSIENT',
+      retryable: true,
+      message: expect.stringMatching(/451/),
+    });
+    expect(allFiles(local)).toHaveLength(1); // the part, kept for a resume
+    const before = proxy.stats.bytesUp;
+    await put();
+    expect(proxy.stats.bytesUp - before).toBeLessThan(8 * MiB);
+    expect((await storage.readBuffer('s/big.dcm')).equals(body)).toBe(true);
+    expect(allFiles(local)).toEqual(['s/big.dcm']);
+  });
+
   it('a sync whose upload is cut mid-transfer retries that file and ends byte-identical', async () => {
     const proxy = await proxyFor(plain!);
     const { storage, local } = storageOn(plain!, proxy);

@@ -39,6 +39,9 @@ let tmpCounter = 0;
 /** A STOR answered 425 (no data connection) before any byte was sent is tried again this often. */
 const MAX_425_RETRIES = 2;
 
+/** How long {@link FtpStorage.transferVerdict} waits for the server's reply to a failed transfer. */
+const VERDICT_WAIT_MS = 5000;
+
 /** Uploads of at least this size resume after a dropped connection (see the `resume` option). */
 const RESUME_MIN_BYTES = 8 * 1024 * 1024;
 
@@ -544,17 +547,30 @@ export class FtpStorage implements Storage {
 
   /**
    * After a transfer's data connection failed with the session still open: sends NOOP and reads
-   * the first reply, which is the server's verdict on the transfer when it sent one (replies come
-   * in order). Returns that reply as an error when it is one. The client is closed afterwards
-   * either way, since a NOOP reply may still be on its way.
+   * the server's verdict on the transfer (replies come in order), returned as an error when it is
+   * one. A server that has not yet noticed the failure refuses the NOOP itself and sends its
+   * verdict after (pure-ftpd answers `500 Unknown command` to anything but ABOR and QUIT while it
+   * reads an upload): a 500–504 is no verdict, the next reply is. Gives up after
+   * {@link VERDICT_WAIT_MS}. The client is closed afterwards either way, since a reply may still
+   * be on its way.
    */
   private static async transferVerdict(c: Client): Promise<FTPError | undefined> {
+    let timer: NodeJS.Timeout | undefined;
     try {
-      const res = await c.sendIgnoringError('NOOP');
-      return res.code >= 400 ? replyError(res) : undefined;
+      const verdict = c.ftp.handle('NOOP', (res, task) => {
+        if (isFtpReply(res)) {
+          if (res.code < 500 || res.code > 504) task.resolve(res);
+        } else if (res instanceof Error) task.resolve(undefined);
+        else if (res.code >= 200) task.resolve(undefined);
+      }) as Promise<FTPError | undefined>;
+      const gaveUp = new Promise<undefined>((resolve) => {
+        timer = setTimeout(resolve, VERDICT_WAIT_MS, undefined);
+      });
+      return await Promise.race([verdict, gaveUp]);
     } catch {
       return undefined;
     } finally {
+      clearTimeout(timer);
       c.close();
     }
   }
@@ -1380,32 +1396,40 @@ export class FtpStorage implements Storage {
         (async function* () {
           pulled = true;
           let toSkip = skip;
-          for await (const chunk of source! as AsyncIterable<Buffer | string>) {
-            let buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
-            sent += buf.length;
-            if (size !== undefined && sent > size) {
-              throw new MedsyncError(
-                'E_INTEGRITY',
-                `Received more than the ${size} bytes expected: the source changed while it was sent.`,
-                { adapter: kind, path: rel },
-              );
-            }
-            if (toSkip > 0) {
-              if (buf.length <= toSkip) {
-                toSkip -= buf.length;
-                continue;
+          // An error thrown in at the yield is the data connection's (the upload's pipeline
+          // destroys this stream with it); only the body's own failures are `streamError`.
+          let yielding = false;
+          try {
+            for await (const chunk of source! as AsyncIterable<Buffer | string>) {
+              let buf = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
+              sent += buf.length;
+              if (size !== undefined && sent > size) {
+                throw new MedsyncError(
+                  'E_INTEGRITY',
+                  `Received more than the ${size} bytes expected: the source changed while it was sent.`,
+                  { adapter: kind, path: rel },
+                );
               }
-              buf = buf.subarray(toSkip);
-              toSkip = 0;
+              if (toSkip > 0) {
+                if (buf.length <= toSkip) {
+                  toSkip -= buf.length;
+                  continue;
+                }
+                buf = buf.subarray(toSkip);
+                toSkip = 0;
+              }
+              yielding = true;
+              yield buf;
+              yielding = false;
             }
-            yield buf;
+          } catch (e) {
+            if (!yielding) streamError ??= e;
+            throw e;
           }
         })(),
         { objectMode: false, highWaterMark: 64 * 1024 },
       );
-      r.on('error', (e: unknown) => {
-        streamError ??= e;
-      });
+      r.on('error', noop);
       return r;
     };
     let lease: Lease | undefined;
