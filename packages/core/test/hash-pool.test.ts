@@ -103,6 +103,42 @@ describe('hashing a stream on a worker thread', () => {
   });
 });
 
+describe('digests of whole buffers on a worker thread', () => {
+  it('match inline hashing, for sizes below, at and above the inline limit', async () => {
+    const pool = new HashPool(1, 64 * 1024, false);
+    try {
+      const bufs = [1000, 64 * 1024, 256 * 1024 + 1, 9 * 1024 * 1024 + 7].map((n) => randomBytes(n));
+      const copies = bufs.map((b) => Buffer.from(b));
+      const got = await Promise.all(bufs.map((b) => pool.digest(b, ['md5', 'sha256'])));
+      got.forEach((r, i) => {
+        expect(r.digests).toEqual(digestsOf(copies[i]!));
+        expect(r.buffer.equals(copies[i]!)).toBe(true);
+      });
+    } finally {
+      await pool.close();
+    }
+  });
+
+  it('a worker that dies fails the digests waiting on it; later ones hash inline', async () => {
+    const pool = new HashPool(1, 64 * 1024, false);
+    const waiting = Array.from({ length: 30 }, () =>
+      pool.digest(randomBytes(200_000), ['sha256']).then(
+        () => undefined,
+        (e: unknown) => e,
+      ),
+    );
+    await (pool as unknown as { workers: { terminate(): Promise<number> }[] }).workers[0]!.terminate();
+    const outcomes = await Promise.all(waiting);
+    // Some may have been hashed before the worker died; none is left hanging or wrong.
+    const failed = outcomes.filter((o) => o !== undefined);
+    expect(failed.length).toBeGreaterThan(0);
+    for (const e of failed) expect(e).toMatchObject({ code: 'E_IO', retryable: true });
+    const body = randomBytes(500_000);
+    expect((await pool.digest(body, ['sha256'])).digests).toEqual({ sha256: digestsOf(body).sha256 });
+    await pool.close();
+  });
+});
+
 describe('when streams are hashed off-thread', () => {
   it('only where the pool allows it (MEDSYNC_HASH_STREAMS, by default more than 2 cores)', async () => {
     const off = new HashPool(1, 64 * 1024, false);

@@ -101,4 +101,25 @@ describe('LocalStorage: synchronous small reads', () => {
     expect((await s.readBuffer('large.dcm')).equals(large)).toBe(true);
     await expect(s.readBuffer('missing.dcm')).rejects.toMatchObject({ code: 'E_NOT_FOUND' });
   });
+
+  it.runIf(fs.existsSync('/proc/self/fd'))(
+    'files at and past the synchronous limit are read whole through the descriptor that sized them, and none is left open',
+    async () => {
+      const root = tmp();
+      const sizes = [64 * 1024 - 1, 64 * 1024, 64 * 1024 + 1, 1024 * 1024 + 3, 5 * 1024 * 1024];
+      const bodies = sizes.map((n, i) => Buffer.alloc(n, i + 1));
+      bodies.forEach((b, i) => writeFileSync(join(root, `f${i}.dcm`), b));
+      const s = new LocalStorage({ root, listMode: 'sync', fsync: false });
+      const open = () => fs.readdirSync('/proc/self/fd').length;
+      const before = open();
+      for (let round = 0; round < 20; round++) {
+        const got = await Promise.all(bodies.map((_, i) => s.readBuffer(`f${i}.dcm`)));
+        got.forEach((g, i) => expect(g.equals(bodies[i]!)).toBe(true));
+      }
+      expect(open()).toBe(before);
+      expect(under(root, vi.mocked(fs.openSync).mock.calls)).toBe(20 * sizes.length);
+      const aborted = AbortSignal.abort();
+      await expect(s.readBuffer('f4.dcm', { signal: aborted })).rejects.toMatchObject({ code: 'E_ABORTED' });
+    },
+  );
 });

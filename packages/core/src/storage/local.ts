@@ -115,6 +115,13 @@ const NETWORK_FS_TYPES = new Set([
  * more garbage per call, once per file delivered.
  */
 const renameFile = promisify(fs.rename);
+const closeFd = promisify(fs.close);
+/** fs.read at `position`, resolving to the bytes read. */
+function readAt(fd: number, buf: Buffer, offset: number, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) =>
+    fs.read(fd, buf, offset, length, position, (e, n) => (e ? reject(e) : resolve(n))),
+  );
+}
 
 /** How long the root's file system type is trusted before it is asked again (a late mount). */
 const FS_TYPE_TTL_MS = 10_000;
@@ -580,8 +587,8 @@ export class LocalStorage implements Storage {
     try {
       if (this.opts.syncIoBelow > 0 && this.syncCalls()) {
         // Tiny files: synchronous calls cost less than handing each step to the thread pool.
-        const small = this.readSmallSync(this.abs(rel));
-        if (small) return small;
+        const read = await this.readOpenedSync(this.abs(rel), opts.signal);
+        if (read) return read;
       }
       return await fsp.readFile(this.abs(rel), opts.signal ? { signal: opts.signal } : {});
     } catch (e) {
@@ -596,28 +603,45 @@ export class LocalStorage implements Storage {
   }
 
   /**
-   * A file under `syncIoBelow` read whole in synchronous calls: one open and one fstat (a stat
-   * of the path first would be one more call per file). Undefined when it is larger or not a
-   * regular file (the caller reads it on the thread pool). O_NONBLOCK: opening a FIFO must not
-   * hold the main thread; on a regular file it changes nothing.
+   * A regular file opened and sized with synchronous calls (a stat of the path first would be
+   * one more call per file), then read whole: under `syncIoBelow` synchronously, larger ones on
+   * the thread pool through the same descriptor (opening it again there, as readFile does, cost
+   * 2,000 files of 256 KiB ~0.1–0.4 s more CPU). Undefined when it is not a regular file or tells
+   * no size (the caller reads it to its end). O_NONBLOCK: opening a FIFO must not hold the main
+   * thread; on a regular file it changes nothing.
    */
-  private readSmallSync(abs: string): Buffer | undefined {
+  private async readOpenedSync(abs: string, signal: AbortSignal | undefined): Promise<Buffer | undefined> {
     const fd = fs.openSync(abs, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    let sync = true;
     try {
       const st = fs.fstatSync(fd);
       // Size 0 may be a file that tells no size (procfs, sysfs, some FUSE file systems): the
       // caller's read then goes to the end of the file.
-      if (!st.isFile() || st.size === 0 || st.size >= this.opts.syncIoBelow) return undefined;
+      if (!st.isFile() || st.size === 0) return undefined;
       const buf = Buffer.allocUnsafe(st.size);
       let n = 0;
-      while (n < buf.length) {
-        const got = fs.readSync(fd, buf, n, buf.length - n, n);
-        if (got === 0) break;
-        n += got;
+      if (st.size < this.opts.syncIoBelow) {
+        while (n < buf.length) {
+          const got = fs.readSync(fd, buf, n, buf.length - n, n);
+          if (got === 0) break;
+          n += got;
+        }
+      } else {
+        sync = false;
+        try {
+          while (n < buf.length) {
+            throwIfAborted(signal);
+            const got = await readAt(fd, buf, n, buf.length - n, n);
+            if (got === 0) break;
+            n += got;
+          }
+        } finally {
+          await closeFd(fd);
+        }
       }
       return n === buf.length ? buf : buf.subarray(0, n);
     } finally {
-      fs.closeSync(fd);
+      if (sync) fs.closeSync(fd);
     }
   }
 
