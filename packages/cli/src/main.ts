@@ -18,7 +18,16 @@ import {
 } from '@medsync/core';
 import { openSqliteStore } from '@medsync/adapters-db';
 import { openEndpoint } from './endpoints.js';
-import { EXIT, exitCodeFor, ProgressLine, statusText, syncJson, syncText, type CliIO } from './output.js';
+import {
+  EXIT,
+  exitCodeFor,
+  ProgressLine,
+  retryText,
+  statusText,
+  syncJson,
+  syncText,
+  type CliIO,
+} from './output.js';
 import { runDemo } from './demo.js';
 
 const collect = (v: string, prev: string[] = []) => [...prev, v];
@@ -303,6 +312,12 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
   const bar =
     !f.json && f.progress !== false && io.stderr.isTTY && !f.dryRun ? new ProgressLine(io.stderr) : undefined;
   if (bar) job.on('progress', (p) => bar.update(p));
+  let retries = 0;
+  job.on('file:retry', (e) => {
+    retries++;
+    bar?.clear();
+    io.stderr.write(retryText(e));
+  });
   const hard = new AbortController();
   const soft = new AbortController();
   let signals = 0;
@@ -323,7 +338,7 @@ async function syncCommand(source: string, destinations: string[], f: SyncFlags,
       dryRun: !!f.dryRun,
     });
     bar?.done();
-    io.stdout.write(f.json ? JSON.stringify(syncJson(result)) + '\n' : syncText(result));
+    io.stdout.write(f.json ? JSON.stringify(syncJson(result, retries)) + '\n' : syncText(result, retries));
     return exitCodeFor(result.status);
   } finally {
     process.off('SIGINT', onSignal);

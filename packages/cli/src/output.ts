@@ -46,8 +46,8 @@ export function formatDuration(ms: number | undefined): string {
   return `${Math.floor(m / 60)}h${String(m % 60).padStart(2, '0')}m`;
 }
 
-/** The `--json` object of `medsync sync`. */
-export function syncJson(r: SyncResult): Record<string, unknown> {
+/** The `--json` object of `medsync sync`; `retries`: failed attempts that were tried again. */
+export function syncJson(r: SyncResult, retries = 0): Record<string, unknown> {
   return {
     status: r.status,
     jobId: r.jobId,
@@ -62,6 +62,7 @@ export function syncJson(r: SyncResult): Record<string, unknown> {
     durationMs: r.durationMs ?? 0,
     errors: r.errors.map((e) => ({ path: e.path ?? null, code: e.code, message: e.message })),
     errorCount: r.errorCount,
+    retries,
     ...(r.dryRun ? { plan: r.plan } : {}),
   };
 }
@@ -88,10 +89,30 @@ export class ProgressLine {
   done(): void {
     if (this.last) this.out.write('\r\x1b[K');
   }
+
+  /** Clears the line for a message; the next update draws it again at once. */
+  clear(): void {
+    this.done();
+    this.last = 0;
+  }
+}
+
+/**
+ * The stderr line of `medsync sync` for a failed attempt that will be tried again, so a run slowed
+ * by retries says why as it happens. Without the file's path, as in the logs (paths may name
+ * patients); a file that fails for good is listed with its path in the summary.
+ */
+export function retryText(e: {
+  attempt: number;
+  delayMs: number;
+  error: { code: string; message: string };
+}): string {
+  const wait = e.delayMs >= 1000 ? `${(e.delayMs / 1000).toFixed(1)} s` : `${Math.round(e.delayMs)} ms`;
+  return `medsync: retrying a file in ${wait} (attempt ${e.attempt} failed: ${e.error.code}: ${e.error.message})\n`;
 }
 
 /** Text summary of a sync run. */
-export function syncText(r: SyncResult): string {
+export function syncText(r: SyncResult, retries = 0): string {
   const lines: string[] = [];
   if (r.dryRun) {
     lines.push(`Dry run: nothing was written.`);
@@ -105,7 +126,7 @@ export function syncText(r: SyncResult): string {
     );
   } else {
     lines.push(
-      `${r.status.toUpperCase()}: ${r.filesSynced} synced (${formatBytes(r.bytes)}), ${r.filesSkipped} unchanged, ${r.filesMoved} moved, ${r.filesDeleted} deleted, ${r.filesFailed} failed in ${formatDuration(r.durationMs)}.`,
+      `${r.status.toUpperCase()}: ${r.filesSynced} synced (${formatBytes(r.bytes)}), ${r.filesSkipped} unchanged, ${r.filesMoved} moved, ${r.filesDeleted} deleted, ${r.filesFailed} failed in ${formatDuration(r.durationMs)}${retries > 0 ? ` (${retries} ${retries === 1 ? 'retry' : 'retries'})` : ''}.`,
     );
   }
   for (const e of r.errors.slice(0, 50)) lines.push(`  ${e.code}  ${e.path ?? '(run)'}: ${e.message}`);

@@ -7,6 +7,7 @@ import { readTree, writeTree } from '@medsync/core/testing';
 import { runCli } from './run-cli.js';
 import { startFtpServer, type TestFtpServer } from '../../adapters-ftp/test/ftp-server.js';
 import { startServer } from '../../adapters-ftp/test/services.js';
+import { startFaultProxy } from '../../adapters-ftp/test/fault-proxy.js';
 
 let base: string;
 let ftp: TestFtpServer;
@@ -14,6 +15,8 @@ let ftp: TestFtpServer;
 // Explicit FTPS against Debian's pure-ftpd (scripts/services.sh; under CI=true it must start):
 // ftp-srv's in-process TLS upgrade now and then garbled the first command on a loaded machine.
 const tls = startServer('pure-ftpd-tls');
+// Plain FTP through the fault proxy: pure-ftpd answers a cut upload 451 (retryable).
+const plain = startServer('pure-ftpd');
 const ftps = tls && {
   host: tls.host,
   port: tls.port,
@@ -200,5 +203,55 @@ function medsync(args: string[], env: Record<string, string> = {}) {
     const untrusted = await medsync(['run', '--config', file, '--once'], { FTP_PASSWORD: ftps!.password });
     expect(untrusted.code).toBe(1);
     expect(untrusted.stderr).toMatch(/E_CONFIG/);
+  }, 60_000);
+});
+
+(plain ? describe : describe.skip)('medsync sync with retries (pure-ftpd behind a fault proxy)', () => {
+  it('says on stderr, without the path, why a file is tried again, and counts the retries in the summary and the JSON', async () => {
+    const src = join(base, 'retried');
+    writeTree(src, {
+      'DOE^JANE/CT/IM1.dcm': randomBytes(3_000_000),
+      'DOE^JANE/CT/IM2.dcm': randomBytes(1000),
+    });
+    const proxy = await startFaultProxy(plain!);
+    try {
+      proxy.cutNextUpload(1_000_000); // only IM1 carries that much
+      const url = `ftp://${plain!.user}@${proxy.host}:${proxy.port}/retried`;
+      const env = { FTP_PASSWORD: plain!.password };
+      const r = await medsync(
+        ['sync', src, url, '--state', join(base, 'retried.db'), '--json', '--password-env', 'FTP_PASSWORD'],
+        env,
+      );
+      expect(proxy.stats.cuts).toBe(1);
+      expect(r.code, r.stdout + r.stderr).toBe(0);
+      expect(r.json).toMatchObject({ status: 'success', filesSynced: 2, retries: 1 });
+      expect(r.stderr).toMatch(
+        /^medsync: retrying a file in \d\.\d s \(attempt 1 failed: E_TRANSIENT: .+\)$/m,
+      );
+      expect(r.stderr).not.toContain('DOE');
+      expect(readTree(join(plain!.root, 'retried'))).toEqual(readTree(src));
+      const again = await medsync(
+        ['sync', src, url, '--state', join(base, 'retried.db'), '--password-env', 'FTP_PASSWORD'],
+        env,
+      );
+      expect(again.stdout).toMatch(/^SUCCESS: 0 synced .* in [^(]*\.$/m); // no retry, no count
+      proxy.cutNextUpload(1_000_000);
+      const text = await medsync(
+        [
+          'sync',
+          src,
+          `${url}-text`,
+          '--state',
+          join(base, 'retried-text.db'),
+          '--password-env',
+          'FTP_PASSWORD',
+        ],
+        env,
+      );
+      expect(proxy.stats.cuts).toBe(2);
+      expect(text.stdout).toMatch(/^SUCCESS: 2 synced .* \(1 retry\)\.$/m);
+    } finally {
+      await proxy.close();
+    }
   }, 60_000);
 });
