@@ -5,10 +5,14 @@
  * server's passive port. Faults are armed one at a time:
  *
  * - `cutNextUpload(n)`: the next data connection that carries more than `n` bytes from the client
- *   is reset on both sides (TCP RST) in the middle of the upload, as a dropped link would. With
- *   `serverBusy`, the server is also slower to notice than the client: the next command of that
- *   session is answered `500 Unknown command` before the server's own reply to the upload, as
- *   pure-ftpd does to anything but ABOR and QUIT while it still reads the data connection.
+ *   is reset on both sides (TCP RST) in the middle of the upload, as a dropped link would. How
+ *   much the server stored depends on how far it had read: the reset also throws away what still
+ *   waited in the proxy's send queue (up to megabytes), so tests read the part's size instead of
+ *   assuming `n`. With `serverBusy`, the server is also slower to notice than the client: the
+ *   next command of that session is answered `500 Unknown command`, as pure-ftpd does to
+ *   anything but ABOR and QUIT while it still reads an upload, and the server's reply to the
+ *   upload after it becomes `451 Transfer aborted.` (pure-ftpd's answer to a dropped upload; a
+ *   server that had read everything before the reset would say 226).
  * - `refuseNextStor()`: the next STOR is answered with `425 Can't open data connection` by the
  *   proxy itself, the way a server that could not open the data connection answers.
  *
@@ -26,6 +30,8 @@ export interface FaultProxy {
     refused: number;
     /** Bytes clients sent on data connections (uploads). */
     bytesUp: number;
+    /** The same by data connection, in the order they opened (0 for a download or a listing). */
+    uploads: number[];
     /**
      * The commands each control connection sent, by connection: the verb only (with the option's
      * name for OPTS), never an argument (a password).
@@ -55,6 +61,8 @@ interface Session {
   data?: Socket;
   /** After a `serverBusy` cut: the server's replies held back until the next command is refused. */
   held?: string[];
+  /** After that refusal: the server's next reply (to the upload) is rewritten to a 451. */
+  rewrite?: boolean;
 }
 
 function listen(server: Server): Promise<number> {
@@ -79,6 +87,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     cuts: 0,
     refused: 0,
     bytesUp: 0,
+    uploads: [] as number[],
     commands: [] as string[][],
     chunks: [] as string[][],
   };
@@ -99,9 +108,11 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       const up = track(connect(upstreamPort, target.host));
       let fromClient = 0;
       const armed = cutAfter;
+      const upload = stats.uploads.push(0) - 1;
       client.on('data', (chunk: Buffer) => {
         fromClient += chunk.length;
         stats.bytesUp += chunk.length;
+        stats.uploads[upload] = fromClient;
         if (armed !== undefined && cutAfter === armed && fromClient > armed) {
           cutAfter = undefined;
           stats.cuts++;
@@ -131,6 +142,15 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     track(client);
     const up = track(connect(target.port, target.host));
     const session: Session = {};
+    /** A server line to the client; after a `serverBusy` cut, its reply to the upload is a 451. */
+    const toClient = (line: string) => {
+      if (session.rewrite) {
+        if (!/^\d{3} /.test(line)) return; // the lines of a multi-line reply before its last
+        session.rewrite = false;
+        line = '451 Transfer aborted.\r\n';
+      }
+      client.write(line, 'latin1');
+    };
     /** After the command `dropAfter` matches: commands are recorded, never answered. */
     let dropping = false;
     let fromServer = '';
@@ -154,7 +174,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
             line = `229 Extended Passive mode OK (|||${port}|)\r\n`;
           }
           if (session.held) session.held.push(line);
-          else client.write(line, 'latin1');
+          else toClient(line);
         }
       });
     });
@@ -173,7 +193,8 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         if (session.held) {
           // Still "reading the upload": this command is refused, then the upload's reply follows.
           client.write('500 Unknown command\r\n');
-          for (const held of session.held.splice(0)) client.write(held, 'latin1');
+          session.rewrite = true;
+          for (const held of session.held.splice(0)) toClient(held);
           session.held = undefined;
           continue;
         }

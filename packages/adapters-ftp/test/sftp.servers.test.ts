@@ -23,7 +23,7 @@ import { createConnection, createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { Readable } from 'node:stream';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { LocalStorage, MemoryStore, SyncJob } from '@medsync/core';
 import {
   describeStorageConformance,
@@ -211,7 +211,13 @@ function define(s: SshdInfo): void {
         const report = await st.test();
         expect(report).toMatchObject({ ok: false, error: { code: 'E_AUTH' } });
         expect(report.advice).toMatch(/password|privateKey/);
-        await new Promise((r) => setTimeout(r, 300)); // sshd writes its log line after the reply
+        // sshd writes its log line after the reply: wait for it (a busy machine may take a while),
+        // then check that there is exactly one.
+        await vi.waitFor(() => expect(logSince(s, before)).toMatch(/Failed password for/), {
+          timeout: 10_000,
+          interval: 100,
+        });
+        await new Promise((r) => setTimeout(r, 300));
         const failed = logSince(s, before).match(/Failed password for/g) ?? [];
         expect(failed.length).toBe(1);
       } finally {
@@ -575,9 +581,11 @@ function define(s: SshdInfo): void {
         );
         const e = await st.write('cut/big.bin', body, { size: 16 * 1024 * 1024 }).catch((x: unknown) => x);
         expect(e).toMatchObject({ code: 'E_TRANSIENT', retryable: true, path: 'cut/big.bin' });
-        await new Promise((r) => setTimeout(r, 300));
         // The temporary file was removed over a new session.
-        expect(filesUnder(st.options.root)).toEqual(['keep.dcm']);
+        await vi.waitFor(() => expect(filesUnder(st.options.root)).toEqual(['keep.dcm']), {
+          timeout: 10_000,
+          interval: 100,
+        });
         // Idle pooled sessions die too: the next calls reconnect without an error.
         expect((await st.readBuffer('keep.dcm')).toString()).toBe('kept');
         expect(cutSessions()).toBeGreaterThan(0);

@@ -257,7 +257,7 @@ describe('LocalStorage.copyFrom (worker-thread copy between local folders)', () 
         onStaged: () => staged++,
       }),
     );
-    await vi.waitFor(() => expect(staged).toBe(3));
+    await vi.waitFor(() => expect(staged).toBe(3), { timeout: 15_000 });
     await new Promise((r) => setTimeout(r, 20));
     // Written and closed, but not durable yet: nothing under a final name.
     expect(Object.keys(readTree(b)).filter((n) => !n.endsWith('.medsync-part'))).toEqual([]);
