@@ -104,11 +104,12 @@ export class ProgressLine {
  */
 export function retryText(e: {
   attempt: number;
+  retriesLeft: number;
   delayMs: number;
   error: { code: string; message: string };
 }): string {
   const wait = e.delayMs >= 1000 ? `${(e.delayMs / 1000).toFixed(1)} s` : `${Math.round(e.delayMs)} ms`;
-  return `medsync: retrying a file in ${wait} (attempt ${e.attempt} failed: ${e.error.code}: ${e.error.message})\n`;
+  return `medsync: retrying a file in ${wait} (attempt ${e.attempt} of ${e.attempt + e.retriesLeft} failed: ${e.error.code}: ${e.error.message})\n`;
 }
 
 /** Text summary of a sync run. */

@@ -226,7 +226,7 @@ function medsync(args: string[], env: Record<string, string> = {}) {
       expect(r.code, r.stdout + r.stderr).toBe(0);
       expect(r.json).toMatchObject({ status: 'success', filesSynced: 2, retries: 1 });
       expect(r.stderr).toMatch(
-        /^medsync: retrying a file in \d\.\d s \(attempt 1 failed: E_TRANSIENT: .+\)$/m,
+        /^medsync: retrying a file in \d\.\d s \(attempt 1 of 4 failed: E_TRANSIENT: .+\)$/m,
       );
       expect(r.stderr).not.toContain('DOE');
       expect(readTree(join(plain!.root, 'retried'))).toEqual(readTree(src));

@@ -168,11 +168,16 @@ describe('SyncJob copy', () => {
     const dst = new MemoryStorage();
     dst.faults.failNext('write', 2).cutWrites(100_000, 1);
     const j = job({ source: new LocalStorage({ root: src }), destinations: [dst], concurrency: 1 });
-    const retries: number[] = [];
-    j.on('file:retry', (e) => retries.push(e.attempt));
+    const retries: Array<[number, number]> = [];
+    j.on('file:retry', (e) => retries.push([e.attempt, e.retriesLeft]));
     const r = await j.run();
     expect(r.status).toBe('success');
-    expect(retries.length).toBe(3);
+    // Attempt n failed, with 4 − n still allowed (retries: 3, so 4 attempts in all).
+    expect(retries).toEqual([
+      [1, 3],
+      [2, 2],
+      [3, 1],
+    ]);
     expect(dst.peek('x/1.dcm')?.equals(readFileSync(join(src, 'x/1.dcm')))).toBe(true);
     expect(dst.size).toBe(2);
   });

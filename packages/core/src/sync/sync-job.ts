@@ -684,6 +684,7 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
                     destination: t.dest.id,
                     path: ref,
                     attempt: e.attempt,
+                    retriesLeft: e.retriesLeft,
                     delayMs: e.delayMs,
                     error: this.eventError(e.error),
                   });

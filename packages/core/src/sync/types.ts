@@ -61,7 +61,10 @@ export interface SyncJobEvents {
     jobId: string;
     destination: string;
     path: string;
+    /** The attempt that failed (1-based). */
     attempt: number;
+    /** Attempts still allowed after it: the file gets `attempt + retriesLeft` in all. */
+    retriesLeft: number;
     delayMs: number;
     error: MedsyncError;
   }) => void;
