@@ -587,7 +587,7 @@ export class LocalStorage implements Storage {
     try {
       if (this.opts.syncIoBelow > 0 && this.syncCalls()) {
         // Tiny files: synchronous calls cost less than handing each step to the thread pool.
-        const read = await this.readOpenedSync(this.abs(rel), opts.signal);
+        const read = await this.readOpened(this.abs(rel), opts.signal);
         if (read) return read;
       }
       return await fsp.readFile(this.abs(rel), opts.signal ? { signal: opts.signal } : {});
@@ -610,38 +610,29 @@ export class LocalStorage implements Storage {
    * no size (the caller reads it to its end). O_NONBLOCK: opening a FIFO must not hold the main
    * thread; on a regular file it changes nothing.
    */
-  private async readOpenedSync(abs: string, signal: AbortSignal | undefined): Promise<Buffer | undefined> {
+  private async readOpened(abs: string, signal: AbortSignal | undefined): Promise<Buffer | undefined> {
     const fd = fs.openSync(abs, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
-    let sync = true;
+    let pooled = false;
     try {
       const st = fs.fstatSync(fd);
       // Size 0 may be a file that tells no size (procfs, sysfs, some FUSE file systems): the
       // caller's read then goes to the end of the file.
       if (!st.isFile() || st.size === 0) return undefined;
+      pooled = st.size >= this.opts.syncIoBelow;
       const buf = Buffer.allocUnsafe(st.size);
       let n = 0;
-      if (st.size < this.opts.syncIoBelow) {
-        while (n < buf.length) {
-          const got = fs.readSync(fd, buf, n, buf.length - n, n);
-          if (got === 0) break;
-          n += got;
-        }
-      } else {
-        sync = false;
-        try {
-          while (n < buf.length) {
-            throwIfAborted(signal);
-            const got = await readAt(fd, buf, n, buf.length - n, n);
-            if (got === 0) break;
-            n += got;
-          }
-        } finally {
-          await closeFd(fd);
-        }
+      while (n < buf.length) {
+        if (pooled) throwIfAborted(signal);
+        const got = pooled
+          ? await readAt(fd, buf, n, buf.length - n, n)
+          : fs.readSync(fd, buf, n, buf.length - n, n);
+        if (got === 0) break;
+        n += got;
       }
       return n === buf.length ? buf : buf.subarray(0, n);
     } finally {
-      if (sync) fs.closeSync(fd);
+      if (pooled) await closeFd(fd);
+      else fs.closeSync(fd);
     }
   }
 

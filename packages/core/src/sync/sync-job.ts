@@ -1330,7 +1330,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       const byFold = new Map<string, Task[]>();
       for (const d of deletes) {
         const f = foldName(d.op.path);
-        byFold.set(f, [...(byFold.get(f) ?? []), d]);
+        const same = byFold.get(f);
+        if (same) same.push(d);
+        else byFold.set(f, [d]);
       }
       const shared = new Set<Task>();
       for (const names of [sources.keys(), manifest.keys()]) {
@@ -1341,7 +1343,9 @@ export class SyncJob extends EventEmitter<SyncJobEvents> {
       }
       const answer = shared.size > 0 ? await folds() : false;
       if (answer !== false) {
-        for (const d of shared) deletes.splice(deletes.indexOf(d), 1);
+        let kept = 0;
+        for (const d of deletes) if (!shared.has(d)) deletes[kept++] = d;
+        deletes.length = kept;
         if (answer && !ctx.dryRun) {
           await store.manifest.remove(
             scope,
