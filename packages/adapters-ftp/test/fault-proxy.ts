@@ -15,6 +15,10 @@
  *   server that had read everything before the reset would say 226).
  * - `refuseNextStor()`: the next STOR is answered with `425 Can't open data connection` by the
  *   proxy itself, the way a server that could not open the data connection answers.
+ * - `resetNextDataConnection()`: the next data connection is reset as soon as it is accepted.
+ *
+ * Replies the proxy makes itself come after the server's replies to commands sent before (a
+ * client may send several commands in one write).
  *
  * It also records the verbs of the commands each session sent (`stats.commands`).
  */
@@ -42,6 +46,11 @@ export interface FaultProxy {
   };
   cutNextUpload(afterBytes: number, opts?: { serverBusy?: boolean }): void;
   refuseNextStor(): void;
+  /**
+   * The next data connection is reset by the proxy as soon as it is accepted (a firewall or a
+   * server that ran out of data connections), before anything reaches the server.
+   */
+  resetNextDataConnection(): void;
   /**
    * Answers every command matching `command` with `reply` (e.g. `502 Not implemented.`) itself;
    * with `hangUp`, then closes that control connection (a server answering 421 and leaving).
@@ -94,6 +103,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
   let cutAfter: number | undefined;
   let cutBusy = false;
   let refuseStor = false;
+  let refuseData = false;
   const refusals: Array<[RegExp, string, { hangUp?: boolean }]> = [];
   let dropAfter: RegExp | undefined;
 
@@ -104,6 +114,12 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       servers.delete(srv);
       stats.dataConnections++;
       track(client);
+      if (refuseData) {
+        refuseData = false;
+        stats.refused++;
+        client.resetAndDestroy();
+        return;
+      }
       session.data = client;
       const up = track(connect(upstreamPort, target.host));
       let fromClient = 0;
@@ -151,6 +167,17 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       }
       client.write(line, 'latin1');
     };
+    /**
+     * Commands forwarded whose final reply has not come back. A reply of the proxy's own waits
+     * for those (a client may send several commands in one write, EPSV and STOR: replies come in
+     * the order of the commands, as from a server).
+     */
+    let pending = 0;
+    const queued: Array<() => void> = [];
+    const answer = (act: () => void) => {
+      if (pending === 0) act();
+      else queued.push(act);
+    };
     /** After the command `dropAfter` matches: commands are recorded, never answered. */
     let dropping = false;
     let fromServer = '';
@@ -175,6 +202,10 @@ export async function startFaultProxy(target: { host: string; port: number }): P
           }
           if (session.held) session.held.push(line);
           else toClient(line);
+          // A final reply (the greeting too, which answers no command).
+          if (/^[2-5]\d\d /.test(line) && pending > 0 && --pending === 0) {
+            for (const act of queued.splice(0)) act();
+          }
         }
       });
     });
@@ -201,21 +232,26 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         if (refuseStor && /^STOR /i.test(line)) {
           refuseStor = false;
           stats.refused++;
-          session.data?.destroy();
-          client.write("425 Can't open data connection.\r\n");
+          answer(() => {
+            session.data?.destroy();
+            client.write("425 Can't open data connection.\r\n");
+          });
           continue;
         }
         const refusal = refusals.find(([re]) => re.test(line));
         if (refusal) {
           stats.refused++;
-          client.write(`${refusal[1]}\r\n`);
-          if (refusal[2].hangUp) {
-            client.end();
-            up.destroy();
-            return;
-          }
+          answer(() => {
+            client.write(`${refusal[1]}\r\n`);
+            if (refusal[2].hangUp) {
+              client.end();
+              up.destroy();
+            }
+          });
+          if (refusal[2].hangUp) return;
           continue;
         }
+        pending++;
         up.write(line, 'latin1');
         if (dropAfter?.test(line)) dropping = true;
       }
@@ -237,6 +273,9 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     },
     refuseNextStor() {
       refuseStor = true;
+    },
+    resetNextDataConnection() {
+      refuseData = true;
     },
     refuseAlways(command, reply, opts = {}) {
       refusals.push([command, reply, opts]);

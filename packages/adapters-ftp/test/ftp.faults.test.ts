@@ -311,6 +311,73 @@ suite('FTP faults (pure-ftpd)', () => {
     expect(allFiles(local)).toEqual(['a/b.dcm']);
   });
 
+  it('uploads from memory send EPSV and STOR in one write once EPSV worked, and arrive whole', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy, { maxConnections: 1 });
+    const bodies = [0, 1, 300_000, 5_000, 1_000_000].map((n) => randomBytes(n));
+    for (const [i, body] of bodies.entries()) await storage.write(`m/${i}.dcm`, body, { size: body.length });
+    expect(allFiles(local)).toEqual(bodies.map((_, i) => `m/${i}.dcm`));
+    for (const [i, body] of bodies.entries())
+      expect(readFileSync(join(local, `m/${i}.dcm`)).equals(body)).toBe(true);
+    const chunks = proxy.stats.chunks[0]!;
+    // The first transfer finds the passive mode (EPSV alone); every later one pipelines it.
+    expect(chunks.filter((c) => c === 'EPSV')).toHaveLength(1);
+    expect(chunks.filter((c) => c === 'EPSV + STOR')).toHaveLength(bodies.length - 1);
+    expect(chunks.filter((c) => c === 'STOR')).toHaveLength(1);
+  });
+
+  it('a pipelined EPSV the server stops accepting (500): the file goes through PASV at once on a new session, and so do the next', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy, { maxConnections: 1 });
+    await storage.write('e/0.dcm', Buffer.from('first'), { size: 5 });
+    proxy.refuseAlways(/^EPSV/i, '500 Unknown command.');
+    const bodies = [randomBytes(70_000), randomBytes(10)];
+    for (const [i, body] of bodies.entries()) {
+      const entry = await storage.write(`e/${i + 1}.dcm`, body, { size: body.length });
+      expect(entry.size).toBe(body.length);
+    }
+    expect(allFiles(local)).toEqual(['e/0.dcm', 'e/1.dcm', 'e/2.dcm']);
+    for (const [i, body] of bodies.entries())
+      expect(readFileSync(join(local, `e/${i + 1}.dcm`)).equals(body)).toBe(true);
+    const chunks = proxy.stats.chunks.flat();
+    const after = chunks.slice(chunks.indexOf('EPSV + STOR'));
+    // Refused once pipelined, which closes that session; the new one tries EPSV alone (refused
+    // again), then PASV, which the next upload keeps.
+    expect(after.filter((c) => c === 'EPSV + STOR')).toHaveLength(1);
+    expect(after.filter((c) => c === 'EPSV')).toHaveLength(1);
+    expect(after.filter((c) => c === 'PASV')).toHaveLength(2);
+    expect(proxy.stats.refused).toBe(2);
+    expect(proxy.stats.controlConnections).toBe(2);
+  });
+
+  it('a 425 for a pipelined upload from memory is retried at once on the same session', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy, { maxConnections: 1 });
+    await storage.write('f/0.dcm', Buffer.from('first'), { size: 5 });
+    proxy.refuseNextStor();
+    const body = randomBytes(200_000);
+    await storage.write('f/1.dcm', body, { size: body.length });
+    expect(proxy.stats.refused).toBe(1);
+    expect(proxy.stats.controlConnections).toBe(1);
+    expect(readFileSync(join(local, 'f/1.dcm')).equals(body)).toBe(true);
+    expect(allFiles(local)).toEqual(['f/0.dcm', 'f/1.dcm']);
+  });
+
+  it('a data connection reset before the server accepted it: a new session sends the file at once, nothing is left behind', async () => {
+    const proxy = await proxyFor(plain!);
+    const { storage, local } = storageOn(plain!, proxy, { maxConnections: 1 });
+    await storage.write('g/0.dcm', Buffer.from('first'), { size: 5 });
+    proxy.resetNextDataConnection();
+    const body = randomBytes(150_000);
+    await storage.write('g/1.dcm', body, { size: body.length });
+    // The stuck session was closed, not asked for a verdict it would never give (NOOP, 5 s).
+    expect(proxy.stats.commands.flat()).not.toContain('NOOP');
+    expect(proxy.stats.refused).toBe(1);
+    expect(proxy.stats.controlConnections).toBe(2);
+    expect(readFileSync(join(local, 'g/1.dcm')).equals(body)).toBe(true);
+    expect(allFiles(local)).toEqual(['g/0.dcm', 'g/1.dcm']);
+  });
+
   it('a server that cannot rename: a clear E_UNSUPPORTED, and atomicUpload: false uploads in place', async () => {
     const proxy = await proxyFor(plain!);
     proxy.refuseAlways(/^RNFR /i, '502 Command not implemented.');

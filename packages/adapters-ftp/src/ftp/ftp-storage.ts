@@ -21,10 +21,11 @@ import {
   type WriteBody,
   type WriteOptions,
 } from '@medsync/core';
-import { Client, FileType, FTPError, type FileInfo, type FTPResponse } from 'basic-ftp';
+import { Client, enterPassiveModeIPv6, FileType, FTPError, type FileInfo, type FTPResponse } from 'basic-ftp';
 import type { Socket } from 'node:net';
 import type { ConnectionOptions } from 'node:tls';
 import { isFtpReply, toFtpError, type FtpOp } from './errors.js';
+import { storeBuffer } from './store-buffer.js';
 import { parseFtpOptions, type FtpStorageOptions, type ResolvedFtpStorageOptions } from './options.js';
 import { digestTimeoutMs } from '../shared/digest.js';
 import { ConnectionPool, type PoolLease } from '../shared/pool.js';
@@ -289,6 +290,12 @@ export class FtpStorage implements Storage {
   private features: ServerFeatures | undefined;
   private restSupported = true;
   private appendSupported = true;
+  /**
+   * basic-ftp settled on EPSV for a transfer: uploads of buffers then send EPSV and STOR in one
+   * write (see storeBuffer). Until then, and after EPSV is refused as not implemented, each
+   * transfer goes through basic-ftp's own passive mode (EPSV, else PASV).
+   */
+  private epsvWorks = false;
   /** MLSD announced (MLST in FEAT) but answered "not implemented": folders are listed with LIST. */
   private mlsdBroken = false;
   private closed = false;
@@ -1375,23 +1382,10 @@ export class FtpStorage implements Storage {
     let sent = 0;
     let pulled = false;
     let streamError: unknown;
-    // `skip` bytes (already on the server) are read from the body but not sent: they still pass
-    // through the caller's hashing, so its digests cover the whole file.
+    // A stream body (a buffer goes through storeBuffer). `skip` bytes (already on the server) are
+    // read from the body but not sent: they still pass through the caller's hashing, so its
+    // digests cover the whole file.
     const uploadBody = (skip = 0): Readable => {
-      if (!isStream) {
-        // A buffer (small files): one chunk, without the generator below (its promise per chunk
-        // and second stream are most of a small upload's garbage). Never resumed: skip is 0.
-        const buf = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
-        return new Readable({
-          highWaterMark: 0,
-          read() {
-            pulled = true;
-            sent += buf.length;
-            this.push(buf);
-            this.push(null);
-          },
-        });
-      }
       const r = Readable.from(
         (async function* () {
           pulled = true;
@@ -1439,6 +1433,7 @@ export class FtpStorage implements Storage {
     // server digest may let it through.
     let wholeReused = false;
     let dataRetries = 0;
+    let epsvRefused: FTPError | undefined;
     // The destination folder was taken from the mkdir cache and the server refused the upload:
     // the folder may have been removed since (vsftpd: "553 Could not create file."). Once per
     // write, it is forgotten and made again.
@@ -1474,6 +1469,22 @@ export class FtpStorage implements Storage {
           } else if (offset > 0) {
             appending = true;
             await c.appendFrom(uploadBody(offset), tmpAbs);
+          } else if (!isStream) {
+            const buf = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+            await storeBuffer(c, tmpAbs, buf, {
+              pipelined: atomic && this.epsvWorks,
+              onStart: () => {
+                pulled = true;
+                sent = buf.length;
+              },
+              onEpsvRefused: (reply) => {
+                epsvRefused = reply;
+                // Not implemented after all (a proxy or a changed server): basic-ftp's own
+                // passive mode from now on, which tries EPSV, then PASV, on each new session.
+                if (reply.code >= 500 && reply.code <= 504) this.epsvWorks = false;
+              },
+            });
+            if (c.prepareTransfer === enterPassiveModeIPv6) this.epsvWorks = true;
           } else {
             await c.uploadFrom(uploadBody(), tmpAbs);
           }
@@ -1512,6 +1523,19 @@ export class FtpStorage implements Storage {
           if (isFtpReply(e) && e.code === 425 && dataRetries < MAX_425_RETRIES && !c.closed) {
             dataRetries++;
             this.pool.release(c);
+            lease = undefined;
+            continue;
+          }
+          // A refused pipelined EPSV closed its session (the STOR behind it is never answered): a
+          // new one, with basic-ftp's own passive mode when EPSV turned out not implemented.
+          if (
+            epsvRefused !== undefined &&
+            e === epsvRefused &&
+            !SESSION_ENDED.has(epsvRefused.code) &&
+            dataRetries < MAX_425_RETRIES
+          ) {
+            dataRetries++;
+            this.pool.release(c, true);
             lease = undefined;
             continue;
           }
