@@ -67,7 +67,6 @@ export interface FaultProxy {
 
 /** One control connection's state shared with its data connections. */
 interface Session {
-  data?: Socket;
   /** After a `serverBusy` cut: the server's replies held back until the next command is refused. */
   held?: string[];
   /** After that refusal: the server's next reply (to the upload) is rewritten to a 451. */
@@ -120,7 +119,6 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         client.resetAndDestroy();
         return;
       }
-      session.data = client;
       const up = track(connect(upstreamPort, target.host));
       let fromClient = 0;
       const armed = cutAfter;
@@ -168,16 +166,32 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       client.write(line, 'latin1');
     };
     /**
-     * Commands forwarded whose final reply has not come back. A reply of the proxy's own waits
-     * for those (a client may send several commands in one write, EPSV and STOR: replies come in
-     * the order of the commands, as from a server).
+     * The replies owed, in the order of the commands (a client may send several in one write,
+     * EPSV and STOR: replies come in that order, as from a server). A forwarded command's slot
+     * takes the server's lines up to its final reply; a refused one holds the proxy's own reply.
      */
-    let pending = 0;
-    const queued: Array<() => void> = [];
-    const answer = (act: () => void) => {
-      if (pending === 0) act();
-      else queued.push(act);
+    type Slot = { server: true; lines: string[]; done: boolean } | { server: false; act: () => void };
+    const slots: Slot[] = [];
+    const out = (line: string) => (session.held ? session.held.push(line) : toClient(line));
+    const flush = () => {
+      while (slots.length > 0) {
+        const head = slots[0]!;
+        if (head.server) {
+          for (const line of head.lines.splice(0)) out(line);
+          if (!head.done) return;
+          slots.shift();
+        } else {
+          slots.shift();
+          head.act();
+        }
+      }
     };
+    const answer = (act: () => void) => {
+      slots.push({ server: false, act });
+      flush();
+    };
+    /** After a refusal with `hangUp`: nothing more is forwarded. */
+    let hungUp = false;
     /** After the command `dropAfter` matches: commands are recorded, never answered. */
     let dropping = false;
     let fromServer = '';
@@ -200,12 +214,15 @@ export async function startFaultProxy(target: { host: string; port: number }): P
             const port = await dataListener(Number(epsv[1]), session);
             line = `229 Extended Passive mode OK (|||${port}|)\r\n`;
           }
-          if (session.held) session.held.push(line);
-          else toClient(line);
-          // A final reply (the greeting too, which answers no command).
-          if (/^[2-5]\d\d /.test(line) && pending > 0 && --pending === 0) {
-            for (const act of queued.splice(0)) act();
+          // The greeting, or a reply no command waits for (421 before hanging up), goes at once.
+          const slot = slots.find((x): x is Extract<Slot, { server: true }> => x.server && !x.done);
+          if (!slot) {
+            out(line);
+            continue;
           }
+          slot.lines.push(line);
+          if (/^[2-5]\d\d /.test(line)) slot.done = true;
+          flush();
         }
       });
     });
@@ -220,7 +237,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         const name = verb.toUpperCase() === 'OPTS' ? `OPTS ${arg.toUpperCase()}` : verb.toUpperCase();
         commands.push(name);
         inChunk.push(name);
-        if (dropping) continue;
+        if (dropping || hungUp) continue;
         if (session.held) {
           // Still "reading the upload": this command is refused, then the upload's reply follows.
           client.write('500 Unknown command\r\n');
@@ -232,10 +249,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
         if (refuseStor && /^STOR /i.test(line)) {
           refuseStor = false;
           stats.refused++;
-          answer(() => {
-            session.data?.destroy();
-            client.write("425 Can't open data connection.\r\n");
-          });
+          answer(() => client.write("425 Can't open data connection.\r\n"));
           continue;
         }
         const refusal = refusals.find(([re]) => re.test(line));
@@ -248,10 +262,10 @@ export async function startFaultProxy(target: { host: string; port: number }): P
               up.destroy();
             }
           });
-          if (refusal[2].hangUp) return;
+          if (refusal[2].hangUp) hungUp = true;
           continue;
         }
-        pending++;
+        slots.push({ server: true, lines: [], done: false });
         up.write(line, 'latin1');
         if (dropAfter?.test(line)) dropping = true;
       }

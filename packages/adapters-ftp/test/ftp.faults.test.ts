@@ -326,29 +326,32 @@ suite('FTP faults (pure-ftpd)', () => {
     expect(chunks.filter((c) => c === 'STOR')).toHaveLength(1);
   });
 
-  it('a pipelined EPSV the server stops accepting (500): the file goes through PASV at once on a new session, and so do the next', async () => {
-    const proxy = await proxyFor(plain!);
-    const { storage, local } = storageOn(plain!, proxy, { maxConnections: 1 });
-    await storage.write('e/0.dcm', Buffer.from('first'), { size: 5 });
-    proxy.refuseAlways(/^EPSV/i, '500 Unknown command.');
-    const bodies = [randomBytes(70_000), randomBytes(10)];
-    for (const [i, body] of bodies.entries()) {
-      const entry = await storage.write(`e/${i + 1}.dcm`, body, { size: body.length });
-      expect(entry.size).toBe(body.length);
-    }
-    expect(allFiles(local)).toEqual(['e/0.dcm', 'e/1.dcm', 'e/2.dcm']);
-    for (const [i, body] of bodies.entries())
-      expect(readFileSync(join(local, `e/${i + 1}.dcm`)).equals(body)).toBe(true);
-    const chunks = proxy.stats.chunks.flat();
-    const after = chunks.slice(chunks.indexOf('EPSV + STOR'));
-    // Refused once pipelined, which closes that session; the new one tries EPSV alone (refused
-    // again), then PASV, which the next upload keeps.
-    expect(after.filter((c) => c === 'EPSV + STOR')).toHaveLength(1);
-    expect(after.filter((c) => c === 'EPSV')).toHaveLength(1);
-    expect(after.filter((c) => c === 'PASV')).toHaveLength(2);
-    expect(proxy.stats.refused).toBe(2);
-    expect(proxy.stats.controlConnections).toBe(2);
-  });
+  it.each(['500 Unknown command.', '522 Extended passive mode not supported.'])(
+    'a pipelined EPSV the server stops accepting (%s): the file goes through PASV at once on a new session, and so do the next',
+    async (reply) => {
+      const proxy = await proxyFor(plain!);
+      const { storage, local } = storageOn(plain!, proxy, { maxConnections: 1 });
+      await storage.write('e/0.dcm', Buffer.from('first'), { size: 5 });
+      proxy.refuseAlways(/^EPSV/i, reply);
+      const bodies = [randomBytes(70_000), randomBytes(10)];
+      for (const [i, body] of bodies.entries()) {
+        const entry = await storage.write(`e/${i + 1}.dcm`, body, { size: body.length });
+        expect(entry.size).toBe(body.length);
+      }
+      expect(allFiles(local)).toEqual(['e/0.dcm', 'e/1.dcm', 'e/2.dcm']);
+      for (const [i, body] of bodies.entries())
+        expect(readFileSync(join(local, `e/${i + 1}.dcm`)).equals(body)).toBe(true);
+      const chunks = proxy.stats.chunks.flat();
+      const after = chunks.slice(chunks.indexOf('EPSV + STOR'));
+      // Refused once pipelined, which closes that session; the new one tries EPSV alone (refused
+      // again), then PASV, which the next upload keeps.
+      expect(after.filter((c) => c === 'EPSV + STOR')).toHaveLength(1);
+      expect(after.filter((c) => c === 'EPSV')).toHaveLength(1);
+      expect(after.filter((c) => c === 'PASV')).toHaveLength(2);
+      expect(proxy.stats.refused).toBe(2);
+      expect(proxy.stats.controlConnections).toBe(2);
+    },
+  );
 
   it('a 425 for a pipelined upload from memory is retried at once on the same session', async () => {
     const proxy = await proxyFor(plain!);

@@ -291,11 +291,12 @@ export class FtpStorage implements Storage {
   private restSupported = true;
   private appendSupported = true;
   /**
-   * basic-ftp settled on EPSV for a transfer: uploads of buffers then send EPSV and STOR in one
-   * write (see storeBuffer). Until then, and after EPSV is refused as not implemented, each
-   * transfer goes through basic-ftp's own passive mode (EPSV, else PASV).
+   * Whether uploads of buffers send EPSV and STOR in one write (see storeBuffer): unknown until
+   * basic-ftp settled on EPSV for a transfer, then on; off for good once a pipelined EPSV was
+   * refused or its data connection could not be opened. Otherwise each transfer goes through
+   * basic-ftp's own passive mode (EPSV, else PASV, found again on each new session).
    */
-  private epsvWorks = false;
+  private pipelineEpsv: boolean | undefined;
   /** MLSD announced (MLST in FEAT) but answered "not implemented": folders are listed with LIST. */
   private mlsdBroken = false;
   private closed = false;
@@ -1375,7 +1376,10 @@ export class FtpStorage implements Storage {
           .digest('hex')
           .slice(0, 16)}`
       : `${TMP_PREFIX}${(++tmpCounter).toString(36)}`;
-    const tmpAbs = atomic ? this.abs(partialNameFor(rel, unique)) : finalAbs;
+    let tmpAbs = atomic ? this.abs(partialNameFor(rel, unique)) : finalAbs;
+    // Temporary names given up after their session was closed with a STOR sent (see onRetired):
+    // removed once this write is over, best effort.
+    const abandoned: string[] = [];
     const kind = this.kind;
     // The upload pulls from the body only once the data connection is open, so a connection that
     // turns out dead before that can be swapped for another without losing a byte.
@@ -1433,7 +1437,7 @@ export class FtpStorage implements Storage {
     // server digest may let it through.
     let wholeReused = false;
     let dataRetries = 0;
-    let epsvRefused: FTPError | undefined;
+    let retired: { error: unknown; pipelineFailed: boolean } | undefined;
     // The destination folder was taken from the mkdir cache and the server refused the upload:
     // the folder may have been removed since (vsftpd: "553 Could not create file."). Once per
     // write, it is forgotten and made again.
@@ -1472,19 +1476,19 @@ export class FtpStorage implements Storage {
           } else if (!isStream) {
             const buf = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
             await storeBuffer(c, tmpAbs, buf, {
-              pipelined: atomic && this.epsvWorks,
+              pipelined: atomic && this.pipelineEpsv === true,
               onStart: () => {
                 pulled = true;
                 sent = buf.length;
               },
-              onEpsvRefused: (reply) => {
-                epsvRefused = reply;
-                // Not implemented after all (a proxy or a changed server): basic-ftp's own
-                // passive mode from now on, which tries EPSV, then PASV, on each new session.
-                if (reply.code >= 500 && reply.code <= 504) this.epsvWorks = false;
+              onRetired: (error, pipelineFailed) => {
+                retired = { error, pipelineFailed };
+                if (pipelineFailed) this.pipelineEpsv = false;
               },
             });
-            if (c.prepareTransfer === enterPassiveModeIPv6) this.epsvWorks = true;
+            if (this.pipelineEpsv === undefined && c.prepareTransfer === enterPassiveModeIPv6) {
+              this.pipelineEpsv = true;
+            }
           } else {
             await c.uploadFrom(uploadBody(), tmpAbs);
           }
@@ -1526,18 +1530,27 @@ export class FtpStorage implements Storage {
             lease = undefined;
             continue;
           }
-          // A refused pipelined EPSV closed its session (the STOR behind it is never answered): a
-          // new one, with basic-ftp's own passive mode when EPSV turned out not implemented.
-          if (
-            epsvRefused !== undefined &&
-            e === epsvRefused &&
-            !SESSION_ENDED.has(epsvRefused.code) &&
-            dataRetries < MAX_425_RETRIES
-          ) {
-            dataRetries++;
-            this.pool.release(c, true);
-            lease = undefined;
-            continue;
+          if (retired !== undefined && e === retired.error) {
+            const { pipelineFailed } = retired;
+            retired = undefined;
+            // The session was closed with its STOR sent, and its server process may still create
+            // or truncate that name: an attempt after it uploads under a new one.
+            if (atomic && !resumable) {
+              abandoned.push(tmpAbs);
+              tmpAbs = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
+            }
+            // A refused pipelined EPSV, or its data connection not opened: at once on a new
+            // session, through basic-ftp's own passive mode (EPSV, else PASV).
+            if (
+              pipelineFailed &&
+              !(isFtpReply(e) && SESSION_ENDED.has(e.code)) &&
+              dataRetries < MAX_425_RETRIES
+            ) {
+              dataRetries++;
+              this.pool.release(c, true);
+              lease = undefined;
+              continue;
+            }
           }
           if (
             isFtpReply(e) &&
@@ -1683,6 +1696,7 @@ export class FtpStorage implements Storage {
     } finally {
       signal?.removeEventListener('abort', onAbort);
       if (lease) this.pool.release(lease.conn);
+      for (const name of abandoned) await this.removeQuietly(name);
     }
   }
 

@@ -34,10 +34,13 @@ export interface StoreBufferOptions {
   /** Called once, just before the first byte is written to the data connection. */
   onStart(): void;
   /**
-   * The pipelined EPSV was refused (or its reply had no port): the client is closed (the STOR
-   * behind it would be answered late or never) and the error thrown is that reply.
+   * The client was closed with the STOR sent (the server was left waiting for a data connection
+   * that will not come, or the STOR behind a refused EPSV would be answered late or never); the
+   * error thrown is `error`. The server's process for that session may still act on the STOR
+   * (create or truncate the file). `pipelineFailed`: the pipelined EPSV was refused (or its reply
+   * had no port), or its data connection could not be opened.
    */
-  onEpsvRefused?(reply: FTPError): void;
+  onRetired?(error: unknown, pipelineFailed: boolean): void;
 }
 
 /**
@@ -76,7 +79,7 @@ function transfer(
   opened: Socket | undefined,
 ): Promise<FTPResponse> {
   let phase: 'epsv' | 'stor' = then ? 'epsv' : 'stor';
-  let refusal: FTPError | undefined;
+  let retired: { error: unknown; pipelineFailed: boolean } | undefined;
   let socket = opened;
   let connected = opened !== undefined;
   let ready = false; // 150 or 125 seen
@@ -102,7 +105,8 @@ function transfer(
   };
   // The server is left waiting for a data connection that will not come (or sent a reply this
   // cannot answer): the session is closed, which rejects the task with `err`.
-  const retire = (err: Error) => {
+  const retire = (err: Error, pipelineFailed = false) => {
+    if (!settled) retired = { error: err, pipelineFailed };
     fail(err);
     ftp.closeWithError(err);
   };
@@ -114,7 +118,9 @@ function transfer(
   };
 
   const watch = (s: Socket) => {
-    const failed = (err: Error) => (started ? fail(err) : retire(err));
+    // Once everything was written, the server's reply decides (a reset after its last byte was
+    // read is no failure), as with basic-ftp; the control connection's timeout covers the wait.
+    const failed = (err: Error) => (written ? undefined : started ? fail(err) : retire(err));
     s.on('error', failed);
     s.once('close', () => {
       if (!written) failed(new Error('The data connection closed before the upload was complete.'));
@@ -166,7 +172,7 @@ function transfer(
     socket = raw;
     const failConnect = (err: Error) => {
       err.message = `Can't open data connection in passive mode: ${err.message}`;
-      retire(err);
+      retire(err, true);
     };
     raw.setTimeout(ftp.timeout);
     raw.once('error', failConnect);
@@ -212,11 +218,12 @@ function transfer(
         if (port === undefined) {
           // The STOR behind it has no data connection: a server may answer it 425 at once, or
           // try the default active port and hang. The session is closed, so it is never read.
-          refusal =
+          retire(
             res instanceof FTPError
               ? res
-              : new FTPError({ code: 500, message: `500 Can't parse response to 'EPSV': ${res.message}` });
-          retire(refusal);
+              : new FTPError({ code: 500, message: `500 Can't parse response to 'EPSV': ${res.message}` }),
+            true,
+          );
           return;
         }
         phase = 'stor';
@@ -251,7 +258,7 @@ function transfer(
     if (then) socketWrite.write(`${then}\r\n`, ftp.encoding);
     return done.catch((e: unknown) => {
       release();
-      if (refusal && e === refusal) opts.onEpsvRefused?.(refusal);
+      if (retired && e === retired.error) opts.onRetired?.(e, retired.pipelineFailed);
       throw e;
     });
   } finally {
