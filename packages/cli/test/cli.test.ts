@@ -148,6 +148,25 @@ describe('medsync sync', () => {
     expect(readTree(dst)).toEqual(readTree(src));
   }, 120_000);
 
+  it('a reader that closes the pipe early (| head) gets no stack trace; the exit code and the run stand', async () => {
+    const src = dir('src');
+    const dst = dir('dst');
+    writeTree(src, { 'a/b.dcm': randomBytes(1000) });
+    const state = join(base, `pipe${n}.db`);
+    const child = spawn(process.execPath, [BIN, 'sync', src, dst, '--state', state, '--json'], {
+      cwd: base,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    // The read end is gone before the command prints anything.
+    child.stdout!.destroy();
+    let stderr = '';
+    child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
+    const code = await new Promise((r) => child.on('close', r));
+    expect(stderr).toBe('');
+    expect(code).toBe(0);
+    expect(readFileSync(join(dst, 'a/b.dcm')).equals(readFileSync(join(src, 'a/b.dcm')))).toBe(true);
+  });
+
   it('an unreadable source file makes the run partial (exit 3), names it, and delivers every other file', async () => {
     const src = dir('src');
     const dst = dir('dst');
