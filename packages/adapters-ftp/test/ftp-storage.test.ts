@@ -8,6 +8,7 @@ import { isMedsyncError, type MedsyncError } from '@medsync/core';
 import { generatedStream } from '@medsync/core/testing';
 import { createFtpStorage, toFtpError, type FtpStorage, type FtpStorageOptions } from '@medsync/adapters-ftp';
 import { FTPError } from 'basic-ftp';
+import { startFaultProxy } from './fault-proxy.js';
 import { startFtpServer, type TestFtpServer } from './ftp-server.js';
 
 let ftp: TestFtpServer;
@@ -545,6 +546,46 @@ describe('FtpStorage against ftp-srv', () => {
       await s.close();
     } finally {
       await refusing.close();
+    }
+  });
+
+  it('an upload cut mid-transfer (ftp-srv then answers "550 read ECONNRESET") is retryable, not E_PERMISSION', async () => {
+    const proxy = await startFaultProxy(ftp);
+    const name = `s${++scratch}`;
+    mkdirSync(join(ftp.dir, name));
+    const s = createFtpStorage({
+      host: proxy.host,
+      port: proxy.port,
+      user: ftp.user,
+      password: ftp.password,
+      root: `/${name}`,
+    });
+    open.push(s);
+    try {
+      for (const [label, body] of [
+        ['buffer', randomBytes(3_000_000)],
+        ['stream', randomBytes(3_000_000)],
+      ] as const) {
+        proxy.cutNextUpload(1_000_000);
+        const e = await caught(
+          s.write(`${label}.dcm`, label === 'buffer' ? body : Readable.from([body]), { size: body.length }),
+        );
+        // E_INTEGRITY when ftp-srv took the reset for the end of the file (226, then SIZE tells).
+        expect([e.code, e.retryable, label]).toEqual([
+          expect.stringMatching(/^E_(TRANSIENT|INTEGRITY)$/),
+          true,
+          label,
+        ]);
+        // The retry (the job's) then delivers it.
+        await s.write(`${label}.dcm`, label === 'buffer' ? body : Readable.from([body]), {
+          size: body.length,
+        });
+        expect(readFileSync(join(ftp.dir, name, `${label}.dcm`)).equals(body)).toBe(true);
+      }
+      expect(proxy.stats.cuts).toBe(2);
+      expect(readdirSync(join(ftp.dir, name)).sort()).toEqual(['buffer.dcm', 'stream.dcm']);
+    } finally {
+      await proxy.close();
     }
   });
 

@@ -1507,6 +1507,16 @@ export class FtpStorage implements Storage {
           ) {
             e = (await FtpStorage.transferVerdict(c)) ?? e;
           }
+          // A 550 once the bytes flowed is the server's account of a broken transfer (ftp-srv:
+          // "550 read ECONNRESET"), not a permission: servers check those before they accept the
+          // upload (150). Retryable, like the 426 or 451 of other servers.
+          if (pulled && isFtpReply(e) && e.code === 550) {
+            e = new MedsyncError(
+              'E_TRANSIENT',
+              'The upload failed after it had started and the server gave up the file (550); resending.',
+              { adapter: this.kind, path: rel, cause: e, retryable: true },
+            );
+          }
           if (streamError !== undefined || pulled || signal?.aborted) throw e;
           // A server without APPE refuses it (500, 502, 504: not implemented) before any byte
           // moves: upload the whole file. Other refusals (501 for a name) are the file's own.
