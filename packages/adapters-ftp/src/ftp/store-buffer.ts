@@ -10,7 +10,7 @@ import { FTPError, type Client, type FTPContext, type FTPResponse } from 'basic-
 const CHUNK = 256 * 1024;
 
 /** The port in an EPSV reply: `229 Entering Extended Passive Mode (|||6446|)` (IBM i uses `!`). */
-export function epsvPort(message: string): number | undefined {
+function epsvPort(message: string): number | undefined {
   const m = /[|!]{3}(\d+)[|!]/.exec(message);
   const port = m ? Number(m[1]) : NaN;
   return Number.isInteger(port) && port > 0 && port < 65536 ? port : undefined;
