@@ -551,16 +551,8 @@ describe('FtpStorage against ftp-srv', () => {
 
   it('an upload cut mid-transfer (ftp-srv then answers "550 read ECONNRESET") is retryable, not E_PERMISSION', async () => {
     const proxy = await startFaultProxy(ftp);
-    const name = `s${++scratch}`;
-    mkdirSync(join(ftp.dir, name));
-    const s = createFtpStorage({
-      host: proxy.host,
-      port: proxy.port,
-      user: ftp.user,
-      password: ftp.password,
-      root: `/${name}`,
-    });
-    open.push(s);
+    const s = storage(ftp, { host: proxy.host, port: proxy.port });
+    const dir = join(ftp.dir, s.options.root);
     try {
       for (const [label, body] of [
         ['buffer', randomBytes(3_000_000)],
@@ -580,10 +572,10 @@ describe('FtpStorage against ftp-srv', () => {
         await s.write(`${label}.dcm`, label === 'buffer' ? body : Readable.from([body]), {
           size: body.length,
         });
-        expect(readFileSync(join(ftp.dir, name, `${label}.dcm`)).equals(body)).toBe(true);
+        expect(readFileSync(join(dir, `${label}.dcm`)).equals(body)).toBe(true);
       }
       expect(proxy.stats.cuts).toBe(2);
-      expect(readdirSync(join(ftp.dir, name)).sort()).toEqual(['buffer.dcm', 'stream.dcm']);
+      expect(readdirSync(dir).sort()).toEqual(['buffer.dcm', 'stream.dcm']);
     } finally {
       await proxy.close();
     }

@@ -25,7 +25,7 @@ import { Client, enterPassiveModeIPv6, FileType, FTPError, type FileInfo, type F
 import type { Socket } from 'node:net';
 import type { ConnectionOptions } from 'node:tls';
 import { isFtpReply, toFtpError, type FtpOp } from './errors.js';
-import { storeBuffer } from './store-buffer.js';
+import { handleTypedAhead, storeBuffer } from './store-buffer.js';
 import { parseFtpOptions, type FtpStorageOptions, type ResolvedFtpStorageOptions } from './options.js';
 import { digestTimeoutMs } from '../shared/digest.js';
 import { ConnectionPool, type PoolLease } from '../shared/pool.js';
@@ -36,6 +36,7 @@ type Lease = PoolLease<Client>;
 /** Temporary names: a per-process random prefix and a counter. */
 const TMP_PREFIX = randomBytes(4).toString('hex');
 let tmpCounter = 0;
+const tmpUnique = (): string => `${TMP_PREFIX}${(++tmpCounter).toString(36)}`;
 
 /** A STOR answered 425 (no data connection) before any byte was sent is tried again this often. */
 const MAX_425_RETRIES = 2;
@@ -209,33 +210,21 @@ function sendPipelined(
   failFast?: (replies: readonly FTPResponse[]) => FTPResponse | undefined,
 ): Promise<FTPResponse[]> {
   const replies: FTPResponse[] = [];
-  // basic-ftp sends one command per call (and refuses line breaks in it): the first goes through
-  // it, the rest straight to the control socket right behind it. Paths never hold CR or LF. The
-  // socket is corked meanwhile, so they leave in one write (each write on loopback wakes the
-  // server: measured at ~50 µs apiece on a 2-vCPU VM).
-  const socket = c.ftp.socket;
-  socket.cork();
-  try {
-    const done = c.ftp.handle(commands[0], (res, task) => {
-      if (isFtpReply(res)) replies.push({ code: res.code, message: res.message });
-      else if (res instanceof Error) {
-        // A server that said why before it hung up (421: too many connections, shutting down):
-        // that reply, not the closed socket, is the error.
-        const ended = replies.find((r) => SESSION_ENDED.has(r.code));
-        task.reject(ended ? replyError(ended) : res);
-        return;
-      } else if (res.code < 200)
-        return; // a preliminary reply: the final one follows
-      else replies.push(res);
-      const failed = failFast?.(replies);
-      if (failed) task.reject(replyError(failed));
-      else if (replies.length === commands.length) task.resolve(replies);
-    }) as Promise<FTPResponse[]>;
-    for (const command of commands.slice(1)) socket.write(`${command}\r\n`, c.ftp.encoding);
-    return done;
-  } finally {
-    socket.uncork();
-  }
+  return handleTypedAhead<FTPResponse[]>(c.ftp, commands, (res, task) => {
+    if (isFtpReply(res)) replies.push({ code: res.code, message: res.message });
+    else if (res instanceof Error) {
+      // A server that said why before it hung up (421: too many connections, shutting down):
+      // that reply, not the closed socket, is the error.
+      const ended = replies.find((r) => SESSION_ENDED.has(r.code));
+      task.reject(ended ? replyError(ended) : res);
+      return;
+    } else if (res.code < 200)
+      return; // a preliminary reply: the final one follows
+    else replies.push(res);
+    const failed = failFast?.(replies);
+    if (failed) task.reject(replyError(failed));
+    else if (replies.length === commands.length) task.resolve(replies);
+  });
 }
 
 /** The features in a FEAT reply, as basic-ftp's `Client.features` reads them (none if refused). */
@@ -1375,7 +1364,7 @@ export class FtpStorage implements Storage {
           .update(`${rel}\0${size}\0${opts.mtimeMs ?? ''}`)
           .digest('hex')
           .slice(0, 16)}`
-      : `${TMP_PREFIX}${(++tmpCounter).toString(36)}`;
+      : tmpUnique();
     let tmpAbs = atomic ? this.abs(partialNameFor(rel, unique)) : finalAbs;
     // Temporary names given up after their session was closed with a STOR sent (see onRetired):
     // removed once this write is over, best effort.
@@ -1547,7 +1536,7 @@ export class FtpStorage implements Storage {
             // or truncate that name: an attempt after it uploads under a new one.
             if (atomic && !resumable) {
               abandoned.push(tmpAbs);
-              tmpAbs = this.abs(partialNameFor(rel, `${TMP_PREFIX}${(++tmpCounter).toString(36)}`));
+              tmpAbs = this.abs(partialNameFor(rel, tmpUnique()));
             }
             // A refused pipelined EPSV, or its data connection not opened: at once on a new
             // session, through basic-ftp's own passive mode (EPSV, else PASV).

@@ -1,6 +1,6 @@
 import type { Socket } from 'node:net';
 import { connect as connectTls, TLSSocket } from 'node:tls';
-import { FTPError, type Client, type FTPContext, type FTPResponse } from 'basic-ftp';
+import { FTPError, type Client, type FTPContext, type FTPResponse, type ResponseHandler } from 'basic-ftp';
 
 /**
  * Chunks of an upload from memory: the data socket's inactivity timeout is refreshed when a write
@@ -19,6 +19,30 @@ function epsvPort(message: string): number | undefined {
 interface Task {
   resolve(value: unknown): void;
   reject(reason: unknown): void;
+}
+
+/**
+ * Sends `commands` in one write, the first through basic-ftp's `handle` (whose `handler` then gets
+ * every reply, in order), the rest straight to the control socket behind it: basic-ftp sends one
+ * command per call and refuses line breaks in it. The socket is corked meanwhile, so they leave in
+ * one write (each write on loopback wakes the server: measured at ~50 µs apiece on a 2-vCPU VM).
+ * Servers read the control connection one command at a time, so this only saves round trips.
+ * Paths never hold CR or LF (the adapter refuses them).
+ */
+export function handleTypedAhead<T>(
+  ftp: FTPContext,
+  commands: readonly string[],
+  handler: ResponseHandler,
+): Promise<T> {
+  const socket = ftp.socket;
+  socket.cork();
+  try {
+    const done = ftp.handle(commands[0], handler) as Promise<T>;
+    for (const command of commands.slice(1)) socket.write(`${command}\r\n`, ftp.encoding);
+    return done;
+  } finally {
+    socket.uncork();
+  }
 }
 
 type FtpInternals = FTPContext & { _newSocket(): Socket };
@@ -120,7 +144,11 @@ function transfer(
   const watch = (s: Socket) => {
     // Once everything was written, the server's reply decides (a reset after its last byte was
     // read is no failure), as with basic-ftp; the control connection's timeout covers the wait.
-    const failed = (err: Error) => (written ? undefined : started ? fail(err) : retire(err));
+    const failed = (err: Error) => {
+      if (written) return;
+      if (started) fail(err);
+      else retire(err);
+    };
     s.on('error', failed);
     s.once('close', () => {
       if (!written) failed(new Error('The data connection closed before the upload was complete.'));
@@ -249,19 +277,9 @@ function transfer(
   };
 
   if (opened) watch(opened);
-  const socketWrite = ftp.socket;
-  if (then) socketWrite.cork();
-  try {
-    const done = ftp.handle(first, handler) as Promise<FTPResponse>;
-    // Behind the EPSV, in the same write: basic-ftp sends one command per call. Paths never hold
-    // CR or LF (the adapter refuses them).
-    if (then) socketWrite.write(`${then}\r\n`, ftp.encoding);
-    return done.catch((e: unknown) => {
-      release();
-      if (retired && e === retired.error) opts.onRetired?.(e, retired.pipelineFailed);
-      throw e;
-    });
-  } finally {
-    if (then) socketWrite.uncork();
-  }
+  return handleTypedAhead<FTPResponse>(ftp, then ? [first, then] : [first], handler).catch((e: unknown) => {
+    release();
+    if (retired && e === retired.error) opts.onRetired?.(e, retired.pipelineFailed);
+    throw e;
+  });
 }
